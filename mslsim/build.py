@@ -1,0 +1,229 @@
+"""Compile .metal sources as C++ against the mslsim shim.
+
+The prepass is line-preserving (diagnostics keep the .metal file's line numbers) and rewrites only what
+the shim's macros cannot express; see include/mslsim/shim.h. Built libraries are cached under
+`build/mslsim/` and rebuilt only when the source, an included header, the shim, the runtime or the
+compiler changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+INCLUDE_DIR = PACKAGE_DIR / "include"
+RUNTIME_SOURCE = PACKAGE_DIR / "src" / "runtime.cpp"
+REPO_ROOT = PACKAGE_DIR.parent
+CACHE_DIR = Path(os.environ.get("MSLSIM_CACHE", REPO_ROOT / "build" / "mslsim"))
+
+SHIM_FLAGS = [
+    "-std=c++17", "-fPIC", "-fvisibility=hidden",
+    f"-I{INCLUDE_DIR}", "-include", "mslsim/shim.h",
+    # GPU numerics: every half/bfloat operation rounds to its type (no wider intermediates).
+    "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
+    "-ffp-contract=off",
+    "-Wno-unknown-attributes", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
+]
+# Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
+# -fno-builtin keeps loops from becoming untraced memcpy calls.
+TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
+OPT_FLAGS = ["-O2"]
+
+
+class MetalCompileError(RuntimeError):
+    """A .metal file did not compile; the message carries clang's diagnostics with file:line."""
+
+
+def compiler() -> str:
+    cxx = os.environ.get("MSLSIM_CXX") or shutil.which("clang++-19") or shutil.which("clang++")
+    if not cxx:
+        raise MetalCompileError("mslsim needs clang >= 19 (Debian: apt-get install clang-19); set MSLSIM_CXX to override")
+    return cxx
+
+
+def _compiler_identity(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+
+
+# ------------------------------------------------------------------------------------------ prepass
+def mask_comments_and_strings(src: str) -> str:
+    """Same length and line structure as src, with comments and string/char literals blanked out."""
+    out, i, n = list(src), 0, len(src)
+
+    def blank(a, b):
+        for k in range(a, b):
+            if out[k] != "\n":
+                out[k] = " "
+
+    while i < n:
+        c = src[i]
+        if src.startswith("//", i):
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            blank(i, j)
+            i = j
+        elif src.startswith("/*", i):
+            j = src.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            blank(i, j)
+            i = j
+        elif c in "\"'":
+            j = i + 1
+            while j < n and src[j] != c:
+                j += 2 if src[j] == "\\" else 1
+            blank(i + 1, min(j, n))
+            i = j + 1
+        else:
+            i += 1
+    return "".join(out)
+
+
+_THREADGROUP_ARG = re.compile(r"\[\[\s*threadgroup\s*\(")
+_THREADGROUP_VAR = re.compile(
+    r"\bthreadgroup\s+(?P<type>(?:const\s+|volatile\s+)*[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
+    r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\s*)*);")
+_FUNCTION_CONSTANT = re.compile(
+    r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*"
+    r"\[\[\s*function_constant\s*\((?P<index>[^\]]*?)\)\s*\]\]\s*;")
+_KERNEL = re.compile(r"(?:\[\[\s*kernel\b[^\]]*\]\]|\bkernel)\s+void\s+(?P<name>[A-Za-z_]\w*)\s*\(")
+_INSTANTIATION = re.compile(
+    r"template\s*(?P<attrs>\[\[\s*host_name\s*\(\s*\"(?P<host>[^\"]+)\"\s*\)\s*\]\]\s*\[\[\s*kernel\s*\]\])"
+    r"\s*decltype\s*\((?P<fn>[^;]*?)\)\s*[^;]*;", re.S)
+
+
+@dataclass
+class Prepassed:
+    source: str
+    kernels: list  # (host name, C++ expression naming the function)
+
+
+def prepass(src: str) -> Prepassed:
+    masked = mask_comments_and_strings(src)
+    edits = []  # (start, end, replacement); replacements never add or remove newlines
+
+    def same_lines(text, original):
+        return text + "\n" * original.count("\n")
+
+    for m in _THREADGROUP_ARG.finditer(masked):
+        edits.append((m.start(), m.end(), "[[mslsim_threadgroup_arg("))
+    for m in _THREADGROUP_VAR.finditer(masked):
+        t, name, dims = m.group("type"), m.group("name"), re.sub(r"\s+", "", m.group("dims"))
+        text = (f"using mslsim_type_{name} = threadgroup {t}{dims}; "
+                f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name});")
+        edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+    for m in _FUNCTION_CONSTANT.finditer(masked):
+        text = f"MSLSIM_FUNCTION_CONSTANT({m.group('type')}, {m.group('name')}, {m.group('index')});"
+        edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+    kernels = []
+    for m in _KERNEL.finditer(masked):
+        if not masked[:m.start()].rstrip().endswith(">"):  # templated kernels export through instantiations
+            kernels.append((m.group("name"), m.group("name")))
+    for m in _INSTANTIATION.finditer(masked):
+        kernels.append((m.group("host"), re.sub(r"\s+", " ", src[m.start("fn"):m.end("fn")]).strip()))
+        # C++ allows no attributes on an explicit instantiation: blank them
+        edits.append((m.start("attrs"), m.end("attrs"), same_lines("", m.group("attrs"))))
+    edits.sort()
+    out, pos = [], 0
+    for a, b, text in edits:
+        if a < pos:
+            continue  # overlapping match (cannot happen with the patterns above)
+        out += [src[pos:a], text]
+        pos = b
+    out.append(src[pos:])
+    return Prepassed("".join(out), kernels)
+
+
+# ------------------------------------------------------------------------------------------ building
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _run(cmd, what):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise MetalCompileError(f"{what} failed:\n{r.stderr.strip()}")
+    return r
+
+
+def _toolchain_key(cxx: str) -> str:
+    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + OPT_FLAGS)]
+    for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE]:
+        if p.is_file():
+            parts.append(p.name + _sha(p.read_bytes()))
+    return _sha("\n".join(parts).encode())
+
+
+_toolchain_cache: dict = {}
+
+
+def runtime_object(cxx: str) -> Path:
+    key = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
+    obj = CACHE_DIR / f"runtime-{key[:16]}.o"
+    if not obj.exists():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
+        _run([cxx, "-std=c++17", "-fPIC", "-fvisibility=hidden", *OPT_FLAGS, f"-I{INCLUDE_DIR}", "-c",
+              str(RUNTIME_SOURCE), "-o", str(tmp)], "compiling the mslsim runtime")
+        os.replace(tmp, obj)
+    return obj
+
+
+def _deps_unchanged(manifest: Path) -> bool:
+    try:
+        deps = json.loads(manifest.read_text())
+        return all(Path(p).exists() and _sha(Path(p).read_bytes()) == h for p, h in deps.items())
+    except (OSError, ValueError):
+        return False
+
+
+def _parse_depfile(text: str) -> list:
+    body = text.split(":", 1)[1].replace("\\\n", " ")
+    return [p for p in body.split() if p]
+
+
+def build_sources(sources, name: str | None = None, defines=(), include_dirs=()) -> Path:
+    """Compile one or more .metal files (and the runtime) into a shared library; returns its path."""
+    cxx = compiler()
+    sources = [Path(s).resolve() for s in sources]
+    rt = runtime_object(cxx)
+    units = []
+    for s in sources:
+        pp = prepass(s.read_text())
+        exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
+        units.append((s, f'#line 1 "{s}"\n{pp.source}\n{exports}'))
+    flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines],
+             *[f"-I{Path(d).resolve()}" for d in include_dirs]]
+    key = _sha("\n".join([_toolchain_cache.get(cxx) or _toolchain_key(cxx), " ".join(flags)]
+                         + [f"{s}\n{text}" for s, text in units]).encode())[:20]
+    stem = name or sources[0].stem
+    lib = CACHE_DIR / f"{stem}-{key}.so"
+    manifest = lib.with_suffix(".deps.json")
+    if lib.exists() and _deps_unchanged(manifest):
+        return lib
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+        objects, deps = [], {}
+        for i, (s, text) in enumerate(units):
+            cpp = Path(tmp) / f"{i}-{s.stem}.cpp"
+            cpp.write_text(text)
+            obj, dep = cpp.with_suffix(".o"), cpp.with_suffix(".d")
+            _run([cxx, *flags, f"-I{s.parent}", "-MD", "-MF", str(dep), "-c", "-x", "c++", str(cpp), "-o", str(obj)],
+                 f"compiling {s}")
+            objects.append(str(obj))
+            for p in _parse_depfile(dep.read_text()):
+                p = Path(p).resolve()
+                if p != cpp and p.exists():
+                    deps[str(p)] = _sha(p.read_bytes())
+        deps.update({str(s): _sha(s.read_bytes()) for s in sources})
+        out = Path(tmp) / "lib.so"
+        _run([cxx, "-shared", "-Wl,-Bsymbolic", *objects, str(rt), "-o", str(out), "-lpthread"], f"linking {stem}")
+        os.replace(out, lib)
+        manifest.write_text(json.dumps(deps, indent=0))
+    return lib

@@ -1,0 +1,120 @@
+// mslsim runtime interface.
+//
+// Two audiences:
+//  * the C ABI (extern "C", MSLSIM_API) used by Python (ctypes) and by the simulator-backed torch ops:
+//    describe a launch, dispatch it, read its statistics;
+//  * the internal C++ API (namespace mslsim::rt) that the shim (shim.h) calls from inside kernels.
+// Only <stdint.h>/<stddef.h> are included so the kernel translation unit's namespace stays clean.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#define MSLSIM_MAX_BUFFERS 31        // Metal: [[buffer(0..30)]]
+#define MSLSIM_MAX_COUNTERS 16       // named work counters per library
+#define MSLSIM_SIMD_WIDTH 32         // Apple GPUs
+#define MSLSIM_MAX_THREADS 1024      // Metal: maxTotalThreadsPerThreadgroup
+#define MSLSIM_MAX_THREADGROUP_MEMORY 32768   // Metal: maxThreadgroupMemoryLength on Apple GPUs
+#define MSLSIM_API extern "C" __attribute__((visibility("default")))
+
+extern "C" {
+
+// Scalar types a function constant may have (MTLDataType subset).
+enum MslsimType : int32_t {
+  MSLSIM_BOOL = 1, MSLSIM_INT = 2, MSLSIM_UINT = 3, MSLSIM_FLOAT = 4, MSLSIM_HALF = 5,
+  MSLSIM_SHORT = 6, MSLSIM_USHORT = 7, MSLSIM_CHAR = 8, MSLSIM_UCHAR = 9,
+};
+
+struct MslsimBuffer {
+  void* data;       // host memory (copied into guarded simulator memory for the launch, copied back after)
+  uint64_t size;    // bytes the kernel may touch; any access outside [data, data+size) is an error
+};
+
+struct MslsimConstant {   // one MTLFunctionConstantValues entry
+  int32_t index;
+  int32_t type;           // MslsimType
+  uint8_t value[8];       // little-endian value of the declared type
+};
+
+enum MslsimSchedule : int32_t {   // order in which ready fibers run between synchronisation points
+  MSLSIM_FORWARD = 0, MSLSIM_REVERSE = 1, MSLSIM_RANDOM = 2,
+};
+
+struct MslsimLaunch {
+  const char* kernel;
+  uint32_t threadgroups[3];                           // dispatchThreadgroups: threadgroups per grid
+  uint32_t threads[3];                                // threads per threadgroup
+  MslsimBuffer buffers[MSLSIM_MAX_BUFFERS];           // setBuffer / setBytes by index (data == NULL: unbound)
+  uint32_t threadgroup_memory[MSLSIM_MAX_BUFFERS];    // setThreadgroupMemoryLength by [[threadgroup(i)]] index
+  const MslsimConstant* constants;
+  int32_t num_constants;
+  int32_t workers;            // OS threads running threadgroups concurrently (0: one per core, max 2 here)
+  int32_t schedule;           // MslsimSchedule
+  uint32_t seed;              // for MSLSIM_RANDOM
+  int32_t check_threadgroup;  // 1: detect races and uninitialised reads on threadgroup memory
+};
+
+struct MslsimStats {
+  uint64_t threadgroups;
+  uint64_t fiber_switches;
+  uint64_t threadgroup_barriers;     // per thread arrival
+  uint64_t simd_collectives;         // per lane arrival
+  uint64_t device_bytes_read[MSLSIM_MAX_BUFFERS];
+  uint64_t device_bytes_written[MSLSIM_MAX_BUFFERS];
+  uint64_t threadgroup_bytes_read;
+  uint64_t threadgroup_bytes_written;
+  uint32_t threadgroup_memory_peak;  // bytes of threadgroup memory one threadgroup used
+  uint32_t num_counters;
+  uint64_t counters[MSLSIM_MAX_COUNTERS];  // named work counters (names: mslsim_counter_name)
+};
+
+// Returns 0 on success; otherwise writes a message naming the kernel, threadgroup and thread into err.
+MSLSIM_API int mslsim_dispatch(const MslsimLaunch* launch, MslsimStats* stats, char* err, size_t err_len);
+
+// Library introspection (what this shared object's kernels declare).
+MSLSIM_API int mslsim_num_kernels(void);
+MSLSIM_API const char* mslsim_kernel_name(int i);
+MSLSIM_API int mslsim_num_function_constants(void);
+MSLSIM_API int mslsim_function_constant(int i, int32_t* index, int32_t* type, const char** name);
+MSLSIM_API const char* mslsim_counter_name(int i);
+}
+
+namespace mslsim {
+namespace rt {
+
+struct uint3_ { uint32_t x, y, z; };
+
+// Per GPU-thread state; the shim reads the attribute values ([[thread_position_in_grid]], ...) from here.
+struct ThreadContext {
+  uint3_ thread_position_in_threadgroup, threadgroup_position_in_grid, thread_position_in_grid;
+  uint3_ threads_per_threadgroup, threadgroups_per_grid;
+  uint32_t thread_index_in_threadgroup, lane, simdgroup, simdgroups_per_threadgroup;
+  uint32_t collective_sequence;   // which of the simdgroup's two exchange buffers this lane uses next
+};
+extern __thread ThreadContext* current __attribute__((tls_model("initial-exec")));
+
+// Result of one SIMD-group collective: every participating lane's value, the participant mask frozen
+// when the last lane arrived, and a cache so reductions are computed once per collective.
+struct SimdExchange {
+  alignas(64) unsigned char slot[MSLSIM_SIMD_WIDTH][32];
+  uint32_t participants, arriving, has_result, pad_;
+  alignas(16) unsigned char result[32];
+};
+
+[[noreturn]] __attribute__((format(printf, 1, 2))) void fail(const char* fmt, ...);
+
+void* bind_buffer(int index, size_t bytes_needed, bool is_reference);
+void* bind_threadgroup_arg(int index);
+void* threadgroup_variable(const void* key, size_t size, size_t align, const char* name);
+void threadgroup_barrier(const char* file, unsigned line);
+void simdgroup_barrier(const char* file, unsigned line);
+SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, unsigned line);
+
+int register_kernel(const char* name, void (*entry)());
+int register_function_constant(int index, int type, void* value, bool* defined, const char* name);
+[[noreturn]] void function_constant_not_set(const char* name);
+void note_atomic(const void* address, size_t bytes);   // atomics are untraced; they report here
+int work_counter(const char* name);
+void work_count(int counter, uint64_t amount);
+
+}  // namespace rt
+}  // namespace mslsim

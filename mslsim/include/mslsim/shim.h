@@ -1,0 +1,650 @@
+// mslsim shim: the subset of <metal_stdlib> our kernels use, as C++ for clang >= 19 on x86-64.
+//
+// A .metal file compiles unmodified against this header after mslsim's line-preserving prepass
+// (mslsim/build.py), which rewrites only what the C++ grammar cannot express with macros:
+// kernel-scope `threadgroup` variables, `[[function_constant(n)]]` declarations, `[[threadgroup(n)]]`
+// arguments and the attributes on MLX-style explicit instantiations. Everything else is here:
+//  * types: half (_Float16, every operation rounded: -ffloat16-excess-precision=none), bfloat (__bf16,
+//    likewise), vectors as clang ext_vector_type (swizzles, 3-vectors padded to 4 as in MSL), packed_*;
+//  * kernel parameter attributes ([[buffer(n)]], [[thread_position_in_grid]], ...) become default
+//    arguments that fetch the value from the runtime for the calling GPU thread;
+//  * metal:: / fast:: / precise:: math, barriers, SIMD-group functions, simdgroup_matrix 8x8 with the
+//    per-lane element ownership of Apple GPUs, atomics.
+// Only what MSL has is provided: code that compiles here but not on Apple's compiler is a bug.
+#pragma once
+#pragma clang system_header   // silences "user-defined literal suffixes not starting with '_' are reserved"
+#if !defined(__clang__) || __clang_major__ < 19
+#error "mslsim needs clang >= 19 (x86 _Float16 and __bf16 arithmetic)"
+#endif
+#include <type_traits>
+
+#include "mslsim/runtime.h"
+
+#define __MSLSIM__ 1
+#define __METAL_VERSION__ 400   // kernel-builder compiles with -std=metal4.0
+#define METAL_FUNC inline __attribute__((always_inline))
+
+// ============================================================================ scalar and vector types
+typedef _Float16 half;
+typedef __bf16 bfloat;
+typedef unsigned int uint;
+typedef unsigned short ushort;
+typedef unsigned char uchar;
+typedef unsigned long ulong;
+
+namespace metal {
+template <class T, int N>
+using vec = T __attribute__((ext_vector_type(N)));
+}
+namespace mslsim {
+template <class T> struct vector_traits { using element = T; static constexpr int size = 1; static constexpr bool is_vector = false; };
+template <class T, int N> struct vector_traits<metal::vec<T, N>> { using element = T; static constexpr int size = N; static constexpr bool is_vector = true; };
+template <class T> constexpr bool is_vector_v = vector_traits<T>::is_vector;
+template <class T> using element_t = typename vector_traits<T>::element;
+
+// Metal vector constructors: float4(x) splats, float4(a.xy, b, c) concatenates, float4(h4) converts.
+template <class T, int N, class A> inline void vector_put(metal::vec<T, N>& r, int& k, A a) {
+  if constexpr (is_vector_v<A>) {
+    for (int i = 0; i < vector_traits<A>::size; i++) r[k++] = (T)a[i];
+  } else {
+    r[k++] = (T)a;
+  }
+}
+template <class T, int N, class... A> inline metal::vec<T, N> make_vector(A... a) {
+  metal::vec<T, N> r = {};
+  if constexpr (sizeof...(A) == 0) {
+    return r;
+  } else if constexpr (sizeof...(A) == 1 && !(is_vector_v<A> || ...)) {
+    ((r = metal::vec<T, N>((T)a)), ...);
+  } else {
+    int k = 0;
+    (vector_put<T, N>(r, k, a), ...);
+  }
+  return r;
+}
+// packed_T3 and friends: tightly packed, element-aligned, convertible to and from the vector type.
+template <class T, int N> struct packed_vec {
+  T v[N];
+  packed_vec() = default;
+  packed_vec(metal::vec<T, N> x) { for (int i = 0; i < N; i++) v[i] = x[i]; }
+  operator metal::vec<T, N>() const { metal::vec<T, N> r; for (int i = 0; i < N; i++) r[i] = v[i]; return r; }
+  T& operator[](int i) { return v[i]; }
+  const T& operator[](int i) const { return v[i]; }
+};
+}  // namespace mslsim
+
+#define MSLSIM_VECTOR_TYPES(T)                                                                     \
+  typedef metal::vec<T, 2> T##2; typedef metal::vec<T, 3> T##3; typedef metal::vec<T, 4> T##4; \
+  typedef mslsim::packed_vec<T, 2> packed_##T##2; typedef mslsim::packed_vec<T, 3> packed_##T##3;   \
+  typedef mslsim::packed_vec<T, 4> packed_##T##4;
+MSLSIM_VECTOR_TYPES(float)
+MSLSIM_VECTOR_TYPES(half)
+MSLSIM_VECTOR_TYPES(bfloat)
+MSLSIM_VECTOR_TYPES(int)
+MSLSIM_VECTOR_TYPES(uint)
+MSLSIM_VECTOR_TYPES(short)
+MSLSIM_VECTOR_TYPES(ushort)
+MSLSIM_VECTOR_TYPES(char)
+MSLSIM_VECTOR_TYPES(uchar)
+MSLSIM_VECTOR_TYPES(long)
+MSLSIM_VECTOR_TYPES(ulong)
+typedef metal::vec<bool, 2> bool2;
+typedef metal::vec<bool, 3> bool3;
+typedef metal::vec<bool, 4> bool4;
+#undef MSLSIM_VECTOR_TYPES
+
+constexpr half operator""h(long double v) { return (half)v; }
+constexpr half operator""h(unsigned long long v) { return (half)v; }
+
+// ============================================================================ constants
+#define INFINITY __builtin_inff()
+#define NAN __builtin_nanf("")
+#define HUGE_VALF __builtin_huge_valf()
+#define MAXFLOAT 0x1.fffffep+127f
+#define FLT_MAX 0x1.fffffep+127f
+#define FLT_MIN 0x1p-126f
+#define FLT_EPSILON 0x1p-23f
+#define HALF_MAX ((half)65504.0f)
+#define HALF_MIN ((half)0x1p-14f)
+#define M_E_F 2.71828182845904523536f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LN2_F 0.69314718055994530942f
+#define M_LN10_F 2.30258509299404568402f
+#define M_PI_F 3.14159265358979323846f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.70710678118654752440f
+
+// ============================================================================ metal:: functions
+namespace metal {
+enum class mem_flags : int { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8 };
+constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((int)a | (int)b); }
+enum memory_order { memory_order_relaxed = 0 };
+
+namespace detail {
+template <class T, class F> inline T map1(T x, F f) {
+  if constexpr (mslsim::is_vector_v<T>) {
+    T r;
+    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(x[i]);
+    return r;
+  } else {
+    return f(x);
+  }
+}
+template <class T, class F> inline T map2(T a, T b, F f) {
+  if constexpr (mslsim::is_vector_v<T>) {
+    T r;
+    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], b[i]);
+    return r;
+  } else {
+    return f(a, b);
+  }
+}
+template <class T, class F> inline T map3(T a, T b, T c, F f) {
+  if constexpr (mslsim::is_vector_v<T>) {
+    T r;
+    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], b[i], c[i]);
+    return r;
+  } else {
+    return f(a, b, c);
+  }
+}
+template <class E> constexpr bool is_float_element = std::is_same_v<E, float> || std::is_same_v<E, half> || std::is_same_v<E, bfloat>;
+template <class T> constexpr bool is_float = is_float_element<mslsim::element_t<T>>;
+template <class T> using if_float = std::enable_if_t<is_float<T>, T>;
+}  // namespace detail
+
+// Transcendentals are evaluated in fp32 libm and rounded to the argument type: at least as accurate as
+// Apple's (fast:: is documented at a few ulp; see mslsim/README.md).
+#define MSLSIM_UNARY(name, expr)                                               \
+  template <class T> inline detail::if_float<T> name(T x) {                    \
+    using E = mslsim::element_t<T>;                                            \
+    return detail::map1(x, [](E v) { float f = (float)v; return (E)(expr); }); \
+  }
+MSLSIM_UNARY(exp, __builtin_expf(f))
+MSLSIM_UNARY(exp2, __builtin_exp2f(f))
+MSLSIM_UNARY(exp10, __builtin_exp10f(f))
+MSLSIM_UNARY(log, __builtin_logf(f))
+MSLSIM_UNARY(log2, __builtin_log2f(f))
+MSLSIM_UNARY(log10, __builtin_log10f(f))
+MSLSIM_UNARY(sqrt, __builtin_sqrtf(f))
+MSLSIM_UNARY(rsqrt, 1.0f / __builtin_sqrtf(f))
+MSLSIM_UNARY(sin, __builtin_sinf(f))
+MSLSIM_UNARY(cos, __builtin_cosf(f))
+MSLSIM_UNARY(tan, __builtin_tanf(f))
+MSLSIM_UNARY(tanh, __builtin_tanhf(f))
+MSLSIM_UNARY(erf, __builtin_erff(f))
+MSLSIM_UNARY(fabs, __builtin_fabsf(f))
+MSLSIM_UNARY(floor, __builtin_floorf(f))
+MSLSIM_UNARY(ceil, __builtin_ceilf(f))
+MSLSIM_UNARY(round, __builtin_roundf(f))
+MSLSIM_UNARY(rint, __builtin_rintf(f))
+MSLSIM_UNARY(trunc, __builtin_truncf(f))
+MSLSIM_UNARY(fract, f - __builtin_floorf(f))
+MSLSIM_UNARY(saturate, f < 0.f ? 0.f : (f > 1.f ? 1.f : f))
+#undef MSLSIM_UNARY
+
+template <class T> inline T abs(T x) {
+  return detail::map1(x, [](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; });
+}
+template <class T> inline T max(T a, T b) { return detail::map2(a, b, [](auto x, auto y) { return x > y ? x : y; }); }
+template <class T> inline T min(T a, T b) { return detail::map2(a, b, [](auto x, auto y) { return x < y ? x : y; }); }
+template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T max(T a, mslsim::element_t<T> b) { return max(a, T(b)); }
+template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T min(T a, mslsim::element_t<T> b) { return min(a, T(b)); }
+template <class T> inline detail::if_float<T> fmax(T a, T b) { return max(a, b); }
+template <class T> inline detail::if_float<T> fmin(T a, T b) { return min(a, b); }
+template <class T> inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+template <class T> inline detail::if_float<T> mix(T x, T y, T a) { return x + (y - x) * a; }
+template <class T> inline detail::if_float<T> sign(T x) {
+  return detail::map1(x, [](auto v) { return v > 0 ? (decltype(v))1 : v < 0 ? (decltype(v))-1 : (decltype(v))0; });
+}
+// One rounding, as a fused multiply-add: exact in double for half; fp32 fmaf for float; bfloat via fp32
+// (double rounding possible, documented).
+template <class T> inline detail::if_float<T> fma(T a, T b, T c) {
+  return detail::map3(a, b, c, [](auto x, auto y, auto z) {
+    using E = decltype(x);
+    if constexpr (std::is_same_v<E, half>) return (E)((double)x * (double)y + (double)z);
+    else return (E)__builtin_fmaf((float)x, (float)y, (float)z);
+  });
+}
+template <class T> inline detail::if_float<T> pow(T a, T b) {
+  return detail::map2(a, b, [](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); });
+}
+template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
+template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
+template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
+
+// select(a, b, c): c ? b : a, element-wise for vectors.
+template <class T, class C> inline T select(T a, T b, C c) {
+  if constexpr (mslsim::is_vector_v<T>) {
+    T r;
+    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) {
+      bool ci;
+      if constexpr (mslsim::is_vector_v<C>) ci = c[i] != 0;
+      else ci = (bool)c;
+      r[i] = ci ? b[i] : a[i];
+    }
+    return r;
+  } else {
+    return c ? b : a;
+  }
+}
+template <class T> inline mslsim::element_t<T> dot(T a, T b) {
+  mslsim::element_t<T> s = 0;
+  for (int i = 0; i < mslsim::vector_traits<T>::size; i++) s += a[i] * b[i];
+  return s;
+}
+template <class T> inline mslsim::element_t<T> length(T a) { return (mslsim::element_t<T>)__builtin_sqrtf((float)dot(a, a)); }
+template <class T> inline bool all(T m) {
+  for (int i = 0; i < mslsim::vector_traits<T>::size; i++)
+    if (!m[i]) return false;
+  return true;
+}
+template <class T> inline bool any(T m) {
+  for (int i = 0; i < mslsim::vector_traits<T>::size; i++)
+    if (m[i]) return true;
+  return false;
+}
+template <class T> inline bool isnan(T x) { return x != x; }
+template <class T> inline bool isinf(T x) { return x == (T)__builtin_inff() || x == (T)-__builtin_inff(); }
+template <class T> inline bool isfinite(T x) { return !isnan(x) && !isinf(x); }
+template <class T, class U> inline T as_type(U u) {
+  static_assert(sizeof(T) == sizeof(U), "as_type: source and destination must have the same size");
+  return __builtin_bit_cast(T, u);
+}
+
+// fast:: and precise:: share the implementation above (see README: accuracy).
+#define MSLSIM_FORWARD(ns, name) \
+  namespace ns { template <class... A> inline auto name(A... a) { return metal::name(a...); } }
+#define MSLSIM_FORWARD_ALL(ns)                                                                              \
+  MSLSIM_FORWARD(ns, exp) MSLSIM_FORWARD(ns, exp2) MSLSIM_FORWARD(ns, exp10) MSLSIM_FORWARD(ns, log)       \
+  MSLSIM_FORWARD(ns, log2) MSLSIM_FORWARD(ns, sqrt) MSLSIM_FORWARD(ns, rsqrt) MSLSIM_FORWARD(ns, tanh)     \
+  MSLSIM_FORWARD(ns, max) MSLSIM_FORWARD(ns, min) MSLSIM_FORWARD(ns, fmax) MSLSIM_FORWARD(ns, fmin)       \
+  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, sin) MSLSIM_FORWARD(ns, cos)         \
+  MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide) MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
+MSLSIM_FORWARD_ALL(fast)
+MSLSIM_FORWARD_ALL(precise)
+#undef MSLSIM_FORWARD_ALL
+#undef MSLSIM_FORWARD
+
+template <class T> struct numeric_limits;
+#define MSLSIM_LIMITS(T, lo, hi, inf)                                  \
+  template <> struct numeric_limits<T> {                               \
+    static constexpr T lowest() { return lo; }                         \
+    static constexpr T max() { return hi; }                            \
+    static constexpr T infinity() { return inf; }                      \
+  };
+MSLSIM_LIMITS(float, -0x1.fffffep+127f, 0x1.fffffep+127f, __builtin_inff())
+MSLSIM_LIMITS(half, (half)-65504.0f, (half)65504.0f, (half)__builtin_inff())
+MSLSIM_LIMITS(bfloat, (bfloat)-0x1.fep+127f, (bfloat)0x1.fep+127f, (bfloat)__builtin_inff())
+MSLSIM_LIMITS(int, -2147483647 - 1, 2147483647, 0)
+MSLSIM_LIMITS(uint, 0u, 4294967295u, 0u)
+MSLSIM_LIMITS(short, (short)-32768, (short)32767, (short)0)
+MSLSIM_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0)
+#undef MSLSIM_LIMITS
+
+// ============================================================================ synchronisation
+// file/line default arguments let the runtime name the two sites of a divergent barrier.
+inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
+  mslsim::rt::threadgroup_barrier(file, line);
+}
+inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
+  mslsim::rt::simdgroup_barrier(file, line);
+}
+
+// ============================================================================ SIMD-group functions
+// Each is a collective: every live lane of the simdgroup deposits its value, the last to arrive releases
+// the others, then each lane computes its result from the frozen exchange.
+namespace detail {
+using Exchange = mslsim::rt::SimdExchange;
+template <class T> inline T lane_value(const Exchange* x, int lane) {
+  T v;
+  __builtin_memcpy(&v, x->slot[lane], sizeof(T));
+  return v;
+}
+template <class T> inline Exchange* exchange(const T& v, const char* file, unsigned line) {
+  static_assert(sizeof(T) <= sizeof(Exchange::slot[0]), "SIMD-group function on a value larger than 32 bytes");
+  return mslsim::rt::simd_exchange(&v, sizeof(T), file, line);
+}
+inline int my_lane() { return (int)mslsim::rt::current->lane; }
+inline bool participates(const Exchange* x, int lane) { return lane >= 0 && lane < 32 && (x->participants >> lane & 1); }
+// Pairwise tree over the participating lanes in lane order; computed once, shared by all lanes.
+template <class T, class F> inline T reduce(Exchange* x, F f) {
+  if (x->has_result) {
+    T r;
+    __builtin_memcpy(&r, x->result, sizeof(T));
+    return r;
+  }
+  T v[32];
+  int n = 0;
+  for (int i = 0; i < 32; i++)
+    if (participates(x, i)) v[n++] = lane_value<T>(x, i);
+  for (int width = 1; width < n; width *= 2)
+    for (int i = 0; i + width < n; i += 2 * width) v[i] = f(v[i], v[i + width]);
+  __builtin_memcpy(x->result, &v[0], sizeof(T));
+  x->has_result = 1;
+  return v[0];
+}
+template <class T, class F> inline T scan(const Exchange* x, bool inclusive, T identity, F f) {
+  T s = identity;
+  for (int i = 0; i < my_lane() + (inclusive ? 1 : 0); i++)
+    if (participates(x, i)) s = f(s, lane_value<T>(x, i));
+  return s;
+}
+template <class T> inline T from_lane(const Exchange* x, int source, T self) {
+  return participates(x, source) ? lane_value<T>(x, source) : self;
+}
+}  // namespace detail
+
+#define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
+#define MSLSIM_REDUCTION(name, op) \
+  template <class T> inline T name(T x, MSLSIM_SITE) { return detail::reduce<T>(detail::exchange(x, file, line), [](T a, T b) { return op; }); }
+MSLSIM_REDUCTION(simd_sum, a + b)
+MSLSIM_REDUCTION(simd_product, a * b)
+MSLSIM_REDUCTION(simd_max, max(a, b))
+MSLSIM_REDUCTION(simd_min, min(a, b))
+MSLSIM_REDUCTION(simd_and, a & b)
+MSLSIM_REDUCTION(simd_or, a | b)
+MSLSIM_REDUCTION(simd_xor, a ^ b)
+#undef MSLSIM_REDUCTION
+template <class T> inline T simd_prefix_inclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(0), [](T a, T b) { return a + b; }); }
+template <class T> inline T simd_prefix_exclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(0), [](T a, T b) { return a + b; }); }
+template <class T> inline T simd_prefix_inclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(1), [](T a, T b) { return a * b; }); }
+template <class T> inline T simd_prefix_exclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(1), [](T a, T b) { return a * b; }); }
+template <class T> inline T simd_shuffle(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
+template <class T> inline T simd_broadcast(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
+template <class T> inline T simd_shuffle_xor(T x, ushort mask, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() ^ mask, x); }
+// Lanes whose source is outside the simdgroup keep their own value (Metal's definition).
+template <class T> inline T simd_shuffle_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() + delta, x); }
+template <class T> inline T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() - delta, x); }
+template <class T> inline T simd_broadcast_first(T x, MSLSIM_SITE) {
+  const detail::Exchange* e = detail::exchange(x, file, line);
+  return detail::lane_value<T>(e, __builtin_ctz(e->participants));
+}
+inline bool simd_all(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a && b; }); }
+inline bool simd_any(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a || b; }); }
+inline bool simd_is_first(MSLSIM_SITE) {
+  const detail::Exchange* e = detail::exchange(true, file, line);
+  return __builtin_ctz(e->participants) == detail::my_lane();
+}
+
+// ============================================================================ simdgroup_matrix
+// Lane l owns row (q & 4) + (l / 2) % 4 and columns (q & 2) * 2 + (l % 2) * 2 + {0, 1}, q = l / 4: the
+// fragment layout of Apple GPUs that MLX's MMAFrag relies on. load/store touch only the lane's own
+// elements; multiply_accumulate gathers the operands with one collective and accumulates each output
+// element as an fp32 fused multiply-add chain over k = 0..7, rounded once to the destination type.
+template <class T, int Cols, int Rows> struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "mslsim implements 8x8 simdgroup matrices only");
+  metal::vec<T, 2> elements;
+  simdgroup_matrix() = default;
+  explicit simdgroup_matrix(T diagonal) {
+    int r, c;
+    owned(detail::my_lane(), r, c);
+    elements[0] = r == c ? diagonal : (T)0;
+    elements[1] = r == c + 1 ? diagonal : (T)0;
+  }
+  metal::vec<T, 2>& thread_elements() { return elements; }
+  const metal::vec<T, 2>& thread_elements() const { return elements; }
+  static void owned(int lane, int& row, int& col) {
+    int q = lane / 4;
+    row = (q & 4) + (lane / 2) % 4;
+    col = (q & 2) * 2 + (lane % 2) * 2;
+  }
+};
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  m.elements = value;
+  return m;
+}
+// matrix_origin is (column, row); elements_per_row is the leading dimension.
+template <class T, class P>
+inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P* src, ulong elements_per_row = 8,
+                           ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  static_assert(std::is_same_v<std::remove_cv_t<P>, T>, "simdgroup_load: source element type must be the matrix type");
+  int r, c;
+  simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
+  for (int k = 0; k < 2; k++) {
+    long row = r + (long)matrix_origin.y, col = c + k + (long)matrix_origin.x;
+    d.elements[k] = transpose_matrix ? src[col * (long)elements_per_row + row] : src[row * (long)elements_per_row + col];
+  }
+}
+template <class T, class P>
+inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong elements_per_row = 8,
+                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
+  static_assert(std::is_same_v<P, T>, "simdgroup_store: destination element type must be the matrix type");
+  int r, c;
+  simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
+  for (int k = 0; k < 2; k++) {
+    long row = r + (long)matrix_origin.y, col = c + k + (long)matrix_origin.x;
+    (transpose_matrix ? dst[col * (long)elements_per_row + row] : dst[row * (long)elements_per_row + col]) = a.elements[k];
+  }
+}
+template <class TD, class TA, class TB, class TC>
+inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                                          const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
+                                          MSLSIM_SITE) {
+  struct Operands { float a0, a1, b0, b1; } mine = {(float)a.elements[0], (float)a.elements[1], (float)b.elements[0], (float)b.elements[1]};
+  const detail::Exchange* x = detail::exchange(mine, file, line);
+  float A[8][8], B[8][8];
+  for (int lane = 0; lane < 32; lane++) {
+    int r, col;
+    simdgroup_matrix<TA, 8, 8>::owned(lane, r, col);
+    Operands v = detail::lane_value<Operands>(x, lane);
+    A[r][col] = v.a0;
+    A[r][col + 1] = v.a1;
+    B[r][col] = v.b0;
+    B[r][col + 1] = v.b1;
+  }
+  int r, col;
+  simdgroup_matrix<TD, 8, 8>::owned(detail::my_lane(), r, col);
+  metal::vec<TD, 2> out;
+  for (int k = 0; k < 2; k++) {
+    float acc = (float)c.elements[k];
+    for (int i = 0; i < 8; i++) acc = __builtin_fmaf(A[r][i], B[i][col + k], acc);
+    out[k] = (TD)acc;
+  }
+  d.elements = out;
+}
+template <class TD, class TA, class TB>
+inline void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+                               const simdgroup_matrix<TB, 8, 8>& b, MSLSIM_SITE) {
+  simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>((TD)0), file, line);
+}
+#undef MSLSIM_SITE
+
+// ============================================================================ atomics
+// Implemented out of line and untraced: the runtime is told about each access (initialises threadgroup
+// memory for the race checker, bounds-checks device memory).
+template <class T> struct mslsim_atomic { T value; };
+typedef mslsim_atomic<int> atomic_int;
+typedef mslsim_atomic<uint> atomic_uint;
+typedef mslsim_atomic<float> atomic_float;
+template <class A> using atomic_value_t = std::remove_cv_t<decltype(((A*)nullptr)->value)>;
+#define MSLSIM_ATOMIC __attribute__((noinline, no_sanitize("coverage")))
+template <class A, class F> MSLSIM_ATOMIC auto atomic_update(A* a, F f) {
+  using T = atomic_value_t<A>;
+  mslsim::rt::note_atomic((const void*)a, sizeof(T));
+  T* p = (T*)&a->value;
+  T old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
+  do next = f(old);
+  while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+  return old;
+}
+template <class A, class U> inline auto atomic_fetch_add_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o + v); }); }
+template <class A, class U> inline auto atomic_fetch_sub_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o - v); }); }
+template <class A, class U> inline auto atomic_fetch_max_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return o > (decltype(o))v ? o : (decltype(o))v; }); }
+template <class A, class U> inline auto atomic_fetch_min_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return o < (decltype(o))v ? o : (decltype(o))v; }); }
+template <class A, class U> inline auto atomic_fetch_or_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o | v); }); }
+template <class A, class U> inline auto atomic_fetch_and_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o & v); }); }
+template <class A, class U> inline auto atomic_exchange_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))v; }); }
+template <class A> inline auto atomic_load_explicit(A* a, memory_order) { return atomic_update(a, [](auto o) { return o; }); }
+template <class A, class U> inline void atomic_store_explicit(A* a, U v, memory_order) { atomic_update(a, [v](auto o) { return (decltype(o))v; }); }
+#undef MSLSIM_ATOMIC
+}  // namespace metal
+
+// ============================================================================ kernel arguments, constants
+namespace mslsim {
+struct Index { constexpr int operator[](int i) const { return i; } };
+constexpr Index index{};
+enum Builtin { TPITG, TIITG, TGPIG, TPIG, TPTG, TGPG, LANE, SGITG, SGPTG, TPSG, TPG };
+template <class T> inline T builtin_value(rt::uint3_ u) {
+  if constexpr (is_vector_v<T>) {
+    T r = {};
+    uint32_t a[3] = {u.x, u.y, u.z};
+    for (int i = 0; i < vector_traits<T>::size && i < 3; i++) r[i] = (element_t<T>)a[i];
+    return r;
+  } else {
+    return (T)u.x;
+  }
+}
+struct BuiltinArg {
+  int which;
+  template <class T> operator T() const {
+    const rt::ThreadContext* c = rt::current;
+    rt::uint3_ u = {0, 0, 0};
+    switch (which) {
+      case TPITG: u = c->thread_position_in_threadgroup; break;
+      case TIITG: u.x = c->thread_index_in_threadgroup; break;
+      case TGPIG: u = c->threadgroup_position_in_grid; break;
+      case TPIG: u = c->thread_position_in_grid; break;
+      case TPTG: u = c->threads_per_threadgroup; break;
+      case TGPG: u = c->threadgroups_per_grid; break;
+      case LANE: u.x = c->lane; break;
+      case SGITG: u.x = c->simdgroup; break;
+      case SGPTG: u.x = c->simdgroups_per_threadgroup; break;
+      case TPSG: u.x = MSLSIM_SIMD_WIDTH; break;
+      case TPG:
+        u = {c->threadgroups_per_grid.x * c->threads_per_threadgroup.x, c->threadgroups_per_grid.y * c->threads_per_threadgroup.y,
+             c->threadgroups_per_grid.z * c->threads_per_threadgroup.z};
+        break;
+    }
+    return builtin_value<T>(u);
+  }
+};
+struct BuiltinTable { constexpr BuiltinArg operator[](int w) const { return {w}; } };
+constexpr BuiltinTable builtin{};
+
+struct BufferArg {
+  int i;
+#ifdef MSLSIM_CHECK_ADDRESS_SPACES   // a pointer without an address space converts to void*; device/constant ones do not
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+#else
+  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
+  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+#endif
+};
+struct BufferTable { constexpr BufferArg operator[](int i) const { return {i}; } };
+constexpr BufferTable buffer_arg{};
+struct ThreadgroupArg { int i; template <class T> operator T*() const { return (T*)rt::bind_threadgroup_arg(i); } };
+struct ThreadgroupArgTable { constexpr ThreadgroupArg operator[](int i) const { return {i}; } };
+constexpr ThreadgroupArgTable threadgroup_arg{};
+
+// Kernel-scope `threadgroup T name[N];` (rewritten by the prepass): one instance per threadgroup.
+template <class T> inline T& threadgroup_variable(const void* key, const char* name) {
+  return *(T*)rt::threadgroup_variable(key, sizeof(T), alignof(T), name);
+}
+
+// `constant T name [[function_constant(i)]];` (rewritten by the prepass). Set per launch; reading one
+// that was not set is an error, as creating such a pipeline is on Metal.
+template <class T> constexpr int constant_type() {
+  if constexpr (std::is_same_v<T, bool>) return MSLSIM_BOOL;
+  else if constexpr (std::is_same_v<T, int>) return MSLSIM_INT;
+  else if constexpr (std::is_same_v<T, uint>) return MSLSIM_UINT;
+  else if constexpr (std::is_same_v<T, float>) return MSLSIM_FLOAT;
+  else if constexpr (std::is_same_v<T, half>) return MSLSIM_HALF;
+  else if constexpr (std::is_same_v<T, short>) return MSLSIM_SHORT;
+  else if constexpr (std::is_same_v<T, ushort>) return MSLSIM_USHORT;
+  else if constexpr (std::is_same_v<T, char>) return MSLSIM_CHAR;
+  else if constexpr (std::is_same_v<T, uchar>) return MSLSIM_UCHAR;
+  else static_assert(sizeof(T) == 0, "unsupported function constant type");
+}
+template <class T> struct FunctionConstant {
+  T value;
+  bool defined;
+  const char* name;
+  FunctionConstant(int index, const char* n) : value(), defined(false), name(n) {
+    rt::register_function_constant(index, constant_type<T>(), &value, &defined, n);
+  }
+  operator T() const {
+    if (__builtin_expect(!defined, 0)) rt::function_constant_not_set(name);
+    return value;
+  }
+};
+template <class T> inline bool is_defined(const FunctionConstant<T>& c) { return c.defined; }
+}  // namespace mslsim
+
+#define MSLSIM_FUNCTION_CONSTANT(T, name, idx) static mslsim::FunctionConstant<T> name((idx), #name)
+#define MSLSIM_THREADGROUP_VARIABLE(T, name)                                                   \
+  static char mslsim_key_##name;                                                               \
+  T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
+#define MSLSIM_CAT_(a, b) a##b
+#define MSLSIM_CAT(a, b) MSLSIM_CAT_(a, b)
+// Appended by the build step after the kernel source.
+#define MSLSIM_EXPORT_KERNEL_AS(host_name_, ...) MSLSIM_EXPORT_(host_name_, MSLSIM_CAT(mslsim_entry_, __COUNTER__), __VA_ARGS__)
+#define MSLSIM_EXPORT_(host_name_, entry, ...) \
+  static void entry() { __VA_ARGS__(); }      \
+  static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry);
+// Work-counter hook for kernels (see metal-flash-sdpa/work_counters.h): named, summed over the launch.
+#define mslsim_work_count(name, amount)                                               \
+  do {                                                                                \
+    static const int mslsim_counter_ = mslsim::rt::work_counter(name);                \
+    mslsim::rt::work_count(mslsim_counter_, (uint64_t)(amount));                      \
+  } while (0)
+
+// ============================================================================ MSL keywords (must come last)
+using namespace metal;
+#define kernel
+#ifdef MSLSIM_CHECK_ADDRESS_SPACES   // static pass: Metal address spaces become clang address spaces
+#define device __attribute__((address_space(1)))
+#define constant const __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#define double mslsim_error_double_is_not_supported_in_MSL
+#else
+#define device
+#define constant
+#define threadgroup
+#endif
+#define thread
+#define host_name(x)
+#define max_total_threads_per_threadgroup(x)
+#define function_constant(n) mslsim_error_function_constant_must_be_declared_at_program_scope_of_the_metal_file
+#define is_function_constant_defined(x) (mslsim::is_defined(x))
+#define buffer(n) ]] = mslsim::buffer_arg[mslsim::index[n
+#define mslsim_threadgroup_arg(n) ]] = mslsim::threadgroup_arg[mslsim::index[n
+#define thread_position_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPITG
+#define thread_index_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TIITG
+#define threadgroup_position_in_grid ]] = mslsim::builtin[mslsim::index[mslsim::TGPIG
+#define thread_position_in_grid ]] = mslsim::builtin[mslsim::index[mslsim::TPIG
+#define threads_per_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPTG
+#define threadgroups_per_grid ]] = mslsim::builtin[mslsim::index[mslsim::TGPG
+#define threads_per_grid ]] = mslsim::builtin[mslsim::index[mslsim::TPG
+#define thread_index_in_simdgroup ]] = mslsim::builtin[mslsim::index[mslsim::LANE
+#define simdgroup_index_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::SGITG
+#define simdgroups_per_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::SGPTG
+#define threads_per_simdgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPSG
+// Vector construction syntax float4(...): a function-like macro, so plain `float4` stays the type.
+#define MSLSIM_CTOR(T, N) mslsim::make_vector<T, N>
+#define float2(...) MSLSIM_CTOR(float, 2)(__VA_ARGS__)
+#define float3(...) MSLSIM_CTOR(float, 3)(__VA_ARGS__)
+#define float4(...) MSLSIM_CTOR(float, 4)(__VA_ARGS__)
+#define half2(...) MSLSIM_CTOR(half, 2)(__VA_ARGS__)
+#define half3(...) MSLSIM_CTOR(half, 3)(__VA_ARGS__)
+#define half4(...) MSLSIM_CTOR(half, 4)(__VA_ARGS__)
+#define bfloat2(...) MSLSIM_CTOR(bfloat, 2)(__VA_ARGS__)
+#define bfloat3(...) MSLSIM_CTOR(bfloat, 3)(__VA_ARGS__)
+#define bfloat4(...) MSLSIM_CTOR(bfloat, 4)(__VA_ARGS__)
+#define int2(...) MSLSIM_CTOR(int, 2)(__VA_ARGS__)
+#define int3(...) MSLSIM_CTOR(int, 3)(__VA_ARGS__)
+#define int4(...) MSLSIM_CTOR(int, 4)(__VA_ARGS__)
+#define uint2(...) MSLSIM_CTOR(uint, 2)(__VA_ARGS__)
+#define uint3(...) MSLSIM_CTOR(uint, 3)(__VA_ARGS__)
+#define uint4(...) MSLSIM_CTOR(uint, 4)(__VA_ARGS__)
+#define short2(...) MSLSIM_CTOR(short, 2)(__VA_ARGS__)
+#define short4(...) MSLSIM_CTOR(short, 4)(__VA_ARGS__)
+#define ushort2(...) MSLSIM_CTOR(ushort, 2)(__VA_ARGS__)
+#define ushort4(...) MSLSIM_CTOR(ushort, 4)(__VA_ARGS__)
+#define ulong2(...) MSLSIM_CTOR(ulong, 2)(__VA_ARGS__)
