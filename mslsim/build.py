@@ -126,7 +126,7 @@ def prepass(src: str) -> Prepassed:
         if not masked[:m.start()].rstrip().endswith(">"):  # templated kernels export through instantiations
             kernels.append((m.group("name"), m.group("name")))
     for m in _INSTANTIATION.finditer(masked):
-        kernels.append((m.group("host"), re.sub(r"\s+", " ", src[m.start("fn"):m.end("fn")]).strip()))
+        kernels.append((src[m.start("host"):m.end("host")], re.sub(r"\s+", " ", src[m.start("fn"):m.end("fn")]).strip()))
         # C++ allows no attributes on an explicit instantiation: blank them
         edits.append((m.start("attrs"), m.end("attrs"), same_lines("", m.group("attrs"))))
     edits.sort()

@@ -1,0 +1,117 @@
+// mslsim self-tests: each kernel exercises one feature; tests/mslsim/test_features.py checks it
+// against numpy.
+#include <metal_stdlib>
+#include "counters.h"
+using namespace metal;
+
+// Tree reduction through threadgroup memory: exercises barriers and per-threadgroup memory.
+kernel void threadgroup_sum(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                            uint tid [[thread_index_in_threadgroup]], uint tg [[threadgroup_position_in_grid]],
+                            uint n [[threads_per_threadgroup]]) {
+    threadgroup float partial[1024];
+    partial[tid] = x[tg * n + tid];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint stride = n / 2; stride > 0; stride /= 2) {
+        if (tid < stride) partial[tid] += partial[tid + stride];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+    if (tid == 0) out[tg] = partial[0];
+}
+
+// Every SIMD-group function. Lanes >= active return first and take no part (GPU semantics).
+kernel void simd_functions(device const float* x [[buffer(0)]], device const int* bits [[buffer(1)]],
+                           device float* out [[buffer(2)]], constant uint& active [[buffer(3)]],
+                           uint tid [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
+    if (lane >= active) return;
+    const float v = x[tid];
+    const int b = bits[tid];
+    device float* o = out + tid * 20;
+    o[0] = simd_sum(v);
+    o[1] = simd_product(v);
+    o[2] = simd_max(v);
+    o[3] = simd_min(v);
+    o[4] = float(simd_and(b));
+    o[5] = float(simd_or(b));
+    o[6] = float(simd_xor(b));
+    o[7] = simd_prefix_inclusive_sum(v);
+    o[8] = simd_prefix_exclusive_sum(v);
+    o[9] = simd_prefix_inclusive_product(v);
+    o[10] = simd_prefix_exclusive_product(v);
+    o[11] = simd_shuffle(v, (lane * 7 + 3) % 32);
+    o[12] = simd_broadcast(v, 5);
+    o[13] = simd_shuffle_xor(v, 6);
+    o[14] = simd_shuffle_down(v, 3);
+    o[15] = simd_shuffle_up(v, 2);
+    o[16] = simd_broadcast_first(v);
+    o[17] = float(simd_all(v > -3.0f)) + 2.0f * float(simd_any(v > 1.5f));
+    o[18] = float(simd_is_first());
+    o[19] = simd_sum(float2(v, 1.0f)).y;
+}
+
+// acc = a * acc + b, `steps` times: every product and sum rounds to T.
+template <typename T>
+kernel void mul_add_chain(device const T* a [[buffer(0)]], device const T* b [[buffer(1)]],
+                          device T* acc [[buffer(2)]], constant uint& steps [[buffer(3)]],
+                          uint i [[thread_position_in_grid]]) {
+    T r = acc[i];
+    for (uint s = 0; s < steps; ++s) r = a[i] * r + b[i];
+    acc[i] = r;
+}
+template [[host_name("mul_add_chain_half")]] [[kernel]] decltype(mul_add_chain<half>) mul_add_chain<half>;
+template [[host_name("mul_add_chain_bfloat")]] [[kernel]] decltype(mul_add_chain<bfloat>) mul_add_chain<bfloat>;
+template [[host_name("mul_add_chain_float")]] [[kernel]] decltype(mul_add_chain<float>) mul_add_chain<float>;
+
+// float -> half / bfloat conversions (round to nearest even, overflow to inf, subnormals).
+kernel void convert(device const float* x [[buffer(0)]], device half* h [[buffer(1)]], device bfloat* bf [[buffer(2)]],
+                    uint i [[thread_position_in_grid]]) {
+    h[i] = half(x[i]);
+    bf[i] = bfloat(x[i]);
+}
+
+// Function constants select code paths per launch.
+constant bool use_square [[function_constant(0)]];
+constant int offset [[function_constant(1)]];
+constant half scale [[function_constant(2)]];
+constant bool has_bias [[function_constant(3)]];   // optional: tested with is_function_constant_defined
+
+kernel void constant_paths(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+    float v = float(i);
+    if (use_square) {
+        v = v * v;
+    } else {
+        v = -v;
+    }
+    v = (v + float(offset)) * float(scale);
+    if (is_function_constant_defined(has_bias) && has_bias) v += 0.5f;
+    out[i] = v;
+}
+
+// Work counters: each threadgroup reports the tiles it "loaded".
+kernel void count_work(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]],
+                       uint tg [[threadgroup_position_in_grid]]) {
+    if (tid == 0) {
+        WORK_COUNT("tiles_loaded", tg + 1);
+        WORK_COUNT("threadgroups_seen", 1);
+    }
+    out[tg * 32 + tid] = 1.0f;
+}
+
+// Dynamic threadgroup memory ([[threadgroup(0)]]), a scalar threadgroup variable and threadgroup atomics.
+kernel void dynamic_and_atomics(device float* out [[buffer(0)]], threadgroup float* scratch [[threadgroup(0)]],
+                                uint tid [[thread_index_in_threadgroup]], uint n [[threads_per_threadgroup]]) {
+    threadgroup atomic_uint arrivals;
+    threadgroup float largest;
+    if (tid == 0) {
+        atomic_store_explicit(&arrivals, 0u, memory_order_relaxed);
+        largest = -INFINITY;
+    }
+    scratch[tid] = float(tid) * 2.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    atomic_fetch_add_explicit(&arrivals, 1u, memory_order_relaxed);
+    const float m = simd_max(scratch[n - 1 - tid]);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) largest = m;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid * 2] = largest;
+    out[tid * 2 + 1] = float(atomic_load_explicit(&arrivals, memory_order_relaxed));
+}
