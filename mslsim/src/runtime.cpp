@@ -503,7 +503,9 @@ static void on_fault(int sig, siginfo_t* info, void* uctx) {
     uintptr_t a = (uintptr_t)info->si_addr;
     char where[256];
     describe_thread(where, sizeof where);
-    if (w->stacks && a >= (uintptr_t)w->stacks && a < (uintptr_t)w->stacks + w->stacks_len)
+    // below the current fiber's stack (past its guard page): a frame larger than the stack
+    const uintptr_t stack_lo = (uintptr_t)w->stacks + (kStackSize + kPage) * w->current + kPage;
+    if (w->stacks && a < stack_lo && stack_lo - a < (64u << 20))
       snprintf(w->message, sizeof w->message,
                "%s: stack overflow (each GPU thread has %zu KiB of stack in the simulator; recursion or a huge "
                "thread-local array?)", where, kStackSize / 1024);

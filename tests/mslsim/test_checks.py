@@ -1,0 +1,109 @@
+"""Seeded bugs: every check of the simulator fires with a message naming kernel, threadgroup and thread,
+and the process stays usable afterwards."""
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mslsim
+from mslsim import MetalCompileError, SimulationError
+
+KERNELS = Path(__file__).parent / "kernels"
+
+
+@pytest.fixture(scope="module")
+def bugs():
+    return mslsim.load(KERNELS / "bugs.metal")
+
+
+def run(lib, kernel, threads=128, buffers=None, **kw):
+    out = np.zeros(1024, np.float32)
+    return lib.dispatch(kernel, 1, threads, {0: out, **(buffers or {})}, **kw)
+
+
+@pytest.mark.parametrize("kernel, threads, message", [
+    ("divergent_barrier", 128, r"divergent threadgroup_barrier: this thread is at .*bugs.metal:\d+ while other threads wait at .*bugs.metal:\d+"),
+    ("barrier_after_return", 128, r"threadgroup_barrier at .*bugs.metal:\d+ completed with 28 of 128 threads already returned"),
+    ("barrier_versus_collective", 32, r"deadlock at .*bugs.metal:\d+"),
+    ("divergent_collective", 32, r"divergent SIMD-group operation"),
+    ("too_much_threadgroup_memory", 128, r"threadgroup memory exceeds the 32768-byte Metal limit: keys 16384 B, values 16400 B need 32784 bytes"),
+    ("uses_unset_constant", 32, r"function constant 'needs_value' is used but no value was set"),
+    ("reads_params", 32, r"no buffer was bound at index 1"),
+    ("missing_barrier", 128, r"threadgroup memory race: thread \d+ reads threadgroup byte \d+ written by thread \d+"),
+    ("write_after_read", 128, r"threadgroup memory race: thread \d+ writes threadgroup byte \d+ that another thread read"),
+    ("uninitialised_read", 128, r"read of uninitialised threadgroup memory"),
+    ("huge_thread_array", 32, r"stack overflow"),
+])
+def test_seeded_bug_is_reported(bugs, kernel, threads, message):
+    with pytest.raises(SimulationError, match=message) as e:
+        run(bugs, kernel, threads)
+    assert f"kernel '{kernel}', threadgroup (0,0,0), thread " in str(e.value)
+
+
+def test_out_of_bounds_accesses_name_buffer_and_offset(bugs):
+    x, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    with pytest.raises(SimulationError, match=r"thread 63 .*reads 4 bytes at byte offset 256 of \[\[buffer\(0\)\]\], which is 256 bytes long"):
+        bugs.dispatch("read_past_end", 1, 64, {0: x, 1: out})
+    with pytest.raises(SimulationError, match=r"writes 4 bytes at byte offset 256 of \[\[buffer\(0\)\]\]"):
+        bugs.dispatch("write_past_end", 1, 64, {0: np.zeros(64, np.float32)})
+    with pytest.raises(SimulationError, match=r"thread 0 .*reads 4 bytes at byte offset -12 of \[\[buffer\(0\)\]\] \(before its start\)"):
+        bugs.dispatch("read_before_start", 1, 64, {0: x, 1: out})
+    assert not out.any()   # a failed launch writes nothing back
+
+
+def test_short_constant_buffer(bugs):
+    with pytest.raises(SimulationError, match=r"\[\[buffer\(1\)\]\] is bound to 4 bytes but the kernel reads a 8-byte object"):
+        bugs.dispatch("reads_params", 1, 32, {0: np.zeros(32, np.float32), 1: struct.pack("I", 3)})
+    out = np.zeros(32, np.float32)
+    bugs.dispatch("reads_params", 1, 32, {0: out, 1: struct.pack("If", 3, 0.5)})
+    assert (out == 1.5).all()
+
+
+def test_wild_pointer_is_an_error_not_a_crash(bugs):
+    with pytest.raises(SimulationError, match=r"invalid memory access at address 0x10 .*outside every bound buffer"):
+        bugs.dispatch("wild_pointer", 1, 32, {0: np.zeros(32, np.float32), 1: struct.pack("Q", 16)})
+
+
+def test_launch_limits(bugs):
+    with pytest.raises(ValueError, match=r"threads per threadgroup must be 1..1024 \(Metal's limit\), got 2048"):
+        run(bugs, "missing_barrier", threads=(1024, 2))
+    with pytest.raises(ValueError, match=r"at most 32768 bytes"):
+        run(bugs, "missing_barrier", threadgroup_memory={0: 40000})
+    with pytest.raises(ValueError, match=r"kernel 'nope' is not in"):
+        run(bugs, "nope")
+
+
+def test_simdgroup_barrier_orders_lanes_of_one_simdgroup(bugs):
+    out = np.zeros(64, np.float32)
+    bugs.dispatch("simdgroup_ordered", 1, 64, {0: out}, schedule="reverse")
+    np.testing.assert_array_equal(out, np.tile((np.arange(32) + 1) % 32, 2).astype(np.float32))
+
+
+def test_schedules_expose_a_missing_barrier_without_the_checker(bugs):
+    """With race checks off, the fiber order decides what the racy read sees: forward order hides the
+    bug, reverse order exposes it (the reads see poisoned threadgroup memory)."""
+    outs = {}
+    for schedule in ("forward", "reverse"):
+        out = np.zeros(128, np.float32)
+        bugs.dispatch("missing_barrier", 1, 128, {0: out}, schedule=schedule, check_threadgroup=False)
+        outs[schedule] = out
+    assert np.array_equal(outs["forward"][1:], np.arange(127, dtype=np.float32))
+    assert np.isnan(outs["reverse"][1:]).all()
+
+
+def test_process_survives_and_keeps_working(bugs):
+    for kernel in ("huge_thread_array", "divergent_barrier", "missing_barrier"):
+        with pytest.raises(SimulationError):
+            run(bugs, kernel, 32 if kernel == "huge_thread_array" else 128)
+    out = np.zeros(64, np.float32)
+    bugs.dispatch("simdgroup_ordered", 1, 64, {0: out})
+    assert out[0] == 1.0
+
+
+def test_compile_error_reports_file_and_line(tmp_path):
+    bad = tmp_path / "broken.metal"
+    bad.write_text("#include <metal_stdlib>\nusing namespace metal;\n\nkernel void k(device float* x [[buffer(0)]]) {\n"
+                   "    x[0] = undefined_name;\n}\n")
+    with pytest.raises(MetalCompileError, match=r"broken.metal:5:\d+: error: use of undeclared identifier 'undefined_name'"):
+        mslsim.load(bad)
