@@ -10,11 +10,12 @@ import mslsim
 from tests.mslsim.numerics import mma_reference, round_to_bfloat16
 
 KERNELS = Path(__file__).parent / "kernels"
+PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
 
 
 @pytest.fixture(scope="module")
 def features():
-    return mslsim.load(KERNELS / "features.metal")
+    return mslsim.load(KERNELS / "features.metal", include_dirs=[PROJECT_SHADERS])
 
 
 @pytest.fixture(scope="module")

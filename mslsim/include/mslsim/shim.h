@@ -42,6 +42,14 @@ template <class T, int N> struct vector_traits<metal::vec<T, N>> { using element
 template <class T> constexpr bool is_vector_v = vector_traits<T>::is_vector;
 template <class T> using element_t = typename vector_traits<T>::element;
 
+// T without its Metal address space (the static pass maps address spaces to clang's; see the end).
+template <class T> struct without_address_space { using type = T; };
+template <class T> struct without_address_space<__attribute__((address_space(1))) T> { using type = T; };
+template <class T> struct without_address_space<__attribute__((address_space(2))) T> { using type = T; };
+template <class T> struct without_address_space<__attribute__((address_space(3))) T> { using type = T; };
+template <class P, class T>
+constexpr bool is_element_of = std::is_same_v<typename without_address_space<std::remove_cv_t<P>>::type, T>;
+
 // Metal vector constructors: float4(x) splats, float4(a.xy, b, c) concatenates, float4(h4) converts.
 template <class T, int N, class A> inline void vector_put(metal::vec<T, N>& r, int& k, A a) {
   if constexpr (is_vector_v<A>) {
@@ -403,7 +411,7 @@ template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_si
 template <class T, class P>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P* src, ulong elements_per_row = 8,
                            ulong2 matrix_origin = 0, bool transpose_matrix = false) {
-  static_assert(std::is_same_v<std::remove_cv_t<P>, T>, "simdgroup_load: source element type must be the matrix type");
+  static_assert(mslsim::is_element_of<P, T>, "simdgroup_load: source element type must be the matrix type");
   int r, c;
   simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
   for (int k = 0; k < 2; k++) {
@@ -414,7 +422,7 @@ inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P* src, ulong ele
 template <class T, class P>
 inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong elements_per_row = 8,
                             ulong2 matrix_origin = 0, bool transpose_matrix = false) {
-  static_assert(std::is_same_v<P, T>, "simdgroup_store: destination element type must be the matrix type");
+  static_assert(mslsim::is_element_of<P, T>, "simdgroup_store: destination element type must be the matrix type");
   int r, c;
   simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
   for (int k = 0; k < 2; k++) {

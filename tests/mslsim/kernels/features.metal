@@ -1,7 +1,7 @@
 // mslsim self-tests: each kernel exercises one feature; tests/mslsim/test_features.py checks it
 // against numpy.
 #include <metal_stdlib>
-#include "counters.h"
+#include "work_counters.h"
 using namespace metal;
 
 // Tree reduction through threadgroup memory: exercises barriers and per-threadgroup memory.

@@ -1,0 +1,142 @@
+"""Static MSL validity pass: what compiles as C++ here but Apple's Metal compiler rejects (or we must
+not use). Three layers:
+
+1. lexical rules on the source and the project headers it includes (comments and strings ignored):
+   double, std::, new/delete, exceptions, printf, virtual, function-pointer declarators;
+2. clang -fsyntax-only with Metal address spaces mapped to clang address spaces
+   (device/constant/threadgroup pointers do not mix, writes through constant are rejected, a kernel
+   buffer pointer without an address space is rejected) and variable-length arrays as errors;
+3. the LLVM IR call graph of the kernel code: recursion and indirect calls are rejected.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .build import SHIM_FLAGS, compiler, mask_comments_and_strings, prepass
+
+LEXICAL_RULES = [
+    (re.compile(r"\bdouble\b"), "'double' is not supported in MSL; use float"),
+    (re.compile(r"\bstd\s*::"), "the C++ standard library (std::) is not available in MSL; use metal::"),
+    (re.compile(r"\bnew\b"), "'new': dynamic allocation is not available in MSL"),
+    (re.compile(r"\bdelete\b"), "'delete': dynamic allocation is not available in MSL"),
+    (re.compile(r"\b(?:throw|try|catch)\b"), "exceptions are not available in MSL"),
+    (re.compile(r"\bprintf\b"), "printf is not available in MSL kernels"),
+    (re.compile(r"\bvirtual\b"), "virtual functions are not supported in MSL"),
+    (re.compile(r"\(\s*\*\s*[A-Za-z_]\w*\s*\)\s*\("), "function pointers are not supported in MSL"),
+]
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s*"([^"]+)"', re.M)
+_SHIM_PREFIXES = ("mslsim", "metal::", "std::", "__", "operator\"\"", "mtl")
+
+
+def _project_files(path: Path, include_dirs) -> list:
+    """The file and, recursively, the project headers it includes with #include "..."."""
+    seen, todo = [], [path.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.append(f)
+        for name in _LOCAL_INCLUDE.findall(f.read_text()):
+            for d in (f.parent, *map(Path, include_dirs)):
+                if (d / name).exists():
+                    todo.append((d / name).resolve())
+                    break
+    return seen
+
+
+def _lexical(files) -> list:
+    problems = []
+    for f in files:
+        masked = mask_comments_and_strings(f.read_text())
+        for lineno, line in enumerate(masked.splitlines(), 1):
+            if line.lstrip().startswith("#"):
+                continue
+            for pattern, message in LEXICAL_RULES:
+                if pattern.search(line):
+                    problems.append(f"{f}:{lineno}: {message}")
+    return problems
+
+
+def _demangle(names) -> dict:
+    if not names:
+        return {}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return dict(zip(names, out))
+
+
+def _call_graph_problems(ir: str, source: Path) -> list:
+    calls, indirect, current = {}, set(), None
+    for line in ir.splitlines():
+        m = re.match(r'define\b[^@]*@("?[^"(\s]+"?)\(', line)
+        if m:
+            current = m.group(1).strip('"')
+            calls[current] = set()
+        elif line.startswith("}"):
+            current = None
+        elif current and re.search(r"\b(?:call|invoke)\b", line):
+            callee = re.search(r"\b(?:call|invoke)\b[^@%]*?[@%]([\w.$\"]+)\(", line)
+            if callee and re.search(r"\b(?:call|invoke)\b[^@]*%[\w.]+\(", line) and not re.search(r"@llvm\.", line):
+                indirect.add(current)
+            elif callee:
+                calls[current].add(callee.group(1).strip('"'))
+    names = _demangle(sorted(calls))
+    project = {f for f in calls if not names.get(f, f).startswith(_SHIM_PREFIXES) and "mslsim_" not in f}
+    problems = [f"{source}: function pointer or virtual call in '{names[f]}' (not supported in MSL)"
+                for f in sorted(indirect & project)]
+    # recursion: a cycle in the call graph among the project's own functions
+    index, low, stack, on_stack, counter, cycles = {}, {}, [], set(), [0], []
+
+    def strongconnect(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in calls.get(v, ()):
+            if w not in project:
+                continue
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in calls.get(v, ()):
+                cycles.append(component)
+
+    for v in sorted(project):
+        if v not in index:
+            strongconnect(v)
+    for component in cycles:
+        problems.append(f"{source}: recursion is not supported in MSL: " + " -> ".join(names[f] for f in component))
+    return problems
+
+
+def check(path, include_dirs=()) -> list:
+    """Problems found in one .metal file (an empty list means it passed), as 'file:line: message'."""
+    path = Path(path).resolve()
+    problems = _lexical(_project_files(path, include_dirs))
+    cxx = compiler()
+    text = f'#line 1 "{path}"\n{prepass(path.read_text()).source}\n'
+    incs = [f"-I{path.parent}", *[f"-I{Path(d).resolve()}" for d in include_dirs]]
+    with tempfile.TemporaryDirectory() as tmp:
+        cpp = Path(tmp) / "check.cpp"
+        cpp.write_text(text)
+        r = subprocess.run([cxx, *SHIM_FLAGS, *incs, "-DMSLSIM_CHECK_ADDRESS_SPACES", "-fsyntax-only",
+                            "-Werror=vla", "-Werror=vla-cxx-extension", "-x", "c++", str(cpp)],
+                           capture_output=True, text=True)
+        problems += [line for line in r.stderr.splitlines() if "error:" in line]
+        r = subprocess.run([cxx, *SHIM_FLAGS, *incs, "-O0", "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", "-"],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            problems += _call_graph_problems(r.stdout, path)
+    return problems
