@@ -129,31 +129,14 @@ constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((in
 enum memory_order { memory_order_relaxed = 0 };
 
 namespace detail {
-template <class T, class F> inline T map1(T x, F f) {
+// Apply f element-wise (vectors) or directly (scalars).
+template <class F, class T, class... Rest> inline T map(F f, T a, Rest... rest) {
   if constexpr (mslsim::is_vector_v<T>) {
     T r;
-    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(x[i]);
+    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], rest[i]...);
     return r;
   } else {
-    return f(x);
-  }
-}
-template <class T, class F> inline T map2(T a, T b, F f) {
-  if constexpr (mslsim::is_vector_v<T>) {
-    T r;
-    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], b[i]);
-    return r;
-  } else {
-    return f(a, b);
-  }
-}
-template <class T, class F> inline T map3(T a, T b, T c, F f) {
-  if constexpr (mslsim::is_vector_v<T>) {
-    T r;
-    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], b[i], c[i]);
-    return r;
-  } else {
-    return f(a, b, c);
+    return f(a, rest...);
   }
 }
 template <class E> constexpr bool is_float_element = std::is_same_v<E, float> || std::is_same_v<E, half> || std::is_same_v<E, bfloat>;
@@ -166,7 +149,7 @@ template <class T> using if_float = std::enable_if_t<is_float<T>, T>;
 #define MSLSIM_UNARY(name, expr)                                               \
   template <class T> inline detail::if_float<T> name(T x) {                    \
     using E = mslsim::element_t<T>;                                            \
-    return detail::map1(x, [](E v) { float f = (float)v; return (E)(expr); }); \
+    return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x); \
   }
 MSLSIM_UNARY(exp, __builtin_expf(f))
 MSLSIM_UNARY(exp2, __builtin_exp2f(f))
@@ -192,10 +175,10 @@ MSLSIM_UNARY(saturate, f < 0.f ? 0.f : (f > 1.f ? 1.f : f))
 #undef MSLSIM_UNARY
 
 template <class T> inline T abs(T x) {
-  return detail::map1(x, [](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; });
+  return detail::map([](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; }, x);
 }
-template <class T> inline T max(T a, T b) { return detail::map2(a, b, [](auto x, auto y) { return x > y ? x : y; }); }
-template <class T> inline T min(T a, T b) { return detail::map2(a, b, [](auto x, auto y) { return x < y ? x : y; }); }
+template <class T> inline T max(T a, T b) { return detail::map([](auto x, auto y) { return x > y ? x : y; }, a, b); }
+template <class T> inline T min(T a, T b) { return detail::map([](auto x, auto y) { return x < y ? x : y; }, a, b); }
 template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T max(T a, mslsim::element_t<T> b) { return max(a, T(b)); }
 template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T min(T a, mslsim::element_t<T> b) { return min(a, T(b)); }
 template <class T> inline detail::if_float<T> fmax(T a, T b) { return max(a, b); }
@@ -203,19 +186,19 @@ template <class T> inline detail::if_float<T> fmin(T a, T b) { return min(a, b);
 template <class T> inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
 template <class T> inline detail::if_float<T> mix(T x, T y, T a) { return x + (y - x) * a; }
 template <class T> inline detail::if_float<T> sign(T x) {
-  return detail::map1(x, [](auto v) { return v > 0 ? (decltype(v))1 : v < 0 ? (decltype(v))-1 : (decltype(v))0; });
+  return detail::map([](auto v) { return v > 0 ? (decltype(v))1 : v < 0 ? (decltype(v))-1 : (decltype(v))0; }, x);
 }
 // One rounding, as a fused multiply-add: exact in double for half; fp32 fmaf for float; bfloat via fp32
 // (double rounding possible, documented).
 template <class T> inline detail::if_float<T> fma(T a, T b, T c) {
-  return detail::map3(a, b, c, [](auto x, auto y, auto z) {
+  return detail::map([](auto x, auto y, auto z) {
     using E = decltype(x);
     if constexpr (std::is_same_v<E, half>) return (E)((double)x * (double)y + (double)z);
     else return (E)__builtin_fmaf((float)x, (float)y, (float)z);
-  });
+  }, a, b, c);
 }
 template <class T> inline detail::if_float<T> pow(T a, T b) {
-  return detail::map2(a, b, [](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); });
+  return detail::map([](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); }, a, b);
 }
 template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
 template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
