@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .build import SHIM_FLAGS, compiler, mask_comments_and_strings, prepass
+from .build import SHIM_FLAGS, compiler, mask_comments_and_strings, prepass, preprocess
 
 LEXICAL_RULES = [
     (re.compile(r"\bdouble\b"), "'double' is not supported in MSL; use float"),
@@ -126,8 +126,8 @@ def check(path, include_dirs=()) -> list:
     path = Path(path).resolve()
     problems = _lexical(_project_files(path, include_dirs))
     cxx = compiler()
-    text = f'#line 1 "{path}"\n{prepass(path.read_text()).source}\n'
-    incs = [f"-I{path.parent}", *[f"-I{Path(d).resolve()}" for d in include_dirs]]
+    text = prepass(preprocess(path, cxx, include_dirs)).source
+    incs = []
     with tempfile.TemporaryDirectory() as tmp:
         cpp = Path(tmp) / "check.cpp"
         cpp.write_text(text)

@@ -1,0 +1,53 @@
+"""Independent attention reference in PyTorch float64 (explicit masks, sinks, softcap, ALiBi). Never
+shares code with the kernels; run in a low precision it also gives the baseline error of plain
+PyTorch attention for flash-attn's tolerance rule."""
+import math
+
+import torch
+
+
+def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False, window=(-1, -1),
+                        softcap=0.0, sinks=None, alibi_slopes=None, dtype=torch.float64):
+    """q [total_q, H, D], k/v [total_k, Hkv, D] -> (out [total_q, H, D], lse [H, total_q]) in `dtype`."""
+    H, D = q.shape[1], q.shape[2]
+    group = H // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(q.shape, dtype=dtype)
+    lse = torch.full((H, q.shape[0]), -math.inf, dtype=torch.float64)
+    for b in range(len(cu_seqlens_q) - 1):
+        q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
+        k0, k1 = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
+        sq, sk = q1 - q0, k1 - k0
+        if sq == 0:
+            continue
+        qb = q[q0:q1].to(dtype).transpose(0, 1)                                   # [H, sq, D]
+        kb = k[k0:k1].to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)   # [H, sk, D]
+        vb = v[k0:k1].to(dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        s = (qb @ kb.transpose(1, 2)) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        distance = (torch.arange(sq)[:, None] + sk - sq) - torch.arange(sk)[None, :]   # bottom-right aligned
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            s = s - slopes.to(dtype)[:, None, None] * distance.abs().to(dtype)
+        visible = torch.ones(sq, sk, dtype=torch.bool)
+        if causal:
+            visible &= distance >= 0
+        if window[0] >= 0:
+            visible &= distance <= window[0]
+        if window[1] >= 0:
+            visible &= -distance <= window[1]
+        s = s.masked_fill(~visible, -math.inf)
+        m = s.amax(-1, keepdim=True)
+        if sinks is not None:
+            m = torch.maximum(m, sinks.to(dtype)[:, None, None])
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        denom = e.sum(-1, keepdim=True)
+        if sinks is not None:
+            denom = denom + torch.exp(sinks.to(dtype)[:, None, None] - m)
+        o = (e / torch.where(denom > 0, denom, torch.ones_like(denom))) @ vb
+        out[q0:q1] = o.transpose(0, 1)
+        lse[:, q0:q1] = torch.where(denom[..., 0] > 0, (m[..., 0] + torch.log(denom[..., 0])).double(),
+                                    torch.full_like(denom[..., 0], -math.inf).double())
+    return out, lse
