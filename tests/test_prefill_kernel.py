@@ -87,12 +87,27 @@ def test_alibi_and_query_longer_than_keys(prefill):
     assert (out[:30] == 0).all() and torch.isinf(lse[:, :30]).all()   # rows that see no key
 
 
-def test_band_limited_k_loop(prefill):
-    n, w = 1024, 128
+def tiles_with_a_visible_key(n, causal, window, block_q=32, block_k=32):
+    """Ideal K-tile count from the explicit mask: tiles holding a visible key for some row of the block."""
+    distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    visible = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        visible &= distance >= 0
+    if window[0] >= 0:
+        visible &= distance <= window[0]
+    if window[1] >= 0:
+        visible &= -distance <= window[1]
+    blocks = visible.reshape(n // block_q, block_q, n // block_k, block_k).any(3).any(1)
+    return int(blocks.sum())
+
+
+@pytest.mark.parametrize("causal, window", [(True, (127, 0)), (False, (64, 64)), (False, (-1, 200))])
+def test_band_limited_k_loop_at_4096(prefill, causal, window):
+    n = 4096
     q, k, v, cu_q, cu_k = make_inputs([n], [n], 1, 1, 32, torch.float16, seed=3)
-    out, lse, stats = run_prefill(prefill, q, k, v, cu_q, cu_k, 32 ** -0.5, causal=True, window=(w - 1, 0))
-    check_against_reference(out, lse, q, k, v, cu_q, cu_k, causal=True, window=(w - 1, 0))
-    bk = 32
-    in_band = sum(len(range(max(0, qb * 32 - (w - 1)) // bk, (qb * 32 + 31) // bk + 1)) for qb in range(n // 32))
-    assert stats.counters["k_tiles_loaded"] == in_band
-    assert stats.counters["k_tiles_loaded"] < (n // 32) * (n // bk) / 4
+    out, lse, stats = run_prefill(prefill, q, k, v, cu_q, cu_k, 32 ** -0.5, causal=causal, window=window)
+    check_against_reference(out, lse, q, k, v, cu_q, cu_k, causal=causal, window=window)
+    ideal = tiles_with_a_visible_key(n, causal, window)
+    assert stats.counters["k_tiles_loaded"] == stats.counters["v_tiles_loaded"] == ideal   # ratio 1.00
+    if window[0] >= 0:
+        assert ideal < (n // 32) ** 2 / 8    # O(n * window), far from the n^2 tiles of a full pass
