@@ -6,6 +6,20 @@ import math
 import torch
 
 
+def visible_keys(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
+    """[seqlen_q, seqlen_k] bool: which keys each query row may attend to (bottom-right aligned), and the
+    signed distances q_pos - k_pos."""
+    distance = (torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q) - torch.arange(seqlen_k)[None, :]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if causal:
+        visible &= distance >= 0
+    if window[0] >= 0:
+        visible &= distance <= window[0]
+    if window[1] >= 0:
+        visible &= -distance <= window[1]
+    return visible, distance
+
+
 def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False, window=(-1, -1),
                         softcap=0.0, sinks=None, alibi_slopes=None, dtype=torch.float64):
     """q [total_q, H, D], k/v [total_k, Hkv, D] -> (out [total_q, H, D], lse [H, total_q]) in `dtype`."""
@@ -26,17 +40,10 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=
         s = (qb @ kb.transpose(1, 2)) * scale
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        distance = (torch.arange(sq)[:, None] + sk - sq) - torch.arange(sk)[None, :]   # bottom-right aligned
+        visible, distance = visible_keys(sq, sk, causal, window)
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
             s = s - slopes.to(dtype)[:, None, None] * distance.abs().to(dtype)
-        visible = torch.ones(sq, sk, dtype=torch.bool)
-        if causal:
-            visible &= distance >= 0
-        if window[0] >= 0:
-            visible &= distance <= window[0]
-        if window[1] >= 0:
-            visible &= -distance <= window[1]
         s = s.masked_fill(~visible, -math.inf)
         m = s.amax(-1, keepdim=True)
         if sinks is not None:

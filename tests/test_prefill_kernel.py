@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mslsim
-from tests.reference import attention_reference
+from tests.reference import attention_reference, visible_keys
 
 SHADERS = Path(__file__).resolve().parents[1] / "metal-flash-sdpa"
 TYPE_NAMES = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
@@ -89,14 +89,7 @@ def test_alibi_and_query_longer_than_keys(prefill):
 
 def tiles_with_a_visible_key(n, causal, window, block_q=32, block_k=32):
     """Ideal K-tile count from the explicit mask: tiles holding a visible key for some row of the block."""
-    distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
-    visible = torch.ones(n, n, dtype=torch.bool)
-    if causal:
-        visible &= distance >= 0
-    if window[0] >= 0:
-        visible &= distance <= window[0]
-    if window[1] >= 0:
-        visible &= -distance <= window[1]
+    visible, _ = visible_keys(n, n, causal, window)
     blocks = visible.reshape(n // block_q, block_q, n // block_k, block_k).any(3).any(1)
     return int(blocks.sum())
 
