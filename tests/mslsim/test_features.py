@@ -204,3 +204,15 @@ def test_simdgroup_matrix_gemm_matches_exact_rounding(mma, dtype):
     ref = mma_reference(A.astype(np.float32), B.astype(np.float32), dtype)
     np.testing.assert_array_equal(got.astype(np.float64), ref)
     assert np.abs(ref - A.astype(np.float64) @ B.astype(np.float64)).max() < {"half": 0.05, "bfloat": 0.3, "float": 1e-5}[dtype]
+
+
+def test_aliasing_buffers_share_memory(features):
+    """Two bindings of one array (as views of one MTLBuffer would be) see one copy, not two."""
+    rng = np.random.default_rng(9)
+    a = rng.uniform(-1, 1, 512).astype(np.float32)
+    b = rng.uniform(-1, 1, 512).astype(np.float32)
+    expected = a.copy()
+    for _ in range(3):
+        expected = a * expected + b
+    features.dispatch("mul_add_chain_float", 2, 256, {0: a, 1: b, 2: a, 3: struct.pack("I", 3)})
+    np.testing.assert_array_equal(a, expected)
