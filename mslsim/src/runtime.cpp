@@ -304,7 +304,6 @@ void* bind_threadgroup_arg(int index) {
          index);
   return g_worker->tg_args[index];
 }
-static void mark_shadow_written(Worker* w, size_t offset, size_t size);
 static size_t arena_alloc(Worker* w, size_t size, size_t align, const char* name) {
   size_t offset = (w->arena_used + align - 1) & ~(align - 1);
   if (offset + size > kArenaSize) {
