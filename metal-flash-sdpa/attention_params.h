@@ -32,20 +32,29 @@
 #define PREFILL_BLOCK_Q 32
 #define PREFILL_THREADS 128
 
+// Strides are in elements, int64 like MLX's AttnParams: a [B, S, H, D] view of a larger tensor can span
+// more than 2^31 elements. The head dimension is always contiguous (stride 1).
+enum PrefillStride { STRIDE_BATCH = 0, STRIDE_TOKEN = 1, STRIDE_HEAD = 2 };
+
 struct PrefillParams {
+  int64_t q_strides[3];     // [batch, token, head]; batch stride 0 for the packed varlen layout
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t out_strides[3];
+  int64_t lse_strides[3];   // [batch, head, token] of the fp32 LSE
   int32_t num_seqs;
   int32_t num_heads;
   int32_t num_kv_heads;
   int32_t head_dim;
-  int32_t total_q;          // rows of q / out: cu_seqlens are clamped to these, never trusted
-  int32_t total_k;
-  int32_t q_row_stride;     // elements between consecutive tokens of q / out ([total, H, D]: H * D)
-  int32_t kv_row_stride;    // elements between consecutive tokens of k / v
+  int32_t total_q;          // tokens per batch entry of q (packed varlen: all of them); cu_seqlens are
+  int32_t total_k;          // clamped to these, never trusted
+  int32_t uniform_seqlen_q; // >= 0: every sequence has this many queries / keys and cu_seqlens are not
+  int32_t uniform_seqlen_k; // read (batched [B, S, H, D] inputs); -1: lengths come from cu_seqlens
   float scale;              // softmax scale applied to q.k
   float softcap;            // s -> softcap * tanh(s / softcap) when FC_HAS_SOFTCAP
   int32_t window_left;      // keep key at distance d = q_pos - k_pos iff d <= window_left (-1: unbounded)
   int32_t window_right;     // ... and -d <= window_right (-1: unbounded)
   int32_t alibi_seq_stride; // 0: slopes [H]; H: slopes [B, H]
-  int32_t pad_;
+  int32_t pad_[3];
 };
-static_assert(sizeof(PrefillParams) == 56, "PrefillParams layout is shared by host and shader");
+static_assert(sizeof(PrefillParams) == 184, "PrefillParams layout is shared by host and shader");

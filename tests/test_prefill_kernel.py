@@ -26,8 +26,9 @@ def run_prefill(lib, q, k, v, cu_q, cu_k, scale, causal=False, window=(-1, -1), 
     max_q = int((cu_q[1:] - cu_q[:-1]).max()) if B else 0
     out = torch.zeros_like(q)
     lse = torch.zeros(H, total_q, dtype=torch.float32)
-    params = struct.pack("<8i2f4i", B, H, Hkv, D, total_q, k.shape[0], H * D, Hkv * D, scale, softcap,
-                         window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, 0)
+    qs, ks = [0, H * D, D], [0, Hkv * D, D]
+    params = struct.pack("<15q8i2f6i", *qs, *ks, *ks, *qs, 0, total_q, 1, B, H, Hkv, D, total_q, k.shape[0], -1, -1,
+                         scale, softcap, window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, 0, 0, 0)
     has_window = window != (-1, -1)
     stats = lib.dispatch(
         f"attention_prefill_{TYPE_NAMES[q.dtype]}_{D}", (max(math.ceil(max_q / 32), 1), H, B), 128,
