@@ -184,33 +184,42 @@ def preprocess(source: Path, cxx: str, include_dirs=(), defines=()) -> str:
                  *[f"-I{Path(d).resolve()}" for d in include_dirs], str(source)], f"preprocessing {source}").stdout
 
 
+def metal_object(source, defines=(), include_dirs=()) -> Path:
+    """Compile one .metal file (prepass, shim, tracing) into a cached object file; returns its path.
+    The object registers its kernels with the runtime when loaded, so it can be linked into any library."""
+    cxx = compiler()
+    source = Path(source).resolve()
+    pp = prepass(preprocess(source, cxx, include_dirs, defines))
+    exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
+    text = f"{pp.source}\n{exports}"
+    flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
+    toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
+    key = _sha("\n".join([toolchain, " ".join(flags), str(source), text]).encode())[:20]
+    obj = CACHE_DIR / f"{source.stem}-{key}.o"
+    if obj.exists():
+        return obj
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
+        cpp = Path(tmp) / f"{source.stem}.cpp"
+        cpp.write_text(text)
+        out = Path(tmp) / "out.o"
+        _run([cxx, *flags, "-c", "-x", "c++", str(cpp), "-o", str(out)], f"compiling {source}")
+        os.replace(out, obj)
+    return obj
+
+
 def build_sources(sources, name: str | None = None, defines=(), include_dirs=()) -> Path:
     """Compile one or more .metal files (and the runtime) into a shared library; returns its path."""
     cxx = compiler()
-    sources = [Path(s).resolve() for s in sources]
+    objects = [metal_object(s, defines, include_dirs) for s in sources]
     rt = runtime_object(cxx)
-    units = []
-    for s in sources:
-        pp = prepass(preprocess(s, cxx, include_dirs, defines))
-        exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
-        units.append((s, f"{pp.source}\n{exports}"))
-    flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
-    key = _sha("\n".join([_toolchain_cache.get(cxx) or _toolchain_key(cxx), " ".join(flags)]
-                         + [f"{s}\n{text}" for s, text in units]).encode())[:20]
-    stem = name or sources[0].stem
-    lib = CACHE_DIR / f"{stem}-{key}.so"
+    stem = name or Path(sources[0]).stem
+    lib = CACHE_DIR / f"{stem}-{_sha(''.join(o.name for o in [*objects, rt]).encode())[:20]}.so"
     if lib.exists():
         return lib
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
-        objects = []
-        for i, (s, text) in enumerate(units):
-            cpp = Path(tmp) / f"{i}-{s.stem}.cpp"
-            cpp.write_text(text)
-            obj = cpp.with_suffix(".o")
-            _run([cxx, *flags, "-c", "-x", "c++", str(cpp), "-o", str(obj)], f"compiling {s}")
-            objects.append(str(obj))
         out = Path(tmp) / "lib.so"
-        _run([cxx, "-shared", "-Wl,-Bsymbolic", *objects, str(rt), "-o", str(out), "-lpthread"], f"linking {stem}")
+        _run([cxx, "-shared", "-Wl,-Bsymbolic", *map(str, objects), str(rt), "-o", str(out), "-lpthread"],
+             f"linking {stem}")
         os.replace(out, lib)
     return lib

@@ -58,3 +58,21 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=
         lse[:, q0:q1] = torch.where(denom[..., 0] > 0, (m[..., 0] + torch.log(denom[..., 0])).double(),
                                     torch.full_like(denom[..., 0], -math.inf).double())
     return out, lse
+
+
+def assert_matches_reference(out, lse, q, k, v, cu_seqlens_q, cu_seqlens_k, **kw):
+    """flash-attn's tolerance rule: the kernel's error against the float64 reference is within 2x (+ eps)
+    of the error of plain PyTorch attention run in the inputs' dtype. out/lse in the varlen layout."""
+    out, lse = out.cpu(), lse.cpu()
+    ref, ref_lse = attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+    plain, _ = attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, dtype=q.dtype, **kw)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    baseline = (plain.double() - ref).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * baseline + 1e-5, f"kernel error {err:.3g} vs plain PyTorch {baseline:.3g}"
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "rows with no visible key must have LSE -inf, others finite"
+    if finite.any():
+        assert (lse.double()[finite] - ref_lse[finite]).abs().max().item() < 1e-4
+    return err, baseline

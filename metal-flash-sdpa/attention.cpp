@@ -1,0 +1,227 @@
+// The attention ops, device-agnostic: validate the arguments (every message names the argument, the
+// value and what is accepted), allocate the outputs, build the launch plan and hand it to dispatch().
+// The meta kernels run the same shape checks, so torch.compile reports bad input at trace time.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "torch-ext/torch_binding.h"
+#include "dispatch.h"
+#include "launch_plan.h"
+
+namespace metal_flash_sdpa {
+
+namespace {
+
+ElementType element_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::Float32;
+    case at::kHalf: return ElementType::Float16;
+    case at::kBFloat16: return ElementType::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
+                       "; supported: torch.float16, torch.bfloat16, torch.float32");
+  }
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
+                    "; all tensors must be on the same device");
+}
+
+// What the shape checks learn about the call.
+struct Geometry {
+  bool varlen;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t total_q, total_k;   // tokens per batch entry (varlen: all tokens)
+};
+
+Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& cu_seqlens_q,
+                            const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                            int64_t window_right, double softcap,
+                            const std::optional<at::Tensor>& alibi_slopes,
+                            const std::optional<at::Tensor>& s_aux) {
+  element_type(q, "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "q, k and v must have the same dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  check_same_device(k, q, "k");
+  check_same_device(v, q, "v");
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+                    "pass both cu_seqlens_q and cu_seqlens_k (varlen) or neither (batched)");
+  Geometry g{};
+  g.varlen = cu_seqlens_q.has_value();
+  const int64_t rank = g.varlen ? 3 : 4;
+  const char* layout = g.varlen ? "[total_tokens, heads, head_dim]" : "[batch, seqlen, heads, head_dim]";
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  g.head_dim = q.size(-1);
+  g.num_heads = q.size(-2);
+  g.num_kv_heads = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "k has head_dim ", k.size(-1), " but q has ", g.head_dim);
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(g.head_dim), "head_dim ", g.head_dim,
+                              " is not supported; supported head dims: ", supported_head_dims());
+  TORCH_CHECK_VALUE(g.num_kv_heads > 0 && g.num_heads % g.num_kv_heads == 0, "the number of query heads (",
+                    g.num_heads, ") must be a multiple of the number of key/value heads (", g.num_kv_heads, ")");
+  if (g.varlen) {
+    for (const auto& [cu, name] : {std::pair{&*cu_seqlens_q, "cu_seqlens_q"}, std::pair{&*cu_seqlens_k, "cu_seqlens_k"}}) {
+      TORCH_CHECK_TYPE(cu->scalar_type() == at::kInt, name, " must be torch.int32, got ", cu->scalar_type());
+      TORCH_CHECK_VALUE(cu->dim() == 1 && cu->size(0) >= 1, name, " must be 1-D [batch + 1], got shape ", cu->sizes());
+      check_same_device(*cu, q, name);
+    }
+    TORCH_CHECK_VALUE(cu_seqlens_q->size(0) == cu_seqlens_k->size(0), "cu_seqlens_q has ", cu_seqlens_q->size(0),
+                      " entries but cu_seqlens_k has ", cu_seqlens_k->size(0), "; both must be [batch + 1]");
+    g.num_seqs = cu_seqlens_q->size(0) - 1;
+    g.total_q = q.size(0);
+    g.total_k = k.size(0);
+  } else {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k has batch size ", k.size(0), " but q has ", q.size(0));
+    g.num_seqs = q.size(0);
+    g.total_q = q.size(1);
+    g.total_k = k.size(1);
+  }
+  constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= int_max && g.total_k <= int_max, "more than 2^31 - 1 tokens");
+  TORCH_CHECK_VALUE(max_seqlen_q >= -1 && max_seqlen_k >= -1, "max_seqlen_q / max_seqlen_k must be >= 0, got ",
+                    max_seqlen_q, " / ", max_seqlen_k);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1 (-1: unbounded), got (",
+                    window_left, ", ", window_right, ")");
+  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 disables it), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  if (s_aux) {
+    TORCH_CHECK_VALUE(s_aux->dim() == 1 && s_aux->size(0) == g.num_heads, "s_aux (sinks) must be [num_heads] = [",
+                      g.num_heads, "], got shape ", s_aux->sizes());
+    TORCH_CHECK_TYPE(s_aux->is_floating_point(), "s_aux must be a floating-point tensor, got ", s_aux->scalar_type());
+    check_same_device(*s_aux, q, "s_aux");
+  }
+  if (alibi_slopes) {
+    const bool per_head = alibi_slopes->dim() == 1 && alibi_slopes->size(0) == g.num_heads;
+    const bool per_seq = alibi_slopes->dim() == 2 && alibi_slopes->size(0) == g.num_seqs &&
+                         alibi_slopes->size(1) == g.num_heads;
+    TORCH_CHECK_VALUE(per_head || per_seq, "alibi_slopes must be [num_heads] or [batch, num_heads] = [", g.num_seqs,
+                      ", ", g.num_heads, "], got shape ", alibi_slopes->sizes());
+    TORCH_CHECK_TYPE(alibi_slopes->scalar_type() == at::kFloat, "alibi_slopes must be torch.float32, got ",
+                     alibi_slopes->scalar_type());
+    check_same_device(*alibi_slopes, q, "alibi_slopes");
+  }
+  return g;
+}
+
+// cu_seqlens are data: read them once on the host (a B+1 copy) so bad values get an error, not a wrong
+// answer. The kernel clamps them as well, so nothing can index outside the tensors either way.
+int64_t check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
+                         const char* max_name) {
+  const at::Tensor host = cu_seqlens.to(at::kCPU).contiguous();
+  const int32_t* cu = host.data_ptr<int32_t>();
+  const int64_t entries = host.size(0);
+  TORCH_CHECK_VALUE(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
+  int64_t longest = 0;
+  for (int64_t i = 1; i < entries; ++i) {
+    TORCH_CHECK_VALUE(cu[i] >= cu[i - 1], name, " must be non-decreasing, but ", name, "[", i, "] = ", cu[i],
+                      " < ", name, "[", i - 1, "] = ", cu[i - 1]);
+    longest = std::max<int64_t>(longest, cu[i] - cu[i - 1]);
+  }
+  TORCH_CHECK_VALUE(cu[entries - 1] == total, name, "[-1] = ", cu[entries - 1],
+                    " must equal the number of tokens (", total, ")");
+  TORCH_CHECK_VALUE(max_seqlen < 0 || longest <= max_seqlen, max_name, " = ", max_seqlen,
+                    " is smaller than the longest sequence in ", name, " (", longest, ")");
+  return longest;
+}
+
+Strides3 token_strides(const at::Tensor& t, bool varlen) {   // [total, H, D] or [B, S, H, D]
+  return varlen ? Strides3{0, t.stride(0), t.stride(1)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q, const Geometry& g) {
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = g.varlen ? at::empty({g.num_heads, g.total_q}, q.options().dtype(at::kFloat))
+                            : at::empty({g.num_seqs, g.num_heads, g.total_q}, q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux) {
+  const Geometry g = check_prefill_args(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
+  int64_t longest_q = g.total_q;
+  if (g.varlen) {
+    longest_q = check_cu_seqlens(*cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
+    check_cu_seqlens(*cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
+  }
+  auto [out, lse] = empty_outputs(q_in, g);
+  if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
+
+  const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
+  PrefillProblem pb{};
+  pb.dtype = element_type(q, "q");
+  pb.num_seqs = g.num_seqs;
+  pb.num_heads = g.num_heads;
+  pb.num_kv_heads = g.num_kv_heads;
+  pb.head_dim = g.head_dim;
+  pb.total_q = g.total_q;
+  pb.total_k = g.total_k;
+  pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
+  pb.uniform_seqlen_k = g.varlen ? -1 : g.total_k;
+  pb.max_seqlen_q = longest_q;
+  pb.q = token_strides(q, g.varlen);
+  pb.k = token_strides(k, g.varlen);
+  pb.v = token_strides(v, g.varlen);
+  pb.out = token_strides(out, g.varlen);
+  pb.lse = g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1};
+  pb.scale = float(softmax_scale);
+  pb.causal = causal;
+  pb.window_left = window_left;
+  pb.window_right = window_right;
+  pb.softcap = float(softcap);
+  pb.has_sinks = s_aux.has_value();
+  pb.has_alibi = alibi_slopes.has_value();
+  pb.alibi_seq_stride = alibi_slopes && alibi_slopes->dim() == 2 ? g.num_heads : 0;
+
+  PrefillParams params;
+  const KernelLaunch launch = plan_prefill(pb, &params);
+  const at::Tensor sinks = s_aux ? s_aux->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
+  const int32_t unused = 0;   // Metal needs every buffer argument bound, even ones a constant switches off
+  std::vector<BufferBinding> buffers = {
+      bind_tensor(PREFILL_BUFFER_Q, q),
+      bind_tensor(PREFILL_BUFFER_K, k),
+      bind_tensor(PREFILL_BUFFER_V, v),
+      bind_tensor(PREFILL_BUFFER_OUT, out),
+      g.varlen ? bind_tensor(PREFILL_BUFFER_CU_SEQLENS_Q, *cu_seqlens_q) : bind_bytes(PREFILL_BUFFER_CU_SEQLENS_Q, unused),
+      g.varlen ? bind_tensor(PREFILL_BUFFER_CU_SEQLENS_K, *cu_seqlens_k) : bind_bytes(PREFILL_BUFFER_CU_SEQLENS_K, unused),
+      bind_bytes(PREFILL_BUFFER_PARAMS, params),
+      s_aux ? bind_tensor(PREFILL_BUFFER_SINKS, sinks) : bind_bytes(PREFILL_BUFFER_SINKS, unused),
+      alibi_slopes ? bind_tensor(PREFILL_BUFFER_ALIBI, slopes) : bind_bytes(PREFILL_BUFFER_ALIBI, unused),
+      bind_tensor(PREFILL_BUFFER_LSE, lse),
+  };
+  dispatch(launch, buffers);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool /*causal*/, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux) {
+  const Geometry g = check_prefill_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
+  return empty_outputs(q, g);
+}
+
+}  // namespace metal_flash_sdpa

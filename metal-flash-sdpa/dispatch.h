@@ -1,0 +1,28 @@
+// The one device-specific step: encode a planned kernel launch with its buffers. Implemented by
+// dispatch_metal.mm (MPS stream) and dispatch_simulator.cpp (CPU tensors, the MSL simulator).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+#include "launch_plan.h"
+
+namespace metal_flash_sdpa {
+
+struct BufferBinding {
+  int index;                    // [[buffer(index)]]
+  const at::Tensor* tensor;     // bound at its storage offset (setBuffer:offset:) ...
+  std::string bytes;            // ... or, when tensor is null, small constant data (setBytes)
+};
+
+inline BufferBinding bind_tensor(int index, const at::Tensor& tensor) { return {index, &tensor, {}}; }
+
+template <typename T>
+BufferBinding bind_bytes(int index, const T& value) {
+  return {index, nullptr, std::string(reinterpret_cast<const char*>(&value), sizeof(T))};
+}
+
+void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buffers);
+
+}  // namespace metal_flash_sdpa

@@ -1,0 +1,57 @@
+// Launch plans: tensor shapes and options -> kernel name, grid, function constants and the param struct.
+// Plain C++ (no torch, no Metal) shared by the Metal launcher (.mm) and the simulator backend, so the
+// exact grid and constants a Mac uses are built and tested on Linux.
+#pragma once
+#include <stdint.h>
+
+#include <string>
+#include <vector>
+
+#include "attention_params.h"
+
+namespace metal_flash_sdpa {
+
+enum class ElementType { Float32, Float16, BFloat16 };
+
+struct FunctionConstant {   // one MTLFunctionConstantValues entry (all ours are bools)
+  int32_t index;
+  bool value;
+};
+
+struct KernelLaunch {
+  std::string kernel;                       // host name of the [[kernel]] instantiation
+  uint32_t threadgroups[3];                 // dispatchThreadgroups
+  uint32_t threads_per_threadgroup;
+  std::vector<FunctionConstant> constants;  // the pipeline is specialised (and cached) per constant set
+};
+
+// Head dims with an instantiated kernel; the error message lists them.
+bool is_supported_head_dim(int64_t head_dim);
+const char* supported_head_dims();
+
+struct Strides3 {
+  int64_t batch, token, head;   // elements; the head dim itself is contiguous
+};
+
+// One prefill call. Packed varlen: num_seqs sequences laid out by cu_seqlens in [total, H, D] tensors
+// (batch strides 0). Batched: uniform_seqlen_q/k >= 0 and tensors are [B, S, H, D] views.
+struct PrefillProblem {
+  ElementType dtype;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t total_q, total_k;                    // tokens per batch entry (packed: all tokens)
+  int64_t uniform_seqlen_q, uniform_seqlen_k;  // -1 for varlen
+  int64_t max_seqlen_q;                        // sizes the grid; longer sequences are still covered
+  Strides3 q, k, v, out;
+  Strides3 lse;                                // note: {batch, head, token} order for the LSE
+  float scale;
+  bool causal;
+  int64_t window_left, window_right;           // -1: unbounded
+  float softcap;                               // 0: off
+  bool has_sinks;
+  bool has_alibi;
+  int64_t alibi_seq_stride;                    // 0: slopes [H]; H: slopes [B, H]
+};
+
+KernelLaunch plan_prefill(const PrefillProblem& problem, PrefillParams* params);
+
+}  // namespace metal_flash_sdpa

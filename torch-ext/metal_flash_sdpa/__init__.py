@@ -1,0 +1,142 @@
+"""Flash attention for Apple Silicon GPUs (Metal), with flash-attn 2 compatible entry points.
+
+    from kernels import get_kernel
+    fa = get_kernel("kernels-community/metal-flash-sdpa", version=2)
+    out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    causal=True, window_size=(127, 0), s_aux=sinks)
+
+Semantics follow flash-attn >= 2.1: causal and window masks are bottom-right aligned, window_size is
+(left, right) with -1 unbounded, softcap 0 means off. `s_aux` adds one sink logit per query head to the
+softmax denominator (gpt-oss). The CPU build of this package runs the same Metal shaders in a simulator.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._ops import ops
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "simulator_counters"]
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def _to_int(value: IntOrTensor, name: str) -> int:
+    """ints, or 0-d tensors as transformers passes them; -1 when traced (the op then uses the real lengths)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point():
+            raise TypeError(f"{name} must be an int or a 0-d integer tensor, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        if torch.compiler.is_compiling():
+            return -1
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
+    return value
+
+
+def _window(window_size: Sequence[IntOrTensor], causal: bool) -> tuple[int, int]:
+    if window_size is None:
+        return -1, -1
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    left, right = (_to_int(w, "window_size") for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got ({left}, {right})")
+    return left, right
+
+
+def _common_checks(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[float], softcap: float) -> float:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa is inference-only; pass dropout_p=0.0")
+    if softcap is None:
+        softcap = 0.0
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: IntOrTensor,
+    max_seqlen_k: IntOrTensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[IntOrTensor] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
+):
+    """Attention over a packed batch of variable-length sequences (flash-attn 2 `flash_attn_varlen_func`).
+
+    q: [total_q, H, D]; k, v: [total_k, Hkv, D] with H % Hkv == 0; cu_seqlens_q/k: int32 [B + 1] prefix sums
+    of the sequence lengths; max_seqlen_q/k: the longest lengths (ints or 0-d tensors). s_aux: [H] sink
+    logits. D in 32, 64, 72, 80, 96, 128, 192, 256; fp16, bf16 or fp32.
+
+    Returns out [total_q, H, D], or (out, softmax_lse [H, total_q] fp32, None) with return_attn_probs.
+    `deterministic` is accepted for compatibility (the kernel is always deterministic).
+    """
+    scale = _common_checks(q, dropout_p, softmax_scale, softcap)
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_varlen_func; "
+                                  "use flash_attn_with_kvcache for paged caches")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor [batch + 1], got {type(cu).__name__}")
+    left, right = _window(window_size, causal)
+    out, lse = ops.flash_attn_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, _to_int(max_seqlen_q, "max_seqlen_q"),
+        _to_int(max_seqlen_k, "max_seqlen_k"), scale, bool(causal), left, right, float(softcap or 0.0),
+        alibi_slopes, s_aux)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[IntOrTensor] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
+    s_aux: Optional[torch.Tensor] = None,
+):
+    """Attention over a batch of equal-length sequences (flash-attn 2 `flash_attn_func`).
+
+    q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D]; Sq may differ from Sk (masks are bottom-right aligned, so
+    decoding with Sq = 1 < Sk works). Strided views (e.g. `x.transpose(1, 2)`) are read in place.
+    Accepts the same optional arguments as flash_attn_varlen_func. Returns out [B, Sq, H, D], or
+    (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
+    """
+    scale = _common_checks(q, dropout_p, softmax_scale, softcap)
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_func; "
+                                  "use flash_attn_with_kvcache for paged caches")
+    left, right = _window(window_size, causal)
+    out, lse = ops.flash_attn_varlen(
+        q, k, v, None, None, -1, -1, scale, bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def simulator_counters(reset: bool = False) -> dict:
+    """Work done by the simulated shaders since the last reset (CPU build only): launches, threadgroups,
+    device bytes read/written (total and per buffer index) and kernel counters such as k_tiles_loaded."""
+    if not hasattr(ops, "simulator_counters"):
+        raise RuntimeError("simulator_counters() exists only in the CPU (simulator) build of metal-flash-sdpa")
+    return dict(ops.simulator_counters(reset))

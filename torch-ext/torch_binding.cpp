@@ -1,0 +1,33 @@
+// Op schemas and their registration. The namespace is the extension name the builder generates
+// (TORCH_EXTENSION_NAME); Python reaches the ops through `_ops.ops`, never a hard-coded "ns::op".
+#include <torch/library.h>
+
+#include "registration.h"
+#include "torch_binding.h"
+
+#if defined(CPU_KERNEL)
+#include "metal-flash-sdpa/simulator_counters.h"
+
+static c10::Dict<std::string, int64_t> simulator_counters(bool reset) {
+  c10::Dict<std::string, int64_t> counters;
+  for (const auto& [name, value] : metal_flash_sdpa::simulator_counters(reset)) counters.insert(name, value);
+  return counters;
+}
+#endif
+
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+  ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
+#if defined(CPU_KERNEL)
+  // The CPU build runs the Metal shaders in the MSL simulator; it also reports the work they did.
+  ops.impl("flash_attn_varlen", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen);
+  ops.def("simulator_counters(bool reset=False) -> Dict(str, int)", &simulator_counters);
+#elif defined(METAL_KERNEL)
+  ops.impl("flash_attn_varlen", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen);
+#endif
+}
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
