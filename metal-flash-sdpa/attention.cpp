@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <tuple>
 
@@ -114,25 +115,31 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
   return g;
 }
 
+struct Seqlens {
+  int64_t longest;
+  int64_t gcd;   // of all lengths (0 when all are empty): lets the plan drop bounds checks
+};
+
 // cu_seqlens are data: read them once on the host (a B+1 copy) so bad values get an error, not a wrong
 // answer. The kernel clamps them as well, so nothing can index outside the tensors either way.
-int64_t check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
+Seqlens check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
                          const char* max_name) {
   const at::Tensor host = cu_seqlens.to(at::kCPU).contiguous();
   const int32_t* cu = host.data_ptr<int32_t>();
   const int64_t entries = host.size(0);
   TORCH_CHECK_VALUE(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
-  int64_t longest = 0;
+  Seqlens lengths{0, 0};
   for (int64_t i = 1; i < entries; ++i) {
     TORCH_CHECK_VALUE(cu[i] >= cu[i - 1], name, " must be non-decreasing, but ", name, "[", i, "] = ", cu[i],
                       " < ", name, "[", i - 1, "] = ", cu[i - 1]);
-    longest = std::max<int64_t>(longest, cu[i] - cu[i - 1]);
+    lengths.longest = std::max<int64_t>(lengths.longest, cu[i] - cu[i - 1]);
+    lengths.gcd = std::gcd(lengths.gcd, int64_t(cu[i] - cu[i - 1]));
   }
   TORCH_CHECK_VALUE(cu[entries - 1] == total, name, "[-1] = ", cu[entries - 1],
                     " must equal the number of tokens (", total, ")");
-  TORCH_CHECK_VALUE(max_seqlen < 0 || longest <= max_seqlen, max_name, " = ", max_seqlen,
-                    " is smaller than the longest sequence in ", name, " (", longest, ")");
-  return longest;
+  TORCH_CHECK_VALUE(max_seqlen < 0 || lengths.longest <= max_seqlen, max_name, " = ", max_seqlen,
+                    " is smaller than the longest sequence in ", name, " (", lengths.longest, ")");
+  return lengths;
 }
 
 Strides3 token_strides(const at::Tensor& t, bool varlen) {   // [total, H, D] or [B, S, H, D]
@@ -158,10 +165,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     const std::optional<at::Tensor>& s_aux) {
   const Geometry g = check_prefill_args(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
-  int64_t longest_q = g.total_q;
+  Seqlens lengths_q{g.total_q, g.total_q}, lengths_k{g.total_k, g.total_k};
   if (g.varlen) {
-    longest_q = check_cu_seqlens(*cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
-    check_cu_seqlens(*cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
+    lengths_q = check_cu_seqlens(*cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
+    lengths_k = check_cu_seqlens(*cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
   }
   auto [out, lse] = empty_outputs(q_in, g);
   if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
@@ -177,7 +184,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   pb.total_k = g.total_k;
   pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
   pb.uniform_seqlen_k = g.varlen ? -1 : g.total_k;
-  pb.max_seqlen_q = longest_q;
+  pb.max_seqlen_q = lengths_q.longest;
+  pb.seqlen_q_gcd = lengths_q.gcd;
+  pb.seqlen_k_gcd = lengths_k.gcd;
   pb.q = token_strides(q, g.varlen);
   pb.k = token_strides(k, g.varlen);
   pb.v = token_strides(v, g.varlen);

@@ -8,7 +8,9 @@
 #include <stdint.h>
 #endif
 
-// Function-constant indices (upstream metal-flash-sdpa uses 301 for causal and 302 for the window).
+// Function-constant indices (as upstream metal-flash-sdpa: 200/201 alignment, 301 causal, 302 window).
+#define FC_ALIGN_Q 200   // every sequence's query count is a multiple of PREFILL_BLOCK_Q: no row bounds checks
+#define FC_ALIGN_K 201   // every key count is a multiple of PREFILL_BLOCK_K: no key bounds checks
 #define FC_DO_CAUSAL 301
 #define FC_HAS_WINDOW 302
 #define FC_HAS_SINKS 303
@@ -31,6 +33,8 @@
 // four simdgroups owns 8 of them.
 #define PREFILL_BLOCK_Q 32
 #define PREFILL_THREADS 128
+// Keys per K/V tile: a BK x D tile (padded rows) must fit the 32 KiB of threadgroup memory.
+#define PREFILL_BLOCK_K(head_dim) ((head_dim) <= 128 ? 32 : 16)
 
 // Strides are in elements, int64 like MLX's AttnParams: a [B, S, H, D] view of a larger tensor can span
 // more than 2^31 elements. The head dimension is always contiguous (stride 1).

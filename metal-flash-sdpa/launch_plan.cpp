@@ -57,7 +57,9 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
   launch.threadgroups[2] = uint32_t(pb.num_seqs);
   launch.threads_per_threadgroup = PREFILL_THREADS;
   const bool has_window = pb.window_left >= 0 || pb.window_right >= 0;
-  launch.constants = {{FC_DO_CAUSAL, pb.causal},
+  launch.constants = {{FC_ALIGN_Q, pb.seqlen_q_gcd % PREFILL_BLOCK_Q == 0},
+                      {FC_ALIGN_K, pb.seqlen_k_gcd % PREFILL_BLOCK_K(pb.head_dim) == 0},
+                      {FC_DO_CAUSAL, pb.causal},
                       {FC_HAS_WINDOW, has_window},
                       {FC_HAS_SINKS, pb.has_sinks},
                       {FC_HAS_SOFTCAP, pb.softcap > 0.0f},

@@ -41,6 +41,7 @@ struct PrefillProblem {
   int64_t total_q, total_k;                    // tokens per batch entry (packed: all tokens)
   int64_t uniform_seqlen_q, uniform_seqlen_k;  // -1 for varlen
   int64_t max_seqlen_q;                        // sizes the grid; longer sequences are still covered
+  int64_t seqlen_q_gcd, seqlen_k_gcd;          // gcd of the sequence lengths (0: all empty): alignment
   Strides3 q, k, v, out;
   Strides3 lse;                                // note: {batch, head, token} order for the LSE
   float scale;

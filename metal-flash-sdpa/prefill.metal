@@ -18,6 +18,8 @@
 #include "work_counters.h"
 using namespace metal;
 
+constant bool align_q [[function_constant(FC_ALIGN_Q)]];
+constant bool align_k [[function_constant(FC_ALIGN_K)]];
 constant bool do_causal [[function_constant(FC_DO_CAUSAL)]];
 constant bool has_window [[function_constant(FC_HAS_WINDOW)]];
 constant bool has_sinks [[function_constant(FC_HAS_SINKS)]];
@@ -28,9 +30,6 @@ constant bool has_alibi [[function_constant(FC_HAS_ALIBI)]];
 constant constexpr float MASKED = -1.0e30f;
 constant constexpr float LOG2E = 1.4426950408889634f;
 constant constexpr float LN2 = 0.6931471805599453f;
-
-// Keys per tile: one K (then V) tile of BK x D elements sits in threadgroup memory.
-template <int D> constexpr int block_k() { return D <= 128 ? 32 : 16; }
 
 // Row reduction over the four lanes that hold one fragment row.
 METAL_FUNC float row_max(float x) {
@@ -48,7 +47,7 @@ METAL_FUNC void load_tile(threadgroup T* tile, const device T* src, int key0, in
     for (int i = int(tid); i < BK * D; i += PREFILL_THREADS) {
         const int row = i / D, col = i % D;
         const int key = key0 + row;
-        tile[row * LD + col] = key < seqlen_k ? src[key * token_stride + col] : T(0);
+        tile[row * LD + col] = align_k || key < seqlen_k ? src[key * token_stride + col] : T(0);
     }
 }
 
@@ -69,7 +68,7 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-    constexpr int BK = block_k<D>();
+    constexpr int BK = PREFILL_BLOCK_K(D);
     constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
     threadgroup T tile[BK * LD];
 
@@ -114,7 +113,7 @@ template <typename T, int D>
         const int kb_end = band_hi > band_lo ? (band_hi + BK - 1) / BK : kb_begin;
 
         const int row = block_row0 + int(sg) * 8 + frag_row;   // query row in the sequence
-        const bool row_valid = row < seqlen_q;
+        const bool row_valid = align_q || row < seqlen_q;
         const int q_pos = row + shift;
 
         // Q fragments in fp32, pre-scaled; rows past the sequence are zero.
@@ -159,7 +158,7 @@ template <typename T, int D>
                     s *= LOG2E;
                     if (has_alibi) s -= slope * float(abs(q_pos - key));
                     const int distance = q_pos - key;
-                    bool visible = row_valid && key < seqlen_k;
+                    bool visible = row_valid && (align_k || key < seqlen_k);
                     if (do_causal) visible = visible && distance >= 0;
                     if (has_window && p.window_left >= 0) visible = visible && distance <= p.window_left;
                     if (has_window && p.window_right >= 0) visible = visible && -distance <= p.window_right;

@@ -50,6 +50,15 @@ def test_dtypes_and_head_dims(fa, dtype, D):
     check_varlen(fa, [40, 7], [40, 19], 2, 1, D, dtype, seed=D, causal=True)
 
 
+@pytest.mark.parametrize("D", [64, 256])
+@pytest.mark.parametrize("seqlens_k", [[64, 32, 96, 0], [48, 96, 16, 16]], ids=["k%32", "k%16"])
+def test_block_aligned_lengths(fa, D, seqlens_k):
+    """Lengths that are multiples of the tile sizes take the specialisation without bounds checks
+    (align_q / align_k function constants; K tiles are 32 keys for D <= 128, 16 above)."""
+    check_varlen(fa, [32, 64, 0, 96], seqlens_k, 4, 2, D, torch.bfloat16, seed=12, causal=True, window_size=(40, 0),
+                 s_aux=torch.randn(4))
+
+
 RAGGED_Q = [0, 1, 7, 128, 513, 70]   # includes seqlen_q < seqlen_k and seqlen_q > seqlen_k
 RAGGED_K = [0, 1, 7, 128, 300, 150]
 
