@@ -45,7 +45,7 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
             s = s - slopes.to(dtype)[:, None, None] * distance.abs().to(dtype)
         s = s.masked_fill(~visible, -math.inf)
-        m = s.amax(-1, keepdim=True)
+        m = s.amax(-1, keepdim=True) if sk else torch.full((*s.shape[:-1], 1), -math.inf, dtype=dtype)
         if sinks is not None:
             m = torch.maximum(m, sinks.to(dtype)[:, None, None])
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
