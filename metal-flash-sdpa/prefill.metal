@@ -5,16 +5,13 @@
 // it strides over further query blocks if a sequence is longer than the grid, so an understated
 // max_seqlen_q can cost time but never drops rows. Inputs are strided views (head dim contiguous):
 // packed varlen [total, H, D] with cu_seqlens, or batched [B, S, H, D] with uniform lengths.
-// K and V tiles of BK keys stream through threadgroup memory; S = Q K^T and O += P V run on 8x8
-// fp32 MMAs; the softmax is the base-2 online softmax in fp32. The K loop visits only the key blocks
-// that intersect the causal/window band of the query block, so the work is O(n * window).
-//
-// Fragment layout (Apple GPUs): lane l owns row (q & 4) + (l / 2) % 4 of every 8x8 fragment (q = l / 4),
-// so the running max / sum of a query row live in one lane, and the four lanes that share a row differ
-// in lane bits 0 and 3 (row reductions: simd_shuffle_xor by 1 and 8).
+// K and V tiles of BK keys stream through threadgroup memory (attention_tile.h does the math). The K
+// loop visits only the key blocks that intersect the causal/window band of the query block, so the
+// work is O(n * window).
 #include <metal_stdlib>
 
 #include "attention_params.h"
+#include "attention_tile.h"
 #include "work_counters.h"
 using namespace metal;
 
@@ -25,21 +22,6 @@ constant bool has_window [[function_constant(FC_HAS_WINDOW)]];
 constant bool has_sinks [[function_constant(FC_HAS_SINKS)]];
 constant bool has_softcap [[function_constant(FC_HAS_SOFTCAP)]];
 constant bool has_alibi [[function_constant(FC_HAS_ALIBI)]];
-
-// A masked score. Finite on purpose: Metal compiles with fast math, which may assume no infinities.
-constant constexpr float MASKED = -1.0e30f;
-constant constexpr float LOG2E = 1.4426950408889634f;
-constant constexpr float LN2 = 0.6931471805599453f;
-
-// Row reduction over the four lanes that hold one fragment row.
-METAL_FUNC float row_max(float x) {
-    x = max(x, simd_shuffle_xor(x, 1));
-    return max(x, simd_shuffle_xor(x, 8));
-}
-METAL_FUNC float row_sum(float x) {
-    x += simd_shuffle_xor(x, 1);
-    return x + simd_shuffle_xor(x, 8);
-}
 
 // Copy keys [key0, key0 + BK) of one KV head into the tile (rows past the sequence are zero).
 template <typename T, int D, int BK, int LD>
@@ -95,10 +77,8 @@ template <typename T, int D>
                                + kv_head * p.v_strides[STRIDE_HEAD];
     const float slope = has_alibi ? alibi_slopes[seq * p.alibi_seq_stride + head] * LOG2E : 0.0f;
 
-    // This lane's fragment coordinates: row `frag_row`, columns frag_col, frag_col + 1.
-    const int quad = lane / 4;
-    const int frag_row = (quad & 4) + (lane / 2) % 4;
-    const int frag_col = (quad & 2) * 2 + (lane % 2) * 2;
+    const FragmentCoord fc = fragment_coord(lane);
+    const ScoreRules rules{do_causal, has_window, has_softcap, has_alibi, p.window_left, p.window_right, p.softcap};
 
     // Uniform over the threadgroup, so the barriers inside stay convergent.
     for (int block_row0 = int(tgid.x) * PREFILL_BLOCK_Q; block_row0 < seqlen_q;
@@ -112,21 +92,12 @@ template <typename T, int D>
         const int kb_begin = max(band_lo, 0) / BK;
         const int kb_end = band_hi > band_lo ? (band_hi + BK - 1) / BK : kb_begin;
 
-        const int row = block_row0 + int(sg) * 8 + frag_row;   // query row in the sequence
+        const int row = block_row0 + int(sg) * 8 + fc.row;   // query row in the sequence
         const bool row_valid = align_q || row < seqlen_q;
-        const int q_pos = row + shift;
-
-        // Q fragments in fp32, pre-scaled; rows past the sequence are zero.
-        simdgroup_float8x8 q_frag[D / 8];
-        const device T* q_row = q_seq + row * p.q_strides[STRIDE_TOKEN];
-        for (int d = 0; d < D / 8; ++d) {
-            for (int e = 0; e < 2; ++e)
-                q_frag[d].thread_elements()[e] = row_valid ? float(q_row[d * 8 + frag_col + e]) * p.scale : 0.0f;
-        }
-        simdgroup_float8x8 o_frag[D / 8];
-        for (int d = 0; d < D / 8; ++d) o_frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        float row_max_log2 = MASKED;   // running max of the base-2 scores of this row
-        float row_denominator = 0.0f;  // running sum of exp2(score - row_max_log2)
+        Fragments<D / 8> q_frag, o_frag;
+        load_q<T, D>(q_frag, q_seq + row * p.q_strides[STRIDE_TOKEN], row_valid, p.scale, fc);
+        clear<D>(o_frag);
+        OnlineSoftmax state;
 
         for (int kb = kb_begin; kb < kb_end; ++kb) {
             const int key0 = kb * BK;
@@ -134,92 +105,20 @@ template <typename T, int D>
             load_tile<T, D, BK, LD>(tile, k_head, key0, seqlen_k, p.k_strides[STRIDE_TOKEN], tid);
             if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
-
-            // S = Q K^T for this simdgroup's 8 rows and BK keys.
-            simdgroup_float8x8 s_frag[BK / 8];
-            for (int j = 0; j < BK / 8; ++j) {
-                s_frag[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-                for (int d = 0; d < D / 8; ++d) {
-                    simdgroup_matrix<T, 8, 8> kt;
-                    simdgroup_load(kt, tile, LD, ulong2(j * 8, d * 8), true);
-                    simdgroup_float8x8 kt_f;
-                    kt_f.thread_elements() = float2(kt.thread_elements());
-                    simdgroup_multiply_accumulate(s_frag[j], q_frag[d], kt_f, s_frag[j]);
-                }
-            }
-
-            // Scores -> base 2, masks, new running max.
-            float block_max = MASKED;
-            for (int j = 0; j < BK / 8; ++j) {
-                for (int e = 0; e < 2; ++e) {
-                    const int key = key0 + j * 8 + frag_col + e;
-                    float s = s_frag[j].thread_elements()[e];
-                    if (has_softcap) s = p.softcap * precise::tanh(s / p.softcap);
-                    s *= LOG2E;
-                    if (has_alibi) s -= slope * float(abs(q_pos - key));
-                    const int distance = q_pos - key;
-                    bool visible = row_valid && (align_k || key < seqlen_k);
-                    if (do_causal) visible = visible && distance >= 0;
-                    if (has_window && p.window_left >= 0) visible = visible && distance <= p.window_left;
-                    if (has_window && p.window_right >= 0) visible = visible && -distance <= p.window_right;
-                    s = visible ? s : MASKED;
-                    s_frag[j].thread_elements()[e] = s;
-                    block_max = max(block_max, s);
-                }
-            }
-            const float new_max = max(row_max_log2, row_max(block_max));
-            // exp2 of (MASKED - real max) underflows to 0; a fully masked row keeps p = 0 explicitly.
-            const float rescale = fast::exp2(row_max_log2 - new_max);
-            float block_sum = 0.0f;
-            for (int j = 0; j < BK / 8; ++j) {
-                for (int e = 0; e < 2; ++e) {
-                    const float s = s_frag[j].thread_elements()[e];
-                    const float prob = s == MASKED ? 0.0f : fast::exp2(s - new_max);
-                    s_frag[j].thread_elements()[e] = prob;
-                    block_sum += prob;
-                }
-            }
-            row_denominator = row_denominator * rescale + row_sum(block_sum);
-            row_max_log2 = new_max;
-            for (int d = 0; d < D / 8; ++d) o_frag[d].thread_elements() *= rescale;
+            Fragments<BK / 8> s_frag;
+            qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
+            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, slope, rules, fc);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
             load_tile<T, D, BK, LD>(tile, v_head, key0, seqlen_k, p.v_strides[STRIDE_TOKEN], tid);
             if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
-
-            // O += P V
-            for (int j = 0; j < BK / 8; ++j) {
-                for (int d = 0; d < D / 8; ++d) {
-                    simdgroup_matrix<T, 8, 8> vt;
-                    simdgroup_load(vt, tile, LD, ulong2(d * 8, j * 8));
-                    simdgroup_float8x8 vt_f;
-                    vt_f.thread_elements() = float2(vt.thread_elements());
-                    simdgroup_multiply_accumulate(o_frag[d], s_frag[j], vt_f, o_frag[d]);
-                }
-            }
+            pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
         }
-
-        // Sinks (gpt-oss): one logit per head that joins the denominator only; fold it into the running max.
-        if (has_sinks) {
-            const float sink = sinks[head] * LOG2E;
-            const float new_max = max(row_max_log2, sink);
-            const float rescale = fast::exp2(row_max_log2 - new_max);
-            row_denominator = row_denominator * rescale + fast::exp2(sink - new_max);
-            row_max_log2 = new_max;
-            for (int d = 0; d < D / 8; ++d) o_frag[d].thread_elements() *= rescale;
-        }
+        if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
 
         if (!row_valid) continue;   // only ever true in the last block, so no barrier follows
-        // A row that sees no key (and has no sink) outputs zeros and LSE -inf, never NaN.
-        const float inv = row_denominator > 0.0f ? 1.0f / row_denominator : 0.0f;
-        device T* out_row = out_seq + row * p.out_strides[STRIDE_TOKEN];
-        for (int d = 0; d < D / 8; ++d) {
-            for (int e = 0; e < 2; ++e) out_row[d * 8 + frag_col + e] = T(o_frag[d].thread_elements()[e] * inv);
-        }
-        if (frag_col == 0)   // one lane per row writes the log-sum-exp (natural log)
-            lse_seq[row * p.lse_strides[2]] =
-                row_denominator > 0.0f ? (row_max_log2 + log2(row_denominator)) * LN2 : -INFINITY;
+        store_row<T, D>(out_seq + row * p.out_strides[STRIDE_TOKEN], lse_seq + row * p.lse_strides[2], state, o_frag, fc);
     }
 }
 
