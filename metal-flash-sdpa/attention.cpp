@@ -13,26 +13,11 @@
 #include "torch-ext/torch_binding.h"
 #include "dispatch.h"
 #include "launch_plan.h"
+#include "op_checks.h"
 
 namespace metal_flash_sdpa {
 
 namespace {
-
-ElementType element_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ElementType::Float32;
-    case at::kHalf: return ElementType::Float16;
-    case at::kBFloat16: return ElementType::BFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
-                       "; supported: torch.float16, torch.bfloat16, torch.float32");
-  }
-}
-
-void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
-                    "; all tensors must be on the same device");
-}
 
 // What the shape checks learn about the call.
 struct Geometry {
@@ -124,6 +109,7 @@ struct Seqlens {
 // answer. The kernel clamps them as well, so nothing can index outside the tensors either way.
 Seqlens check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
                          const char* max_name) {
+  if (!data_checks_enabled()) return {-1, 1};   // unknown: the grid strides, no alignment assumed
   const at::Tensor host = cu_seqlens.to(at::kCPU).contiguous();
   const int32_t* cu = host.data_ptr<int32_t>();
   const int64_t entries = host.size(0);
@@ -141,12 +127,6 @@ Seqlens check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t ma
                     " is smaller than the longest sequence in ", name, " (", lengths.longest, ")");
   return lengths;
 }
-
-Strides3 token_strides(const at::Tensor& t, bool varlen) {   // [total, H, D] or [B, S, H, D]
-  return varlen ? Strides3{0, t.stride(0), t.stride(1)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};
-}
-
-at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q, const Geometry& g) {
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -184,7 +164,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   pb.total_k = g.total_k;
   pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
   pb.uniform_seqlen_k = g.varlen ? -1 : g.total_k;
-  pb.max_seqlen_q = lengths_q.longest;
+  // Unknown lengths (data checks skipped): the caller's bound, else every token; the grid strides anyway.
+  pb.max_seqlen_q = lengths_q.longest >= 0 ? lengths_q.longest : max_seqlen_q >= 0 ? max_seqlen_q : g.total_q;
   pb.seqlen_q_gcd = lengths_q.gcd;
   pb.seqlen_k_gcd = lengths_k.gcd;
   pb.q = token_strides(q, g.varlen);

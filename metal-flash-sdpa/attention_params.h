@@ -62,3 +62,80 @@ struct PrefillParams {
   int32_t pad_[3];
 };
 static_assert(sizeof(PrefillParams) == 184, "PrefillParams layout is shared by host and shader");
+
+// ------------------------------------------------------------------------------------------------ decode
+// Flash-Decoding over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table (a
+// contiguous cache [B, S, Hkv, D] is the same with one block of S slots per sequence). One threadgroup
+// per (partition of keys, KV head, sequence) computes all query rows of that KV head (its query heads x
+// the new tokens), so every K/V byte is read once per step.
+#define FC_SPLIT_K 306   // decode: write per-partition partials for the reduce kernel
+
+#define DECODE_BUFFER_Q 0
+#define DECODE_BUFFER_K_CACHE 1
+#define DECODE_BUFFER_V_CACHE 2
+#define DECODE_BUFFER_BLOCK_TABLE 3
+#define DECODE_BUFFER_SEQLENS_K 4      // int32 [B]: keys in the cache, new ones included
+#define DECODE_BUFFER_KV_START 5       // int32 [B]: first valid key (cache_leftpad)
+#define DECODE_BUFFER_PARAMS 6
+#define DECODE_BUFFER_SINKS 7
+#define DECODE_BUFFER_ALIBI 8
+#define DECODE_BUFFER_OUT 9
+#define DECODE_BUFFER_LSE 10
+#define DECODE_BUFFER_PARTIAL_MAX 11   // fp32 [B, H, Sq, partitions]: running max (base 2)
+#define DECODE_BUFFER_PARTIAL_SUM 12   // fp32 [B, H, Sq, partitions]: sum of exp2(score - max)
+#define DECODE_BUFFER_PARTIAL_OUT 13   // fp32 [B, H, Sq, partitions, D]: unnormalised output
+
+#define DECODE_MAX_ROWS 32             // query rows per threadgroup (4 simdgroups of 8)
+#define DECODE_PARTITION_SIZE 256      // keys per split-K partition unless num_splits says otherwise
+#define DECODE_REDUCE_THREADS 32
+
+struct DecodeParams {
+  int64_t q_strides[3];       // [batch, token, head]
+  int64_t k_strides[3];       // [block, slot, head]
+  int64_t v_strides[3];
+  int64_t out_strides[3];     // [batch, token, head]
+  int64_t lse_strides[3];     // [batch, head, token]
+  int32_t num_seqs;
+  int32_t num_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t seqlen_q;           // new query tokens per sequence (>= 1), bottom-right aligned
+  int32_t block_size;
+  int32_t num_blocks;         // block_table entries outside [0, num_blocks) hide their keys
+  int32_t blocks_per_seq;     // block_table row length
+  int32_t partition_size;     // keys per partition, a multiple of the K tile
+  int32_t num_partitions;
+  int32_t has_kv_start;       // 1: DECODE_BUFFER_KV_START holds each sequence's first key
+  int32_t alibi_seq_stride;   // 0: slopes [H]; H: slopes [B, H]
+  float scale;
+  float softcap;
+  int32_t window_left;
+  int32_t window_right;
+};
+static_assert(sizeof(DecodeParams) == 184, "DecodeParams layout is shared by host and shader");
+
+// Appends new K/V tokens to a paged cache at cache_seqlens[b] + i through block_table.
+#define KV_WRITE_BUFFER_K 0
+#define KV_WRITE_BUFFER_V 1
+#define KV_WRITE_BUFFER_K_CACHE 2
+#define KV_WRITE_BUFFER_V_CACHE 3
+#define KV_WRITE_BUFFER_BLOCK_TABLE 4
+#define KV_WRITE_BUFFER_CACHE_SEQLENS 5
+#define KV_WRITE_BUFFER_PARAMS 6
+#define KV_WRITE_THREADS 32
+
+struct KvWriteParams {
+  int64_t k_strides[3];       // new tokens [batch, token, head]
+  int64_t v_strides[3];
+  int64_t k_cache_strides[3]; // [block, slot, head]
+  int64_t v_cache_strides[3];
+  int32_t num_seqs;
+  int32_t seqlen_new;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t block_size;
+  int32_t num_blocks;
+  int32_t blocks_per_seq;
+  int32_t pad_;
+};
+static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by host and shader");

@@ -55,4 +55,42 @@ struct PrefillProblem {
 
 KernelLaunch plan_prefill(const PrefillProblem& problem, PrefillParams* params);
 
+// One decode step over a paged cache (a contiguous cache is one block of S slots per sequence).
+struct DecodeProblem {
+  ElementType dtype;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t seqlen_q;                 // new query tokens per sequence
+  int64_t block_size, num_blocks, blocks_per_seq;
+  int64_t max_seqlen_k;             // longest key range, sizes the partitions (capacity when unknown)
+  int64_t num_splits;               // 0: heuristic (DECODE_PARTITION_SIZE keys per partition)
+  Strides3 q, k_cache, v_cache, out;  // caches: {block, slot, head}
+  Strides3 lse;                     // {batch, head, token}
+  bool has_kv_start;
+  float scale;
+  bool causal;
+  int64_t window_left, window_right;
+  float softcap;
+  bool has_sinks;
+  bool has_alibi;
+  int64_t alibi_seq_stride;
+};
+
+struct DecodePlan {
+  KernelLaunch attention;
+  bool split;                       // true: run `reduce` after `attention`
+  KernelLaunch reduce;
+  int64_t num_partitions;
+};
+
+DecodePlan plan_decode(const DecodeProblem& problem, DecodeParams* params);
+
+struct KvWriteProblem {
+  ElementType dtype;
+  int64_t num_seqs, seqlen_new, num_kv_heads, head_dim;
+  int64_t block_size, num_blocks, blocks_per_seq;
+  Strides3 k, v, k_cache, v_cache;
+};
+
+KernelLaunch plan_kv_write(const KvWriteProblem& problem, KvWriteParams* params);
+
 }  // namespace metal_flash_sdpa

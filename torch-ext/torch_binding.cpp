@@ -20,13 +20,26 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+  ops.def(
+      "flash_attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, "
+      "Tensor? kv_start, int num_splits, float softmax_scale, bool causal, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+  ops.def(
+      "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
+      "Tensor cache_seqlens) -> ()");
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
+  ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
+  ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);
 #if defined(CPU_KERNEL)
   // The CPU build runs the Metal shaders in the MSL simulator; it also reports the work they did.
   ops.impl("flash_attn_varlen", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen);
+  ops.impl("flash_attn_decode", c10::kCPU, &metal_flash_sdpa::flash_attn_decode);
+  ops.impl("kv_cache_write", c10::kCPU, &metal_flash_sdpa::kv_cache_write);
   ops.def("simulator_counters(bool reset=False) -> Dict(str, int)", &simulator_counters);
 #elif defined(METAL_KERNEL)
   ops.impl("flash_attn_varlen", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen);
+  ops.impl("flash_attn_decode", c10::kMPS, &metal_flash_sdpa::flash_attn_decode);
+  ops.impl("kv_cache_write", c10::kMPS, &metal_flash_sdpa::kv_cache_write);
 #endif
 }
 

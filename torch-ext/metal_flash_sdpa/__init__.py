@@ -17,7 +17,8 @@ import torch
 
 from ._ops import ops
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "simulator_counters"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
+           "simulator_counters"]
 
 IntOrTensor = Union[int, torch.Tensor]
 
@@ -132,6 +133,95 @@ def flash_attn_func(
     out, lse = ops.flash_attn_varlen(
         q, k, v, None, None, -1, -1, scale, bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
+
+
+def _per_sequence(value, batch: int, device, name: str) -> torch.Tensor:
+    """An int32 [batch] tensor from an int or a tensor (flash-attn accepts both for cache_seqlens)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = value.expand(batch)
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or an int32 tensor [batch], got {type(value).__name__}")
+    return torch.full((batch,), value, dtype=torch.int32, device=device)
+
+
+def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_table: torch.Tensor, cache_seqlens) -> None:
+    """Write new keys/values k, v [B, n, Hkv, D] into a paged cache [num_blocks, block_size, Hkv, D] in place,
+    token i of sequence b at position cache_seqlens[b] + i through block_table [B, max_blocks] (int32), in one
+    dispatch. Positions beyond the table or blocks outside the cache raise ValueError; nothing is written."""
+    ops.kv_cache_write(k, v, k_cache, v_cache, block_table, _per_sequence(cache_seqlens, k.shape[0], k.device,
+                                                                           "cache_seqlens"))
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Sequence[IntOrTensor] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    s_aux: Optional[torch.Tensor] = None,
+):
+    """Attention of new queries against a KV cache (flash-attn 2 `flash_attn_with_kvcache`), Flash-Decoding.
+
+    q [B, Sq, H, D]. Cache: paged [num_blocks, block_size, Hkv, D] with block_table int32 [B, max_blocks], or
+    contiguous [B_cache, S_max, Hkv, D] (rows picked by cache_batch_idx, default 0..B-1). New k, v
+    [B, Sq_new, Hkv, D], if given, are written into the cache in place at cache_seqlens (tokens already
+    cached, int or int32 [B]; default: the whole cache) before attending; queries are bottom-right aligned to
+    the keys. cache_leftpad (contiguous caches): first valid key per sequence. num_splits: 0 = heuristic
+    (256-key partitions), 1 = no split, n = n partitions. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
+    with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
+    """
+    scale = _common_checks(q, 0.0, softmax_scale, softcap)
+    if rotary_cos is not None or rotary_sin is not None:
+        raise NotImplementedError("rotary_cos/rotary_sin are not supported: apply the rotary embedding to q and k "
+                                  "before calling flash_attn_with_kvcache")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (new tokens to append) or neither")
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache must be a 4-D tensor: [num_blocks, block_size, kv_heads, head_dim] (with "
+                         "block_table) or [batch, seqlen, kv_heads, head_dim]")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, seqlen_q, heads, head_dim], got shape {tuple(q.shape)}")
+    batch = q.shape[0]
+    if block_table is None:   # a contiguous cache is a paged one with one block of S_max slots per sequence
+        rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
+                                                                                device=q.device)
+        if rows.dtype != torch.int32 or tuple(rows.shape) != (batch,):
+            raise TypeError(f"cache_batch_idx must be an int32 tensor [batch] = [{batch}], got {rows.dtype} "
+                            f"{tuple(rows.shape)}")
+        table = rows.view(batch, 1)
+    else:
+        if cache_batch_idx is not None:
+            raise NotImplementedError("cache_batch_idx with a paged cache: index block_table instead")
+        if cache_leftpad is not None:
+            raise NotImplementedError("cache_leftpad with a paged cache: start block_table at the first block instead")
+        table = block_table
+    capacity = (table.shape[1] if table.dim() == 2 else 0) * k_cache.shape[1]
+    cached = _per_sequence(capacity if cache_seqlens is None else cache_seqlens, batch, q.device, "cache_seqlens")
+    seqlens_k = cached
+    if k is not None:
+        ops.kv_cache_write(k, v, k_cache, v_cache, table, cached)
+        seqlens_k = cached + k.shape[1]
+    left, right = _window(window_size, causal)
+    out, lse = ops.flash_attn_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad, int(num_splits), scale,
+                                     bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
+    return (out, lse) if return_softmax_lse else out
 
 
 def simulator_counters(reset: bool = False) -> dict:

@@ -1,0 +1,285 @@
+// Flash-Decoding over a paged KV cache, its split-K reduce, and the paged KV write.
+//
+// attention_decode: grid (partitions, KV heads x row chunks, sequences); 32-128 threads. A threadgroup
+// takes the query rows of one KV head (its H / Hkv query heads x the Sq new tokens, row r = head-in-group
+// * Sq + token; at most DECODE_MAX_ROWS) against one partition of keys, so each K/V byte of a step is read
+// once. Keys are read in place through block_table (no gather). The partition is band-limited like the
+// prefill K loop; a partition with no key in the band exits before any math and, when split, writes
+// neutral partials (max -FLT_MAX, sum 0, out 0) so the reduce stays NaN-free. Without a split
+// (FC_SPLIT_K false) the kernel writes the final output itself.
+//
+// Everything read from data is guarded: seqlens are clamped to the table's capacity and a block_table
+// entry outside [0, num_blocks) hides its keys, so no input can index outside the cache.
+#include <metal_stdlib>
+
+#include "attention_params.h"
+#include "attention_tile.h"
+#include "work_counters.h"
+using namespace metal;
+
+constant bool do_causal [[function_constant(FC_DO_CAUSAL)]];
+constant bool has_window [[function_constant(FC_HAS_WINDOW)]];
+constant bool has_sinks [[function_constant(FC_HAS_SINKS)]];
+constant bool has_softcap [[function_constant(FC_HAS_SOFTCAP)]];
+constant bool has_alibi [[function_constant(FC_HAS_ALIBI)]];
+constant bool split_k [[function_constant(FC_SPLIT_K)]];
+
+// Keys of one sequence: key j (0-based) lives at cache position kv_start + j.
+struct SequenceKeys {
+    int kv_start;
+    int count;
+};
+
+METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device int* kv_start, int seq,
+                                      constant DecodeParams& p) {
+    const int capacity = p.blocks_per_seq * p.block_size;
+    const int end = clamp(seqlens_k[seq], 0, capacity);
+    const int start = p.has_kv_start ? clamp(kv_start[seq], 0, end) : 0;
+    return {start, end - start};
+}
+
+// Copy the tile's keys (as cache slots) into threadgroup memory; rows of missing keys are zero.
+template <typename T, int D, int BK, int LD>
+METAL_FUNC void load_paged_tile(threadgroup T* tile, const device T* cache_head, const threadgroup int* block_of,
+                                const threadgroup int* slot_of, int64_t block_stride, int64_t slot_stride,
+                                uint tid, uint threads) {
+    for (int i = int(tid); i < BK * D; i += int(threads)) {
+        const int row = i / D, col = i % D;
+        const int block = block_of[row];
+        tile[row * LD + col] = block >= 0 ? cache_head[block * block_stride + slot_of[row] * slot_stride + col] : T(0);
+    }
+}
+
+template <typename T, int D>
+[[kernel]] void attention_decode(
+    const device T* q [[buffer(DECODE_BUFFER_Q)]],
+    const device T* k_cache [[buffer(DECODE_BUFFER_K_CACHE)]],
+    const device T* v_cache [[buffer(DECODE_BUFFER_V_CACHE)]],
+    const device int* block_table [[buffer(DECODE_BUFFER_BLOCK_TABLE)]],
+    const device int* seqlens_k [[buffer(DECODE_BUFFER_SEQLENS_K)]],
+    const device int* kv_start [[buffer(DECODE_BUFFER_KV_START)]],
+    constant DecodeParams& p [[buffer(DECODE_BUFFER_PARAMS)]],
+    const device float* sinks [[buffer(DECODE_BUFFER_SINKS)]],
+    const device float* alibi_slopes [[buffer(DECODE_BUFFER_ALIBI)]],
+    device T* out [[buffer(DECODE_BUFFER_OUT)]],
+    device float* lse [[buffer(DECODE_BUFFER_LSE)]],
+    device float* partial_max [[buffer(DECODE_BUFFER_PARTIAL_MAX)]],
+    device float* partial_sum [[buffer(DECODE_BUFFER_PARTIAL_SUM)]],
+    device float* partial_out [[buffer(DECODE_BUFFER_PARTIAL_OUT)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    ushort sg [[simdgroup_index_in_threadgroup]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+    constexpr int BK = PREFILL_BLOCK_K(D);
+    constexpr int LD = D + 8;
+    threadgroup T tile[BK * LD];
+    threadgroup int block_of[BK];   // physical block of each tile key (-1: no key)
+    threadgroup int slot_of[BK];
+    threadgroup uint tile_valid;
+
+    const int seq = int(tgid.z), partition = int(tgid.x);
+    const int kv_head = int(tgid.y) % p.num_kv_heads, row_chunk = int(tgid.y) / p.num_kv_heads;
+    const int group = p.num_heads / p.num_kv_heads;
+    const int rows = group * p.seqlen_q;
+    const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p);
+    const int shift = keys.count - p.seqlen_q;   // bottom-right: new token i sits at key i + shift
+
+    // Keys [lo, hi) of this partition can be visible to some query row.
+    int band_lo = 0, band_hi = keys.count;
+    if (do_causal) band_hi = min(band_hi, p.seqlen_q - 1 + shift + 1);
+    if (has_window && p.window_right >= 0) band_hi = min(band_hi, p.seqlen_q - 1 + shift + p.window_right + 1);
+    if (has_window && p.window_left >= 0) band_lo = max(band_lo, shift - p.window_left);
+    const int lo = max(band_lo, partition * p.partition_size);
+    const int hi = min(band_hi, (partition + 1) * p.partition_size);
+
+    const FragmentCoord fc = fragment_coord(lane);
+    const int row = row_chunk * DECODE_MAX_ROWS + int(sg) * 8 + fc.row;
+    const bool row_valid = row < rows;
+    const int head = kv_head * group + (row_valid ? row / p.seqlen_q : 0);
+    const int token = row_valid ? row % p.seqlen_q : 0;
+    const int64_t partial_row = ((int64_t(seq) * p.num_heads + head) * p.seqlen_q + token) * p.num_partitions + partition;
+
+    if (lo >= hi) {   // nothing of this partition is visible: no math, no K/V reads
+        if (tid == 0) WORK_COUNT("partitions_skipped", 1);
+        if (split_k) {
+            if (row_valid && fc.col == 0) {
+                partial_max[partial_row] = -FLT_MAX;
+                partial_sum[partial_row] = 0.0f;
+            }
+            if (row_valid) {
+                for (int d = fc.col; d < D; d += 8) {   // the row's four lanes cover the head dim
+                    for (int e = 0; e < 2; ++e) partial_out[partial_row * D + d + e] = 0.0f;
+                }
+            }
+            return;
+        }
+    } else if (tid == 0) {
+        WORK_COUNT("partitions_computed", 1);
+    }
+
+    const ScoreRules rules{do_causal, has_window, has_softcap, has_alibi, p.window_left, p.window_right, p.softcap};
+    const float slope = has_alibi ? alibi_slopes[seq * p.alibi_seq_stride + head] * LOG2E : 0.0f;
+    Fragments<D / 8> q_frag, o_frag;
+    load_q<T, D>(q_frag, q + seq * p.q_strides[STRIDE_BATCH] + token * p.q_strides[STRIDE_TOKEN]
+                           + head * p.q_strides[STRIDE_HEAD], row_valid, p.scale, fc);
+    clear<D>(o_frag);
+    OnlineSoftmax state;
+    const device T* k_head = k_cache + kv_head * p.k_strides[STRIDE_HEAD];
+    const device T* v_head = v_cache + kv_head * p.v_strides[STRIDE_HEAD];
+    const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
+
+    for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (sg == 0) {   // simdgroup 0 maps the tile's keys (one per lane, BK <= 32) to cache slots
+            const int key = key0 + int(lane);
+            const int position = keys.kv_start + key;
+            const bool wanted = int(lane) < BK && key >= lo && key < hi;
+            // Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
+            const int first_lane = int(lane) - min(int(lane), position % p.block_size);
+            const bool reads = int(lane) < BK && key < keys.count && first_lane == int(lane);
+            const int own_entry = reads ? table_row[position / p.block_size] : -1;
+            const int entry = simd_shuffle(own_entry, ushort(first_lane));
+            const bool exists = wanted && entry >= 0 && entry < p.num_blocks;
+            if (int(lane) < BK) {
+                block_of[lane] = exists ? entry : -1;
+                slot_of[lane] = position % p.block_size;
+            }
+            const uint valid = simd_or(exists ? 1u << lane : 0u);
+            if (lane == 0) tile_valid = valid;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        load_paged_tile<T, D, BK, LD>(tile, k_head, block_of, slot_of, p.k_strides[0], p.k_strides[1], tid, threads);
+        if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        Fragments<BK / 8> s_frag;
+        qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
+        softmax_tile<D, BK>(s_frag, state, o_frag, key0, hi, tile_valid, token + shift, row_valid, slope, rules, fc);
+
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        load_paged_tile<T, D, BK, LD>(tile, v_head, block_of, slot_of, p.v_strides[0], p.v_strides[1], tid, threads);
+        if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
+    }
+
+    if (!row_valid) return;   // no barrier follows
+    if (split_k) {
+        if (fc.col == 0) {
+            partial_max[partial_row] = state.max_log2;
+            partial_sum[partial_row] = state.denominator;
+        }
+        device float* partial = partial_out + partial_row * D;
+        for (int d = 0; d < D / 8; ++d) {
+            for (int e = 0; e < 2; ++e) partial[d * 8 + fc.col + e] = o_frag.frag[d].thread_elements()[e];
+        }
+        return;
+    }
+    if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
+    store_row<T, D>(out + seq * p.out_strides[STRIDE_BATCH] + token * p.out_strides[STRIDE_TOKEN]
+                        + head * p.out_strides[STRIDE_HEAD],
+                    lse + seq * p.lse_strides[0] + head * p.lse_strides[1] + token * p.lse_strides[2], state, o_frag, fc);
+}
+
+// Merge the partitions of one (sequence, head, new token): grid (Sq, H, B), one simdgroup.
+template <typename T, int D>
+[[kernel]] void attention_decode_reduce(
+    constant DecodeParams& p [[buffer(DECODE_BUFFER_PARAMS)]],
+    const device float* sinks [[buffer(DECODE_BUFFER_SINKS)]],
+    device T* out [[buffer(DECODE_BUFFER_OUT)]],
+    device float* lse [[buffer(DECODE_BUFFER_LSE)]],
+    const device float* partial_max [[buffer(DECODE_BUFFER_PARTIAL_MAX)]],
+    const device float* partial_sum [[buffer(DECODE_BUFFER_PARTIAL_SUM)]],
+    const device float* partial_out [[buffer(DECODE_BUFFER_PARTIAL_OUT)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    ushort lane [[thread_index_in_simdgroup]]) {
+    const int token = int(tgid.x), head = int(tgid.y), seq = int(tgid.z);
+    const int64_t first = ((int64_t(seq) * p.num_heads + head) * p.seqlen_q + token) * p.num_partitions;
+
+    float max_log2 = -FLT_MAX;
+    for (int part = lane; part < p.num_partitions; part += DECODE_REDUCE_THREADS)
+        max_log2 = max(max_log2, partial_max[first + part]);
+    max_log2 = simd_max(max_log2);
+    if (has_sinks) max_log2 = max(max_log2, sinks[head] * LOG2E);
+    // Neutral partitions (max -FLT_MAX, sum 0) add exp2(...) * 0 = 0: no branch, no NaN.
+    float denominator = 0.0f;
+    for (int part = lane; part < p.num_partitions; part += DECODE_REDUCE_THREADS)
+        denominator += partial_sum[first + part] * fast::exp2(partial_max[first + part] - max_log2);
+    denominator = simd_sum(denominator);
+    if (has_sinks) denominator += fast::exp2(sinks[head] * LOG2E - max_log2);
+
+    const float inv = denominator > 0.0f ? 1.0f / denominator : 0.0f;
+    // out = sum_p weight_p * partial_out_p: 32 partitions at a time, each lane computes one weight and the
+    // simdgroup shares them, so every partial is read once.
+    constexpr int D_PER_LANE = (D + DECODE_REDUCE_THREADS - 1) / DECODE_REDUCE_THREADS;
+    float acc[D_PER_LANE];
+    for (int i = 0; i < D_PER_LANE; ++i) acc[i] = 0.0f;
+    for (int part0 = 0; part0 < p.num_partitions; part0 += DECODE_REDUCE_THREADS) {
+        const int mine = part0 + lane;
+        const float weight = mine < p.num_partitions ? fast::exp2(partial_max[first + mine] - max_log2) * inv : 0.0f;
+        const int count = min(DECODE_REDUCE_THREADS, p.num_partitions - part0);
+        for (int j = 0; j < count; ++j) {
+            const float w = simd_shuffle(weight, ushort(j));
+            const device float* partial = partial_out + (first + part0 + j) * D;
+            for (int i = 0; i < D_PER_LANE; ++i) {
+                const int d = i * DECODE_REDUCE_THREADS + lane;
+                if (d < D) acc[i] += partial[d] * w;
+            }
+        }
+    }
+    device T* out_row = out + seq * p.out_strides[STRIDE_BATCH] + token * p.out_strides[STRIDE_TOKEN]
+                            + head * p.out_strides[STRIDE_HEAD];
+    for (int i = 0; i < D_PER_LANE; ++i) {
+        const int d = i * DECODE_REDUCE_THREADS + lane;
+        if (d < D) out_row[d] = T(acc[i]);
+    }
+    if (lane == 0)
+        lse[seq * p.lse_strides[0] + head * p.lse_strides[1] + token * p.lse_strides[2]] =
+            denominator > 0.0f ? (max_log2 + log2(denominator)) * LN2 : -INFINITY;
+}
+
+// Write new token i of sequence b at cache position cache_seqlens[b] + i: grid (Sq_new, Hkv, B). Slots
+// beyond the table or blocks outside the cache are never written (the host rejects them beforehand).
+template <typename T>
+[[kernel]] void kv_cache_write(
+    const device T* k [[buffer(KV_WRITE_BUFFER_K)]],
+    const device T* v [[buffer(KV_WRITE_BUFFER_V)]],
+    device T* k_cache [[buffer(KV_WRITE_BUFFER_K_CACHE)]],
+    device T* v_cache [[buffer(KV_WRITE_BUFFER_V_CACHE)]],
+    const device int* block_table [[buffer(KV_WRITE_BUFFER_BLOCK_TABLE)]],
+    const device int* cache_seqlens [[buffer(KV_WRITE_BUFFER_CACHE_SEQLENS)]],
+    constant KvWriteParams& p [[buffer(KV_WRITE_BUFFER_PARAMS)]],
+    uint3 tgid [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+    const int token = int(tgid.x), kv_head = int(tgid.y), seq = int(tgid.z);
+    const int position = cache_seqlens[seq] + token;
+    if (position < 0 || position >= p.blocks_per_seq * p.block_size) return;
+    const int block = block_table[int64_t(seq) * p.blocks_per_seq + position / p.block_size];
+    if (block < 0 || block >= p.num_blocks) return;
+    const int slot = position % p.block_size;
+    const device T* k_src = k + seq * p.k_strides[0] + token * p.k_strides[1] + kv_head * p.k_strides[2];
+    const device T* v_src = v + seq * p.v_strides[0] + token * p.v_strides[1] + kv_head * p.v_strides[2];
+    device T* k_dst = k_cache + block * p.k_cache_strides[0] + slot * p.k_cache_strides[1] + kv_head * p.k_cache_strides[2];
+    device T* v_dst = v_cache + block * p.v_cache_strides[0] + slot * p.v_cache_strides[1] + kv_head * p.v_cache_strides[2];
+    for (int d = int(tid); d < p.head_dim; d += KV_WRITE_THREADS) {
+        k_dst[d] = k_src[d];
+        v_dst[d] = v_src[d];
+    }
+}
+
+#define INSTANTIATE_DECODE(type, d)                                                                    \
+    template [[host_name("attention_decode_" #type "_" #d)]] [[kernel]]                                \
+    decltype(attention_decode<type, d>) attention_decode<type, d>;                                     \
+    template [[host_name("attention_decode_reduce_" #type "_" #d)]] [[kernel]]                         \
+    decltype(attention_decode_reduce<type, d>) attention_decode_reduce<type, d>;
+#define INSTANTIATE_DECODE_ALL_DIMS(type) \
+    INSTANTIATE_DECODE(type, 32) INSTANTIATE_DECODE(type, 64) INSTANTIATE_DECODE(type, 72) \
+    INSTANTIATE_DECODE(type, 80) INSTANTIATE_DECODE(type, 96) INSTANTIATE_DECODE(type, 128) \
+    INSTANTIATE_DECODE(type, 192) INSTANTIATE_DECODE(type, 256)
+INSTANTIATE_DECODE_ALL_DIMS(float)
+INSTANTIATE_DECODE_ALL_DIMS(half)
+INSTANTIATE_DECODE_ALL_DIMS(bfloat)
+
+template [[host_name("kv_cache_write_float")]] [[kernel]] decltype(kv_cache_write<float>) kv_cache_write<float>;
+template [[host_name("kv_cache_write_half")]] [[kernel]] decltype(kv_cache_write<half>) kv_cache_write<half>;
+template [[host_name("kv_cache_write_bfloat")]] [[kernel]] decltype(kv_cache_write<bfloat>) kv_cache_write<bfloat>;
