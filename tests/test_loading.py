@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import REPO, SIMULATED
 
-PUBLIC = ["flash_attn_func", "flash_attn_varlen_func"]
+PUBLIC = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write"]
 
 
 def test_public_functions(fa):
