@@ -24,12 +24,13 @@ struct Geometry {
   bool varlen;
   int64_t num_seqs, num_heads, num_kv_heads, head_dim;
   int64_t total_q, total_k;   // tokens per batch entry (varlen: all tokens)
+  AttentionOptions options;
 };
 
 Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, double softmax_scale, int64_t window_left,
+                            int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
                             int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes,
                             const std::optional<at::Tensor>& s_aux) {
@@ -77,26 +78,8 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= int_max && g.total_k <= int_max, "more than 2^31 - 1 tokens");
   TORCH_CHECK_VALUE(max_seqlen_q >= -1 && max_seqlen_k >= -1, "max_seqlen_q / max_seqlen_k must be >= 0, got ",
                     max_seqlen_q, " / ", max_seqlen_k);
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1 (-1: unbounded), got (",
-                    window_left, ", ", window_right, ")");
-  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 disables it), got ", softcap);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
-  if (s_aux) {
-    TORCH_CHECK_VALUE(s_aux->dim() == 1 && s_aux->size(0) == g.num_heads, "s_aux (sinks) must be [num_heads] = [",
-                      g.num_heads, "], got shape ", s_aux->sizes());
-    TORCH_CHECK_TYPE(s_aux->is_floating_point(), "s_aux must be a floating-point tensor, got ", s_aux->scalar_type());
-    check_same_device(*s_aux, q, "s_aux");
-  }
-  if (alibi_slopes) {
-    const bool per_head = alibi_slopes->dim() == 1 && alibi_slopes->size(0) == g.num_heads;
-    const bool per_seq = alibi_slopes->dim() == 2 && alibi_slopes->size(0) == g.num_seqs &&
-                         alibi_slopes->size(1) == g.num_heads;
-    TORCH_CHECK_VALUE(per_head || per_seq, "alibi_slopes must be [num_heads] or [batch, num_heads] = [", g.num_seqs,
-                      ", ", g.num_heads, "], got shape ", alibi_slopes->sizes());
-    TORCH_CHECK_TYPE(alibi_slopes->scalar_type() == at::kFloat, "alibi_slopes must be torch.float32, got ",
-                     alibi_slopes->scalar_type());
-    check_same_device(*alibi_slopes, q, "alibi_slopes");
-  }
+  g.options = check_attention_options(q, g.num_seqs, g.num_heads, softmax_scale, causal, window_left, window_right,
+                                      softcap, alibi_slopes, s_aux);
   return g;
 }
 
@@ -144,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
   const Geometry g = check_prefill_args(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
+                                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   Seqlens lengths_q{g.total_q, g.total_q}, lengths_k{g.total_k, g.total_k};
   if (g.varlen) {
     lengths_q = check_cu_seqlens(*cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
@@ -155,11 +138,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
 
   const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
   PrefillProblem pb{};
-  pb.dtype = element_type(q, "q");
-  pb.num_seqs = g.num_seqs;
-  pb.num_heads = g.num_heads;
-  pb.num_kv_heads = g.num_kv_heads;
-  pb.head_dim = g.head_dim;
+  pb.tensors = {element_type(q, "q"), g.num_seqs, g.num_heads, g.num_kv_heads, g.head_dim,
+                token_strides(q, g.varlen), token_strides(k, g.varlen), token_strides(v, g.varlen),
+                token_strides(out, g.varlen),
+                g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1}};
+  pb.options = g.options;
   pb.total_q = g.total_q;
   pb.total_k = g.total_k;
   pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
@@ -168,49 +151,34 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   pb.max_seqlen_q = lengths_q.longest >= 0 ? lengths_q.longest : max_seqlen_q >= 0 ? max_seqlen_q : g.total_q;
   pb.seqlen_q_gcd = lengths_q.gcd;
   pb.seqlen_k_gcd = lengths_k.gcd;
-  pb.q = token_strides(q, g.varlen);
-  pb.k = token_strides(k, g.varlen);
-  pb.v = token_strides(v, g.varlen);
-  pb.out = token_strides(out, g.varlen);
-  pb.lse = g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1};
-  pb.scale = float(softmax_scale);
-  pb.causal = causal;
-  pb.window_left = window_left;
-  pb.window_right = window_right;
-  pb.softcap = float(softcap);
-  pb.has_sinks = s_aux.has_value();
-  pb.has_alibi = alibi_slopes.has_value();
-  pb.alibi_seq_stride = alibi_slopes && alibi_slopes->dim() == 2 ? g.num_heads : 0;
 
   PrefillParams params;
   const KernelLaunch launch = plan_prefill(pb, &params);
-  const at::Tensor sinks = s_aux ? s_aux->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
-  const int32_t unused = 0;   // Metal needs every buffer argument bound, even ones a constant switches off
-  std::vector<BufferBinding> buffers = {
+  const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
+  const at::Tensor no_tensor;
+  dispatch(launch, {
       bind_tensor(PREFILL_BUFFER_Q, q),
       bind_tensor(PREFILL_BUFFER_K, k),
       bind_tensor(PREFILL_BUFFER_V, v),
       bind_tensor(PREFILL_BUFFER_OUT, out),
-      g.varlen ? bind_tensor(PREFILL_BUFFER_CU_SEQLENS_Q, *cu_seqlens_q) : bind_bytes(PREFILL_BUFFER_CU_SEQLENS_Q, unused),
-      g.varlen ? bind_tensor(PREFILL_BUFFER_CU_SEQLENS_K, *cu_seqlens_k) : bind_bytes(PREFILL_BUFFER_CU_SEQLENS_K, unused),
+      bind_optional(PREFILL_BUFFER_CU_SEQLENS_Q, g.varlen ? *cu_seqlens_q : no_tensor),
+      bind_optional(PREFILL_BUFFER_CU_SEQLENS_K, g.varlen ? *cu_seqlens_k : no_tensor),
       bind_bytes(PREFILL_BUFFER_PARAMS, params),
-      s_aux ? bind_tensor(PREFILL_BUFFER_SINKS, sinks) : bind_bytes(PREFILL_BUFFER_SINKS, unused),
-      alibi_slopes ? bind_tensor(PREFILL_BUFFER_ALIBI, slopes) : bind_bytes(PREFILL_BUFFER_ALIBI, unused),
+      bind_optional(PREFILL_BUFFER_SINKS, extras.sinks),
+      bind_optional(PREFILL_BUFFER_ALIBI, extras.slopes),
       bind_tensor(PREFILL_BUFFER_LSE, lse),
-  };
-  dispatch(launch, buffers);
+  });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool /*causal*/, int64_t window_left,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
   const Geometry g = check_prefill_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
+                                        softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   return empty_outputs(q, g);
 }
 

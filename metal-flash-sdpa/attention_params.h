@@ -38,11 +38,13 @@
 
 // Strides are in elements, int64 like MLX's AttnParams: a [B, S, H, D] view of a larger tensor can span
 // more than 2^31 elements. The head dimension is always contiguous (stride 1).
-enum PrefillStride { STRIDE_BATCH = 0, STRIDE_TOKEN = 1, STRIDE_HEAD = 2 };
+enum TokenStride { STRIDE_BATCH = 0, STRIDE_TOKEN = 1, STRIDE_HEAD = 2 };   // decode caches: block, slot, head
+enum LseStride { LSE_BATCH = 0, LSE_HEAD = 1, LSE_TOKEN = 2 };
 
-struct PrefillParams {
+// The tensors every attention kernel reads and writes (first member of each kernel's params).
+struct AttentionShape {
   int64_t q_strides[3];     // [batch, token, head]; batch stride 0 for the packed varlen layout
-  int64_t k_strides[3];
+  int64_t k_strides[3];     // decode: the cache's [block, slot, head]
   int64_t v_strides[3];
   int64_t out_strides[3];
   int64_t lse_strides[3];   // [batch, head, token] of the fp32 LSE
@@ -50,18 +52,29 @@ struct PrefillParams {
   int32_t num_heads;
   int32_t num_kv_heads;
   int32_t head_dim;
-  int32_t total_q;          // tokens per batch entry of q (packed varlen: all of them); cu_seqlens are
-  int32_t total_k;          // clamped to these, never trusted
-  int32_t uniform_seqlen_q; // >= 0: every sequence has this many queries / keys and cu_seqlens are not
-  int32_t uniform_seqlen_k; // read (batched [B, S, H, D] inputs); -1: lengths come from cu_seqlens
+};
+
+// The score transform and masks (which of them apply is set by function constants).
+struct MaskParams {
   float scale;              // softmax scale applied to q.k
   float softcap;            // s -> softcap * tanh(s / softcap) when FC_HAS_SOFTCAP
   int32_t window_left;      // keep key at distance d = q_pos - k_pos iff d <= window_left (-1: unbounded)
   int32_t window_right;     // ... and -d <= window_right (-1: unbounded)
   int32_t alibi_seq_stride; // 0: slopes [H]; H: slopes [B, H]
-  int32_t pad_[3];
+  int32_t pad_;
 };
-static_assert(sizeof(PrefillParams) == 184, "PrefillParams layout is shared by host and shader");
+
+struct PrefillParams {
+  AttentionShape shape;
+  MaskParams mask;
+  int32_t total_q;          // tokens per batch entry of q (packed: all of them); cu_seqlens are
+  int32_t total_k;          // clamped to these, never trusted
+  int32_t uniform_seqlen_q; // >= 0: every sequence has this many queries / keys and cu_seqlens are not
+  int32_t uniform_seqlen_k; // read (batched [B, S, H, D] inputs); -1: lengths come from cu_seqlens
+};
+static_assert(sizeof(AttentionShape) == 136, "AttentionShape layout is shared by host and shader");
+static_assert(sizeof(MaskParams) == 24, "MaskParams layout is shared by host and shader");
+static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by host and shader");
 
 // ------------------------------------------------------------------------------------------------ decode
 // Flash-Decoding over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table (a
@@ -90,29 +103,18 @@ static_assert(sizeof(PrefillParams) == 184, "PrefillParams layout is shared by h
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {
-  int64_t q_strides[3];       // [batch, token, head]
-  int64_t k_strides[3];       // [block, slot, head]
-  int64_t v_strides[3];
-  int64_t out_strides[3];     // [batch, token, head]
-  int64_t lse_strides[3];     // [batch, head, token]
-  int32_t num_seqs;
-  int32_t num_heads;
-  int32_t num_kv_heads;
-  int32_t head_dim;
-  int32_t seqlen_q;           // new query tokens per sequence (>= 1), bottom-right aligned
+  AttentionShape shape;     // k/v strides are the caches' [block, slot, head]
+  MaskParams mask;
+  int32_t seqlen_q;         // new query tokens per sequence (>= 1), bottom-right aligned
   int32_t block_size;
-  int32_t num_blocks;         // block_table entries outside [0, num_blocks) hide their keys
-  int32_t blocks_per_seq;     // block_table row length
-  int32_t partition_size;     // keys per partition, a multiple of the K tile
+  int32_t num_blocks;       // block_table entries outside [0, num_blocks) hide their keys
+  int32_t blocks_per_seq;   // block_table row length
+  int32_t partition_size;   // keys per partition, a multiple of the K tile
   int32_t num_partitions;
-  int32_t has_kv_start;       // 1: DECODE_BUFFER_KV_START holds each sequence's first key
-  int32_t alibi_seq_stride;   // 0: slopes [H]; H: slopes [B, H]
-  float scale;
-  float softcap;
-  int32_t window_left;
-  int32_t window_right;
+  int32_t has_kv_start;     // 1: DECODE_BUFFER_KV_START holds each sequence's first key
+  int32_t pad_;
 };
-static_assert(sizeof(DecodeParams) == 184, "DecodeParams layout is shared by host and shader");
+static_assert(sizeof(DecodeParams) == 192, "DecodeParams layout is shared by host and shader");
 
 // Appends new K/V tokens to a paged cache at cache_seqlens[b] + i through block_table.
 #define KV_WRITE_BUFFER_K 0

@@ -8,6 +8,8 @@
 // that share a row differ in lane bits 0 and 3 (row reductions: simd_shuffle_xor by 1 and 8).
 #pragma once
 #include <metal_stdlib>
+
+#include "attention_params.h"
 using namespace metal;
 
 // A masked score. Finite on purpose: Metal compiles with fast math, which may assume no infinities.
@@ -52,6 +54,11 @@ struct ScoreRules {
     int window_left, window_right;         // -1: unbounded
     float softcap_value;
 };
+
+// Field by field: a struct in the constant address space does not convert to a thread-space one.
+METAL_FUNC ScoreRules score_rules(bool causal, bool window, bool softcap, bool alibi, constant MaskParams& mask) {
+    return {causal, window, softcap, alibi, mask.window_left, mask.window_right, mask.softcap};
+}
 
 // Q fragments for the lane's row, pre-scaled, in fp32; invalid rows are zero.
 template <typename T, int D>

@@ -79,8 +79,8 @@ template <typename T, int D>
     threadgroup uint tile_valid;
 
     const int seq = int(tgid.z), partition = int(tgid.x);
-    const int kv_head = int(tgid.y) % p.num_kv_heads, row_chunk = int(tgid.y) / p.num_kv_heads;
-    const int group = p.num_heads / p.num_kv_heads;
+    const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;
+    const int group = p.shape.num_heads / p.shape.num_kv_heads;
     const int rows = group * p.seqlen_q;
     const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p);
     const int shift = keys.count - p.seqlen_q;   // bottom-right: new token i sits at key i + shift
@@ -88,8 +88,8 @@ template <typename T, int D>
     // Keys [lo, hi) of this partition can be visible to some query row.
     int band_lo = 0, band_hi = keys.count;
     if (do_causal) band_hi = min(band_hi, p.seqlen_q - 1 + shift + 1);
-    if (has_window && p.window_right >= 0) band_hi = min(band_hi, p.seqlen_q - 1 + shift + p.window_right + 1);
-    if (has_window && p.window_left >= 0) band_lo = max(band_lo, shift - p.window_left);
+    if (has_window && p.mask.window_right >= 0) band_hi = min(band_hi, p.seqlen_q - 1 + shift + p.mask.window_right + 1);
+    if (has_window && p.mask.window_left >= 0) band_lo = max(band_lo, shift - p.mask.window_left);
     const int lo = max(band_lo, partition * p.partition_size);
     const int hi = min(band_hi, (partition + 1) * p.partition_size);
 
@@ -98,7 +98,7 @@ template <typename T, int D>
     const bool row_valid = row < rows;
     const int head = kv_head * group + (row_valid ? row / p.seqlen_q : 0);
     const int token = row_valid ? row % p.seqlen_q : 0;
-    const int64_t partial_row = ((int64_t(seq) * p.num_heads + head) * p.seqlen_q + token) * p.num_partitions + partition;
+    const int64_t partial_row = ((int64_t(seq) * p.shape.num_heads + head) * p.seqlen_q + token) * p.num_partitions + partition;
 
     if (lo >= hi) {   // nothing of this partition is visible: no math, no K/V reads
         if (tid == 0) WORK_COUNT("partitions_skipped", 1);
@@ -118,15 +118,15 @@ template <typename T, int D>
         WORK_COUNT("partitions_computed", 1);
     }
 
-    const ScoreRules rules{do_causal, has_window, has_softcap, has_alibi, p.window_left, p.window_right, p.softcap};
-    const float slope = has_alibi ? alibi_slopes[seq * p.alibi_seq_stride + head] * LOG2E : 0.0f;
+    const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
+    const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
     Fragments<D / 8> q_frag, o_frag;
-    load_q<T, D>(q_frag, q + seq * p.q_strides[STRIDE_BATCH] + token * p.q_strides[STRIDE_TOKEN]
-                           + head * p.q_strides[STRIDE_HEAD], row_valid, p.scale, fc);
+    load_q<T, D>(q_frag, q + seq * p.shape.q_strides[STRIDE_BATCH] + token * p.shape.q_strides[STRIDE_TOKEN]
+                           + head * p.shape.q_strides[STRIDE_HEAD], row_valid, p.mask.scale, fc);
     clear<D>(o_frag);
     OnlineSoftmax state;
-    const device T* k_head = k_cache + kv_head * p.k_strides[STRIDE_HEAD];
-    const device T* v_head = v_cache + kv_head * p.v_strides[STRIDE_HEAD];
+    const device T* k_head = k_cache + kv_head * p.shape.k_strides[STRIDE_HEAD];
+    const device T* v_head = v_cache + kv_head * p.shape.v_strides[STRIDE_HEAD];
     const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
 
     for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
@@ -149,7 +149,7 @@ template <typename T, int D>
             if (lane == 0) tile_valid = valid;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_paged_tile<T, D, BK, LD>(tile, k_head, block_of, slot_of, p.k_strides[0], p.k_strides[1], tid, threads);
+        load_paged_tile<T, D, BK, LD>(tile, k_head, block_of, slot_of, p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN], tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         Fragments<BK / 8> s_frag;
@@ -157,7 +157,7 @@ template <typename T, int D>
         softmax_tile<D, BK>(s_frag, state, o_frag, key0, hi, tile_valid, token + shift, row_valid, slope, rules, fc);
 
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_paged_tile<T, D, BK, LD>(tile, v_head, block_of, slot_of, p.v_strides[0], p.v_strides[1], tid, threads);
+        load_paged_tile<T, D, BK, LD>(tile, v_head, block_of, slot_of, p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN], tid, threads);
         if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
@@ -176,9 +176,9 @@ template <typename T, int D>
         return;
     }
     if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
-    store_row<T, D>(out + seq * p.out_strides[STRIDE_BATCH] + token * p.out_strides[STRIDE_TOKEN]
-                        + head * p.out_strides[STRIDE_HEAD],
-                    lse + seq * p.lse_strides[0] + head * p.lse_strides[1] + token * p.lse_strides[2], state, o_frag, fc);
+    store_row<T, D>(out + seq * p.shape.out_strides[STRIDE_BATCH] + token * p.shape.out_strides[STRIDE_TOKEN]
+                        + head * p.shape.out_strides[STRIDE_HEAD],
+                    lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + token * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
 }
 
 // Merge the partitions of one (sequence, head, new token): grid (Sq, H, B), one simdgroup.
@@ -194,7 +194,7 @@ template <typename T, int D>
     uint3 tgid [[threadgroup_position_in_grid]],
     ushort lane [[thread_index_in_simdgroup]]) {
     const int token = int(tgid.x), head = int(tgid.y), seq = int(tgid.z);
-    const int64_t first = ((int64_t(seq) * p.num_heads + head) * p.seqlen_q + token) * p.num_partitions;
+    const int64_t first = ((int64_t(seq) * p.shape.num_heads + head) * p.seqlen_q + token) * p.num_partitions;
 
     float max_log2 = -FLT_MAX;
     for (int part = lane; part < p.num_partitions; part += DECODE_REDUCE_THREADS)
@@ -227,14 +227,14 @@ template <typename T, int D>
             }
         }
     }
-    device T* out_row = out + seq * p.out_strides[STRIDE_BATCH] + token * p.out_strides[STRIDE_TOKEN]
-                            + head * p.out_strides[STRIDE_HEAD];
+    device T* out_row = out + seq * p.shape.out_strides[STRIDE_BATCH] + token * p.shape.out_strides[STRIDE_TOKEN]
+                            + head * p.shape.out_strides[STRIDE_HEAD];
     for (int i = 0; i < D_PER_LANE; ++i) {
         const int d = i * DECODE_REDUCE_THREADS + lane;
         if (d < D) out_row[d] = T(acc[i]);
     }
     if (lane == 0)
-        lse[seq * p.lse_strides[0] + head * p.lse_strides[1] + token * p.lse_strides[2]] =
+        lse[seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + token * p.shape.lse_strides[LSE_TOKEN]] =
             denominator > 0.0f ? (max_log2 + log2(denominator)) * LN2 : -INFINITY;
 }
 

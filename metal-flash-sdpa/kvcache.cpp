@@ -121,12 +121,13 @@ namespace {
 struct DecodeGeometry {
   CacheGeometry cache;
   int64_t seqlen_q, num_heads;
+  AttentionOptions options;
 };
 
 DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& block_table, const at::Tensor& seqlens_k,
                                  const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-                                 int64_t window_left, int64_t window_right, double softcap,
+                                 bool causal, int64_t window_left, int64_t window_right, double softcap,
                                  const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
   element_type(q, "q");
   const CacheGeometry c = check_cache(k_cache, v_cache, block_table, q, "q");
@@ -141,25 +142,9 @@ DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   check_int32_per_sequence(seqlens_k, "cache_seqlens", c.num_seqs, q);
   if (kv_start) check_int32_per_sequence(*kv_start, "cache_leftpad", c.num_seqs, q);
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1 (-1: unbounded), got (",
-                    window_left, ", ", window_right, ")");
-  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 disables it), got ", softcap);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
-  if (s_aux) {
-    TORCH_CHECK_VALUE(s_aux->dim() == 1 && s_aux->size(0) == H, "s_aux (sinks) must be [num_heads] = [", H,
-                      "], got shape ", s_aux->sizes());
-    TORCH_CHECK_TYPE(s_aux->is_floating_point(), "s_aux must be a floating-point tensor, got ", s_aux->scalar_type());
-    check_same_device(*s_aux, q, "s_aux");
-  }
-  if (alibi_slopes) {
-    const bool ok = (alibi_slopes->dim() == 1 && alibi_slopes->size(0) == H) ||
-                    (alibi_slopes->dim() == 2 && alibi_slopes->size(0) == c.num_seqs && alibi_slopes->size(1) == H);
-    TORCH_CHECK_VALUE(ok, "alibi_slopes must be [num_heads] or [batch, num_heads], got shape ", alibi_slopes->sizes());
-    TORCH_CHECK_TYPE(alibi_slopes->scalar_type() == at::kFloat, "alibi_slopes must be torch.float32, got ",
-                     alibi_slopes->scalar_type());
-    check_same_device(*alibi_slopes, q, "alibi_slopes");
-  }
-  return {c, q.size(1), H};
+  const AttentionOptions options = check_attention_options(q, c.num_seqs, H, softmax_scale, causal, window_left,
+                                                           window_right, softcap, alibi_slopes, s_aux);
+  return {c, q.size(1), H, options};
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
@@ -175,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
     bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
   const DecodeGeometry g = check_decode_args(q_in, k_cache, v_cache, block_table, seqlens_k, kv_start, num_splits,
-                                             softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
+                                             softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                             s_aux);
   const CacheGeometry& c = g.cache;
   const int64_t capacity = c.blocks_per_seq * c.block_size;
   int64_t max_keys = capacity;   // when the lengths are not read, the partitions cover the whole table
@@ -198,52 +184,36 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
 
   const at::Tensor q = unit_stride_head_dim(q_in);
   DecodeProblem pb{};
-  pb.dtype = element_type(q, "q");
-  pb.num_seqs = c.num_seqs;
-  pb.num_heads = g.num_heads;
-  pb.num_kv_heads = c.num_kv_heads;
-  pb.head_dim = c.head_dim;
+  pb.tensors = {element_type(q, "q"), c.num_seqs, g.num_heads, c.num_kv_heads, c.head_dim,
+                token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
+                token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)}};
+  pb.options = g.options;
   pb.seqlen_q = g.seqlen_q;
   pb.block_size = c.block_size;
   pb.num_blocks = c.num_blocks;
   pb.blocks_per_seq = c.blocks_per_seq;
   pb.max_seqlen_k = max_keys;
   pb.num_splits = num_splits;
-  pb.q = token_strides(q, false);
-  pb.k_cache = token_strides(k_cache, false);
-  pb.v_cache = token_strides(v_cache, false);
-  pb.out = token_strides(out, false);
-  pb.lse = {lse.stride(0), lse.stride(1), lse.stride(2)};
   pb.has_kv_start = kv_start.has_value();
-  pb.scale = float(softmax_scale);
-  pb.causal = causal;
-  pb.window_left = window_left;
-  pb.window_right = window_right;
-  pb.softcap = float(softcap);
-  pb.has_sinks = s_aux.has_value();
-  pb.has_alibi = alibi_slopes.has_value();
-  pb.alibi_seq_stride = alibi_slopes && alibi_slopes->dim() == 2 ? g.num_heads : 0;
 
   DecodeParams params;
   const DecodePlan plan = plan_decode(pb, &params);
-  const at::Tensor sinks = s_aux ? s_aux->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor slopes = alibi_slopes ? alibi_slopes->contiguous() : at::Tensor();
+  const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
   const int64_t partials = plan.split ? c.num_seqs * g.num_heads * g.seqlen_q * plan.num_partitions : 0;
-  const at::Tensor partial_max = at::empty({partials}, q.options().dtype(at::kFloat));
-  const at::Tensor partial_sum = at::empty({partials}, q.options().dtype(at::kFloat));
-  const at::Tensor partial_out = at::empty({partials * c.head_dim}, q.options().dtype(at::kFloat));
-  const int32_t unused = 0;   // Metal needs every buffer argument bound, even ones a constant switches off
-  const auto optional = [&](int index, bool present, const at::Tensor& t) {
-    return present ? bind_tensor(index, t) : bind_bytes(index, unused);
+  const auto partial = [&](int64_t size) {
+    return plan.split ? at::empty({size}, q.options().dtype(at::kFloat)) : at::Tensor();
   };
+  const at::Tensor partial_max = partial(partials), partial_sum = partial(partials);
+  const at::Tensor partial_out = partial(partials * c.head_dim);
+  const at::Tensor no_tensor;
   std::vector<BufferBinding> shared = {
       bind_bytes(DECODE_BUFFER_PARAMS, params),
-      optional(DECODE_BUFFER_SINKS, s_aux.has_value(), sinks),
+      bind_optional(DECODE_BUFFER_SINKS, extras.sinks),
       bind_tensor(DECODE_BUFFER_OUT, out),
       bind_tensor(DECODE_BUFFER_LSE, lse),
-      optional(DECODE_BUFFER_PARTIAL_MAX, plan.split, partial_max),
-      optional(DECODE_BUFFER_PARTIAL_SUM, plan.split, partial_sum),
-      optional(DECODE_BUFFER_PARTIAL_OUT, plan.split, partial_out),
+      bind_optional(DECODE_BUFFER_PARTIAL_MAX, partial_max),
+      bind_optional(DECODE_BUFFER_PARTIAL_SUM, partial_sum),
+      bind_optional(DECODE_BUFFER_PARTIAL_OUT, partial_out),
   };
   std::vector<BufferBinding> attention = shared;
   attention.insert(attention.end(), {
@@ -252,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
       bind_tensor(DECODE_BUFFER_V_CACHE, v_cache),
       bind_tensor(DECODE_BUFFER_BLOCK_TABLE, block_table),
       bind_tensor(DECODE_BUFFER_SEQLENS_K, seqlens_k),
-      optional(DECODE_BUFFER_KV_START, kv_start.has_value(), kv_start ? *kv_start : at::Tensor()),
-      optional(DECODE_BUFFER_ALIBI, alibi_slopes.has_value(), slopes),
+      bind_optional(DECODE_BUFFER_KV_START, kv_start ? *kv_start : no_tensor),
+      bind_optional(DECODE_BUFFER_ALIBI, extras.slopes),
   });
   dispatch(plan.attention, attention);
   if (plan.split) dispatch(plan.reduce, shared);
@@ -263,10 +233,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode_meta(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
     const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-    bool /*causal*/, int64_t window_left, int64_t window_right, double softcap,
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
-  check_decode_args(q, k_cache, v_cache, block_table, seqlens_k, kv_start, num_splits, softmax_scale, window_left,
-                    window_right, softcap, alibi_slopes, s_aux);
+  check_decode_args(q, k_cache, v_cache, block_table, seqlens_k, kv_start, num_splits, softmax_scale, causal,
+                    window_left, window_right, softcap, alibi_slopes, s_aux);
   return decode_outputs(q);
 }
 

@@ -33,46 +33,47 @@ struct Strides3 {
   int64_t batch, token, head;   // elements; the head dim itself is contiguous
 };
 
-// One prefill call. Packed varlen: num_seqs sequences laid out by cu_seqlens in [total, H, D] tensors
-// (batch strides 0). Batched: uniform_seqlen_q/k >= 0 and tensors are [B, S, H, D] views.
-struct PrefillProblem {
+// The tensors of an attention call (AttentionShape on the shader side).
+struct AttentionTensors {
   ElementType dtype;
   int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  Strides3 q, k, v, out;   // decode: k/v are the caches, {block, slot, head}
+  Strides3 lse;            // note: {batch, head, token} order for the LSE
+};
+
+// Masks and score options (MaskParams + function constants on the shader side).
+struct AttentionOptions {
+  float scale;
+  bool causal;
+  int64_t window_left, window_right;   // -1: unbounded
+  float softcap;                       // 0: off
+  bool has_sinks;
+  bool has_alibi;
+  int64_t alibi_seq_stride;            // 0: slopes [H]; H: slopes [B, H]
+};
+
+// One prefill call. Packed varlen: sequences laid out by cu_seqlens in [total, H, D] tensors (batch strides
+// 0). Batched: uniform_seqlen_q/k >= 0 and tensors are [B, S, H, D] views.
+struct PrefillProblem {
+  AttentionTensors tensors;
+  AttentionOptions options;
   int64_t total_q, total_k;                    // tokens per batch entry (packed: all tokens)
   int64_t uniform_seqlen_q, uniform_seqlen_k;  // -1 for varlen
   int64_t max_seqlen_q;                        // sizes the grid; longer sequences are still covered
   int64_t seqlen_q_gcd, seqlen_k_gcd;          // gcd of the sequence lengths (0: all empty): alignment
-  Strides3 q, k, v, out;
-  Strides3 lse;                                // note: {batch, head, token} order for the LSE
-  float scale;
-  bool causal;
-  int64_t window_left, window_right;           // -1: unbounded
-  float softcap;                               // 0: off
-  bool has_sinks;
-  bool has_alibi;
-  int64_t alibi_seq_stride;                    // 0: slopes [H]; H: slopes [B, H]
 };
 
 KernelLaunch plan_prefill(const PrefillProblem& problem, PrefillParams* params);
 
 // One decode step over a paged cache (a contiguous cache is one block of S slots per sequence).
 struct DecodeProblem {
-  ElementType dtype;
-  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  AttentionTensors tensors;
+  AttentionOptions options;
   int64_t seqlen_q;                 // new query tokens per sequence
   int64_t block_size, num_blocks, blocks_per_seq;
   int64_t max_seqlen_k;             // longest key range, sizes the partitions (capacity when unknown)
   int64_t num_splits;               // 0: heuristic (DECODE_PARTITION_SIZE keys per partition)
-  Strides3 q, k_cache, v_cache, out;  // caches: {block, slot, head}
-  Strides3 lse;                     // {batch, head, token}
   bool has_kv_start;
-  float scale;
-  bool causal;
-  int64_t window_left, window_right;
-  float softcap;
-  bool has_sinks;
-  bool has_alibi;
-  int64_t alibi_seq_stride;
 };
 
 struct DecodePlan {

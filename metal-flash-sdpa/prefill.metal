@@ -63,22 +63,22 @@ template <typename T, int D>
         k_start = clamp(cu_seqlens_k[seq], 0, p.total_k);
         seqlen_k = clamp(cu_seqlens_k[seq + 1], k_start, p.total_k) - k_start;
     }
-    const int kv_head = head / (p.num_heads / p.num_kv_heads);
+    const int kv_head = head / (p.shape.num_heads / p.shape.num_kv_heads);
     // Bottom-right alignment: query row i sits at key position i + shift.
     const int shift = seqlen_k - seqlen_q;
-    const device T* q_seq = q + seq * p.q_strides[STRIDE_BATCH] + q_start * p.q_strides[STRIDE_TOKEN]
-                              + head * p.q_strides[STRIDE_HEAD];
-    device T* out_seq = out + seq * p.out_strides[STRIDE_BATCH] + q_start * p.out_strides[STRIDE_TOKEN]
-                            + head * p.out_strides[STRIDE_HEAD];
-    device float* lse_seq = lse + seq * p.lse_strides[0] + head * p.lse_strides[1] + q_start * p.lse_strides[2];
-    const device T* k_head = k + seq * p.k_strides[STRIDE_BATCH] + k_start * p.k_strides[STRIDE_TOKEN]
-                               + kv_head * p.k_strides[STRIDE_HEAD];
-    const device T* v_head = v + seq * p.v_strides[STRIDE_BATCH] + k_start * p.v_strides[STRIDE_TOKEN]
-                               + kv_head * p.v_strides[STRIDE_HEAD];
-    const float slope = has_alibi ? alibi_slopes[seq * p.alibi_seq_stride + head] * LOG2E : 0.0f;
+    const device T* q_seq = q + seq * p.shape.q_strides[STRIDE_BATCH] + q_start * p.shape.q_strides[STRIDE_TOKEN]
+                              + head * p.shape.q_strides[STRIDE_HEAD];
+    device T* out_seq = out + seq * p.shape.out_strides[STRIDE_BATCH] + q_start * p.shape.out_strides[STRIDE_TOKEN]
+                            + head * p.shape.out_strides[STRIDE_HEAD];
+    device float* lse_seq = lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + q_start * p.shape.lse_strides[LSE_TOKEN];
+    const device T* k_head = k + seq * p.shape.k_strides[STRIDE_BATCH] + k_start * p.shape.k_strides[STRIDE_TOKEN]
+                               + kv_head * p.shape.k_strides[STRIDE_HEAD];
+    const device T* v_head = v + seq * p.shape.v_strides[STRIDE_BATCH] + k_start * p.shape.v_strides[STRIDE_TOKEN]
+                               + kv_head * p.shape.v_strides[STRIDE_HEAD];
+    const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);
-    const ScoreRules rules{do_causal, has_window, has_softcap, has_alibi, p.window_left, p.window_right, p.softcap};
+    const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
 
     // Uniform over the threadgroup, so the barriers inside stay convergent.
     for (int block_row0 = int(tgid.x) * PREFILL_BLOCK_Q; block_row0 < seqlen_q;
@@ -87,22 +87,22 @@ template <typename T, int D>
         const int last_row = min(block_row0 + PREFILL_BLOCK_Q, seqlen_q) - 1;
         int band_lo = 0, band_hi = seqlen_k;
         if (do_causal) band_hi = min(band_hi, last_row + shift + 1);
-        if (has_window && p.window_right >= 0) band_hi = min(band_hi, last_row + shift + p.window_right + 1);
-        if (has_window && p.window_left >= 0) band_lo = max(band_lo, block_row0 + shift - p.window_left);
+        if (has_window && p.mask.window_right >= 0) band_hi = min(band_hi, last_row + shift + p.mask.window_right + 1);
+        if (has_window && p.mask.window_left >= 0) band_lo = max(band_lo, block_row0 + shift - p.mask.window_left);
         const int kb_begin = max(band_lo, 0) / BK;
         const int kb_end = band_hi > band_lo ? (band_hi + BK - 1) / BK : kb_begin;
 
         const int row = block_row0 + int(sg) * 8 + fc.row;   // query row in the sequence
         const bool row_valid = align_q || row < seqlen_q;
         Fragments<D / 8> q_frag, o_frag;
-        load_q<T, D>(q_frag, q_seq + row * p.q_strides[STRIDE_TOKEN], row_valid, p.scale, fc);
+        load_q<T, D>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN], row_valid, p.mask.scale, fc);
         clear<D>(o_frag);
         OnlineSoftmax state;
 
         for (int kb = kb_begin; kb < kb_end; ++kb) {
             const int key0 = kb * BK;
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            load_tile<T, D, BK, LD>(tile, k_head, key0, seqlen_k, p.k_strides[STRIDE_TOKEN], tid);
+            load_tile<T, D, BK, LD>(tile, k_head, key0, seqlen_k, p.shape.k_strides[STRIDE_TOKEN], tid);
             if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             Fragments<BK / 8> s_frag;
@@ -110,7 +110,7 @@ template <typename T, int D>
             softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, slope, rules, fc);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            load_tile<T, D, BK, LD>(tile, v_head, key0, seqlen_k, p.v_strides[STRIDE_TOKEN], tid);
+            load_tile<T, D, BK, LD>(tile, v_head, key0, seqlen_k, p.shape.v_strides[STRIDE_TOKEN], tid);
             if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
@@ -118,7 +118,7 @@ template <typename T, int D>
         if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
 
         if (!row_valid) continue;   // only ever true in the last block, so no barrier follows
-        store_row<T, D>(out_seq + row * p.out_strides[STRIDE_TOKEN], lse_seq + row * p.lse_strides[2], state, o_frag, fc);
+        store_row<T, D>(out_seq + row * p.shape.out_strides[STRIDE_TOKEN], lse_seq + row * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
     }
 }
 
