@@ -156,3 +156,15 @@ def test_compiled_decode_step_matches_eager(fa):
     got = compiled(args["q"], args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"], k)
     assert torch.equal(got, expected)
     assert torch.equal(args["k_cache"], eager_cache[0])   # the in-place append happened under compile too
+
+
+def test_compiled_kv_cache_write_matches_eager(fa):
+    args = cache_and_inputs()
+    k = torch.randn(2, 2, 2, 64, device=DEVICE).half()
+    eager_k, eager_v = args["k_cache"].clone(), args["v_cache"].clone()
+    fa.kv_cache_write(k, -k, eager_k, eager_v, args["block_table"], args["cache_seqlens"])
+    torch._dynamo.reset()
+    compiled = torch.compile(fa.kv_cache_write, fullgraph=True, backend="aot_eager")
+    compiled(k, -k, args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"])
+    assert torch.equal(args["k_cache"], eager_k) and torch.equal(args["v_cache"], eager_v)
+    assert not torch.equal(eager_k, cache_and_inputs()["k_cache"])   # something was written

@@ -57,3 +57,22 @@ def test_compat_subfolder_exports_the_same_api(fa):
     for name in PUBLIC:
         assert callable(getattr(module, name))
     assert torch.equal(module.flash_attn_func(q, q, q), fa.flash_attn_func(q, q, q))
+
+
+def test_variant_choice_on_other_systems():
+    """kernels picks the Metal build on a Mac, and rejects this CPU (x86_64 Linux) build there with a
+    message that says why (private resolver of the pinned kernels 0.17.2, fed explicit systems)."""
+    from packaging.version import Version
+    from kernels.backends import CPU, Metal
+    from kernels.variants import _resolve_variant_for_system, parse_variant, variants_trace_str
+
+    ours, metal = parse_variant("torch213-cxx11-cpu-x86_64-linux"), parse_variant("torch213-metal-aarch64-darwin")
+    chosen, trace = _resolve_variant_for_system([ours, metal], Metal(), "aarch64", "darwin", Version("2.13"), None,
+                                                None, Version("26.0"))
+    assert chosen == [metal]
+    assert "CPU (x86_64) does not match system CPU (aarch64)" in variants_trace_str(trace)
+    chosen, trace = _resolve_variant_for_system([ours, metal], CPU(), "aarch64", "darwin", Version("2.13"), None,
+                                                None, Version("26.0"))
+    assert chosen == [] and "backend (metal) does not match selected backend (cpu)" in variants_trace_str(trace)
+    chosen, _ = _resolve_variant_for_system([ours, metal], CPU(), "x86_64", "linux", Version("2.13"), True, None, None)
+    assert chosen == [ours]

@@ -1,0 +1,40 @@
+"""The README's support tables are checked against what the tests exercise and what the kernel accepts."""
+import re
+
+import pytest
+import torch
+
+from tests.conftest import REPO, DEVICE
+from tests.test_prefill import DTYPES, HEAD_DIMS
+
+README = (REPO / "README.md").read_text()
+
+
+def table_row(label):
+    row = re.search(rf"^\| {re.escape(label)} \| (.*) \|$", README, re.M)
+    assert row, f"README has no '{label}' row"
+    return row.group(1)
+
+
+def test_head_dims_row_matches_tests_and_kernel(fa):
+    listed = [int(d) for d in re.findall(r"\d+", table_row("head dims"))]
+    assert listed == HEAD_DIMS
+    q = torch.zeros(4, 1, 48, device=DEVICE)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(NotImplementedError) as info:   # the kernel's own list, in its error message
+        fa.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4)
+    assert [int(d) for d in re.findall(r"\d+", str(info.value).split("supported head dims:")[1])] == listed
+
+
+def test_dtypes_row_matches_tests():
+    names = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    listed = [names[n] for n in re.findall(r"fp16|bf16|fp32", table_row("dtypes"))]
+    assert sorted(map(str, listed)) == sorted(map(str, DTYPES))
+
+
+def test_model_family_table_matches_the_transformers_tests():
+    pytest.importorskip("transformers")
+    from tests.test_transformers import FAMILIES
+    rows = re.findall(r"^\| (Llama|Mistral|Qwen2|Gemma 2|gpt-oss|[A-Za-z0-9 -]+) \| [^|]+ \|$", README, re.M)
+    names = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Gemma 2": "gemma2", "gpt-oss": "gpt_oss"}
+    assert sorted(names[r] for r in rows if r in names) == sorted(FAMILIES)
