@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "torch-ext/torch_binding.h"
+#include "../torch-ext/torch_binding.h"
 #include "dispatch.h"
 #include "launch_plan.h"
 #include "op_checks.h"

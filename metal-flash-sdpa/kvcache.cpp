@@ -12,7 +12,7 @@
 #include "dispatch.h"
 #include "launch_plan.h"
 #include "op_checks.h"
-#include "torch-ext/torch_binding.h"
+#include "../torch-ext/torch_binding.h"
 
 namespace metal_flash_sdpa {
 

@@ -55,8 +55,9 @@ def torch_flags(extension: str) -> list[str]:
     import torch
     return ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DCPU_KERNEL",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-DTORCH_EXTENSION_NAME={extension}", f"-I{REPO}", f"-I{REPO / 'torch-ext'}",
-            f"-I{REPO / 'metal-flash-sdpa'}", f"-I{REPO / 'scripts' / 'kernel_builder'}",
+            # Sources include each other by relative paths, as kernel-builder builds them; only the generated
+            # registration.h and the simulator's C ABI come from include paths.
+            f"-DTORCH_EXTENSION_NAME={extension}", f"-I{REPO / 'scripts' / 'kernel_builder'}",
             f"-I{mslsim_build.INCLUDE_DIR}", f"-I{sysconfig.get_paths()['include']}",
             *[f"-isystem{p}" for p in cpp_extension.include_paths()]]
 

@@ -6,7 +6,7 @@
 #include "torch_binding.h"
 
 #if defined(CPU_KERNEL)
-#include "metal-flash-sdpa/simulator_counters.h"
+#include "../metal-flash-sdpa/simulator_counters.h"
 
 static c10::Dict<std::string, int64_t> simulator_counters(bool reset) {
   c10::Dict<std::string, int64_t> counters;
