@@ -216,10 +216,13 @@ template <typename T, int D>
     for (int i = 0; i < D_PER_LANE; ++i) acc[i] = 0.0f;
     for (int part0 = 0; part0 < p.num_partitions; part0 += DECODE_REDUCE_THREADS) {
         const int mine = part0 + lane;
-        const float weight = mine < p.num_partitions ? fast::exp2(partial_max[first + mine] - max_log2) * inv : 0.0f;
+        const float weight = mine < p.num_partitions
+            ? partial_sum[first + mine] > 0.0f ? fast::exp2(partial_max[first + mine] - max_log2) * inv : 0.0f
+            : 0.0f;
         const int count = min(DECODE_REDUCE_THREADS, p.num_partitions - part0);
         for (int j = 0; j < count; ++j) {
             const float w = simd_shuffle(weight, ushort(j));
+            if (w == 0.0f) continue;   // a skipped (or fully masked) partition adds nothing: do not read it
             const device float* partial = partial_out + (first + part0 + j) * D;
             for (int i = 0; i < D_PER_LANE; ++i) {
                 const int d = i * DECODE_REDUCE_THREADS + lane;

@@ -114,12 +114,12 @@ def test_contexts_windows_and_partition_skipping(fa, counters, context, W):
     assert c["device_bytes_read[1]"] == minimal and c["device_bytes_read[2]"] == minimal   # K, V caches
 
 
-@pytest.mark.parametrize("num_splits, bound", [(1, 1.05), (0, 1.10)], ids=["no_split", "split_k"])
+@pytest.mark.parametrize("num_splits, bound", [(1, 1.05), (0, 1.06)], ids=["no_split", "split_k"])
 def test_bytes_read_per_step_with_gqa_packing(fa, counters, num_splits, bound):
     """All query heads of a KV head share each K/V read: K/V cache bytes read == the window's keys once per
     KV head, exactly. Counting every buffer the step reads (q, block table, lengths, split-K partials; params
     excluded: constant memory), the total is <= 1.05x minimal without a split; split-K adds its inherent
-    traffic (q once per partition, fp32 partials: ~9% here), bounded at 1.10."""
+    traffic (q once per partition, fp32 partials of the partitions that did work: 5.7% here), bounded at 1.06."""
     B, H, Hkv, D, dtype = 4, 32, 4, 128, torch.bfloat16
     seqlens = [2000, 1500, 999, 2049]
     cache = PagedCache(seqlens, Hkv, D, 32, dtype, seed=5)
