@@ -137,6 +137,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
 
   const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
+  if (!g.varlen && g.total_q <= DECODE_MAX_NEW_TOKENS && g.total_k > 0) {
+    // Decode steps (generate() calls this with Sq = 1 < Sk): [B, Sk, Hkv, D] k/v are a cache of one Sk-slot
+    // block per sequence, so the decode kernel's GQA packing and split-K apply. Indices are built here, on
+    // the device, and valid by construction: no host round trip.
+    const auto ints = q.options().dtype(at::kInt);
+    run_decode(q, k, v, at::arange(g.num_seqs, ints).view({g.num_seqs, 1}), at::full({g.num_seqs}, g.total_k, ints),
+               std::nullopt, g.total_k, g.num_seqs, g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
+    return {out, lse};
+  }
   PrefillProblem pb{};
   pb.tensors = {element_type(q, "q"), g.num_seqs, g.num_heads, g.num_kv_heads, g.head_dim,
                 token_strides(q, g.varlen), token_strides(k, g.varlen), token_strides(v, g.varlen),

@@ -154,6 +154,57 @@ std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
 
 }  // namespace
 
+void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
+                int64_t block_size, int64_t num_blocks, int64_t max_keys, int64_t num_splits,
+                const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
+                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse) {
+  DecodeProblem pb{};
+  pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
+                token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
+                token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)}};
+  pb.options = options;
+  pb.seqlen_q = q.size(1);
+  pb.block_size = block_size;
+  pb.num_blocks = num_blocks;
+  pb.blocks_per_seq = block_table.size(1);
+  pb.max_seqlen_k = max_keys;
+  pb.num_splits = num_splits;
+  pb.has_kv_start = kv_start.has_value();
+
+  DecodeParams params;
+  const DecodePlan plan = plan_decode(pb, &params);
+  const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
+  const int64_t partials = plan.split ? q.size(0) * q.size(2) * q.size(1) * plan.num_partitions : 0;
+  const auto partial = [&](int64_t size) {
+    return plan.split ? at::empty({size}, q.options().dtype(at::kFloat)) : at::Tensor();
+  };
+  const at::Tensor partial_max = partial(partials), partial_sum = partial(partials);
+  const at::Tensor partial_out = partial(partials * q.size(3));
+  const at::Tensor no_tensor;
+  std::vector<BufferBinding> shared = {
+      bind_bytes(DECODE_BUFFER_PARAMS, params),
+      bind_optional(DECODE_BUFFER_SINKS, extras.sinks),
+      bind_tensor(DECODE_BUFFER_OUT, out),
+      bind_tensor(DECODE_BUFFER_LSE, lse),
+      bind_optional(DECODE_BUFFER_PARTIAL_MAX, partial_max),
+      bind_optional(DECODE_BUFFER_PARTIAL_SUM, partial_sum),
+      bind_optional(DECODE_BUFFER_PARTIAL_OUT, partial_out),
+  };
+  std::vector<BufferBinding> attention = shared;
+  attention.insert(attention.end(), {
+      bind_tensor(DECODE_BUFFER_Q, q),
+      bind_tensor(DECODE_BUFFER_K_CACHE, k_cache),
+      bind_tensor(DECODE_BUFFER_V_CACHE, v_cache),
+      bind_tensor(DECODE_BUFFER_BLOCK_TABLE, block_table),
+      bind_tensor(DECODE_BUFFER_SEQLENS_K, seqlens_k),
+      bind_optional(DECODE_BUFFER_KV_START, kv_start ? *kv_start : no_tensor),
+      bind_optional(DECODE_BUFFER_ALIBI, extras.slopes),
+  });
+  dispatch(plan.attention, attention);
+  if (plan.split) dispatch(plan.reduce, shared);
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
     const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
     const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
@@ -181,52 +232,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
   }
   auto [out, lse] = decode_outputs(q_in);
   if (c.num_seqs == 0 || g.num_heads == 0) return {out, lse};
-
-  const at::Tensor q = unit_stride_head_dim(q_in);
-  DecodeProblem pb{};
-  pb.tensors = {element_type(q, "q"), c.num_seqs, g.num_heads, c.num_kv_heads, c.head_dim,
-                token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
-                token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)}};
-  pb.options = g.options;
-  pb.seqlen_q = g.seqlen_q;
-  pb.block_size = c.block_size;
-  pb.num_blocks = c.num_blocks;
-  pb.blocks_per_seq = c.blocks_per_seq;
-  pb.max_seqlen_k = max_keys;
-  pb.num_splits = num_splits;
-  pb.has_kv_start = kv_start.has_value();
-
-  DecodeParams params;
-  const DecodePlan plan = plan_decode(pb, &params);
-  const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
-  const int64_t partials = plan.split ? c.num_seqs * g.num_heads * g.seqlen_q * plan.num_partitions : 0;
-  const auto partial = [&](int64_t size) {
-    return plan.split ? at::empty({size}, q.options().dtype(at::kFloat)) : at::Tensor();
-  };
-  const at::Tensor partial_max = partial(partials), partial_sum = partial(partials);
-  const at::Tensor partial_out = partial(partials * c.head_dim);
-  const at::Tensor no_tensor;
-  std::vector<BufferBinding> shared = {
-      bind_bytes(DECODE_BUFFER_PARAMS, params),
-      bind_optional(DECODE_BUFFER_SINKS, extras.sinks),
-      bind_tensor(DECODE_BUFFER_OUT, out),
-      bind_tensor(DECODE_BUFFER_LSE, lse),
-      bind_optional(DECODE_BUFFER_PARTIAL_MAX, partial_max),
-      bind_optional(DECODE_BUFFER_PARTIAL_SUM, partial_sum),
-      bind_optional(DECODE_BUFFER_PARTIAL_OUT, partial_out),
-  };
-  std::vector<BufferBinding> attention = shared;
-  attention.insert(attention.end(), {
-      bind_tensor(DECODE_BUFFER_Q, q),
-      bind_tensor(DECODE_BUFFER_K_CACHE, k_cache),
-      bind_tensor(DECODE_BUFFER_V_CACHE, v_cache),
-      bind_tensor(DECODE_BUFFER_BLOCK_TABLE, block_table),
-      bind_tensor(DECODE_BUFFER_SEQLENS_K, seqlens_k),
-      bind_optional(DECODE_BUFFER_KV_START, kv_start ? *kv_start : no_tensor),
-      bind_optional(DECODE_BUFFER_ALIBI, extras.slopes),
-  });
-  dispatch(plan.attention, attention);
-  if (plan.split) dispatch(plan.reduce, shared);
+  run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, block_table, seqlens_k, kv_start, c.block_size,
+             c.num_blocks, max_keys, num_splits, g.options, alibi_slopes, s_aux, out, lse);
   return {out, lse};
 }
 

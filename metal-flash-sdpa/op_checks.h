@@ -92,4 +92,12 @@ inline Strides3 token_strides(const at::Tensor& t, bool varlen) {   // [total, H
 
 inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// Flash-Decoding of q [B, Sq, H, D] over a paged cache (kvcache.cpp); also serves flash_attn_func's decode
+// steps. Indices must already be valid (checked, or built by the caller); writes out and lse.
+void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
+                int64_t block_size, int64_t num_blocks, int64_t max_keys, int64_t num_splits,
+                const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
+                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse);
+
 }  // namespace metal_flash_sdpa

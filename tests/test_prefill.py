@@ -202,6 +202,24 @@ def test_flash_attn_func_reads_views_in_place(fa, counters):
     assert torch.equal(out, fa.flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous()))
 
 
+@pytest.mark.parametrize("Sq", [1, 4])
+def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
+    """generate() decodes through flash_attn_func with Sq = 1 < Sk: those calls run the decode kernel, so all
+    query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split over 256-key partitions."""
+    B, Sk, H, Hkv, D = 2, 700, 8, 2, 64
+    g = torch.Generator().manual_seed(Sq)
+    q = torch.randn(B, H, Sq, D, generator=g).half().transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, Sk, D, generator=g).half().transpose(1, 2) for _ in range(2))
+    sinks = torch.randn(H, generator=g)
+    out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, window_size=(299, 299), s_aux=sinks, return_attn_probs=True)
+    c = counters()
+    assert c["partitions_computed"] == B * Hkv * 2 and c["partitions_skipped"] == B * Hkv * 1   # keys 400..699
+    assert c["device_bytes_read[1]"] == c["device_bytes_read[2]"] == B * Hkv * (299 + Sq) * D * 2
+    vq, vk, vv, cu_q, cu_k = batched_as_varlen(q.contiguous(), k.contiguous(), v.contiguous())
+    assert_matches_reference(out.reshape(B * Sq, H, D), lse.permute(1, 0, 2).reshape(H, B * Sq), vq, vk, vv, cu_q,
+                             cu_k, causal=True, window=(299, 299), sinks=sinks)
+
+
 # ---------------------------------------------------------------------------------------- band proof
 def tiles_with_a_visible_key(n, causal, window, block_q=32, block_k=32):
     """Ideal K-tile count from the explicit mask: tiles holding a visible key for some row of the block."""
