@@ -1,4 +1,4 @@
-"""Static checks of the Metal launcher (dispatch_metal.mm), which cannot be compiled or run on Linux: it
+"""Static checks of the Metal launcher (dispatch_metal.mm), which cannot be built or run on Linux: it
 keeps only Metal API calls, uses the torch MPS API that exists in the pinned torch headers, encodes on
 the stream's shared encoder, caches pipelines per constant set and binds tensors at their offsets."""
 import re
@@ -57,3 +57,28 @@ def test_launch_geometry_comes_from_the_plan_only():
 def test_defines_the_dispatch_declared_in_dispatch_h():
     declaration = re.search(r"void dispatch\([^)]*\);", (REPO / "metal-flash-sdpa" / "dispatch.h").read_text()).group(0)
     assert declaration[:-1] + " {" in CODE
+
+
+def objc_syntax_check(path, tmp_path):
+    """clang -fsyntax-only as Objective-C++ against tests/metal_stubs (Apple API declarations) + torch headers."""
+    import subprocess
+    from mslsim.build import compiler
+    stubs = REPO / "tests" / "metal_stubs"
+    cmd = [compiler(), "-fsyntax-only", "-Werror", "-x", "objective-c++", "-fblocks", "-std=c++17", f"-I{stubs}",
+           *[f"-isystem{p}" for p in torch.utils.cpp_extension.include_paths()],
+           '-DEMBEDDED_METALLIB_HEADER="metallib.h"', f"-I{REPO / 'metal-flash-sdpa'}", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def test_launcher_compiles_as_objective_cpp(tmp_path):
+    result = objc_syntax_check(REPO / "metal-flash-sdpa" / "dispatch_metal.mm", tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_syntax_check_has_teeth(tmp_path):
+    """A misspelled selector or a wrong C++ call in the launcher fails the check."""
+    for good, bad in [("setBuffer:", "setBufer:"), ("launch.threads_per_threadgroup", "launch.threads"),
+                      ("stream->commandEncoder()", "stream->encoder()")]:
+        mutated = tmp_path / "dispatch_metal.mm"
+        mutated.write_text(SOURCE.replace(good, bad))
+        assert objc_syntax_check(mutated, tmp_path).returncode != 0, bad
