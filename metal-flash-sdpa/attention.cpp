@@ -53,10 +53,7 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
   g.num_heads = q.size(-2);
   g.num_kv_heads = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "k has head_dim ", k.size(-1), " but q has ", g.head_dim);
-  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(g.head_dim), "head_dim ", g.head_dim,
-                              " is not supported; supported head dims: ", supported_head_dims());
-  TORCH_CHECK_VALUE(g.num_kv_heads > 0 && g.num_heads % g.num_kv_heads == 0, "the number of query heads (",
-                    g.num_heads, ") must be a multiple of the number of key/value heads (", g.num_kv_heads, ")");
+  check_heads(g.num_heads, g.num_kv_heads, g.head_dim);
   if (g.varlen) {
     for (const auto& [cu, name] : {std::pair{&*cu_seqlens_q, "cu_seqlens_q"}, std::pair{&*cu_seqlens_k, "cu_seqlens_k"}}) {
       TORCH_CHECK_TYPE(cu->scalar_type() == at::kInt, name, " must be torch.int32, got ", cu->scalar_type());
@@ -93,7 +90,7 @@ struct Seqlens {
 Seqlens check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
                          const char* max_name) {
   if (!data_checks_enabled()) return {-1, 1};   // unknown: the grid strides, no alignment assumed
-  const at::Tensor host = cu_seqlens.to(at::kCPU).contiguous();
+  const at::Tensor host = host_ints(cu_seqlens);
   const int32_t* cu = host.data_ptr<int32_t>();
   const int64_t entries = host.size(0);
   TORCH_CHECK_VALUE(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
@@ -137,13 +134,13 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
 
   const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
-  if (!g.varlen && g.total_q <= DECODE_MAX_NEW_TOKENS && g.total_k > 0) {
+  if (!g.varlen && g.total_q <= kDecodeMaxNewTokens && g.total_k > 0) {
     // Decode steps (generate() calls this with Sq = 1 < Sk): [B, Sk, Hkv, D] k/v are a cache of one Sk-slot
     // block per sequence, so the decode kernel's GQA packing and split-K apply. Indices are built here, on
     // the device, and valid by construction: no host round trip.
     const auto ints = q.options().dtype(at::kInt);
     run_decode(q, k, v, at::arange(g.num_seqs, ints).view({g.num_seqs, 1}), at::full({g.num_seqs}, g.total_k, ints),
-               std::nullopt, g.total_k, g.num_seqs, g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
+               std::nullopt, g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
     return {out, lse};
   }
   PrefillProblem pb{};

@@ -99,7 +99,6 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
 #define DECODE_BUFFER_PARTIAL_OUT 13   // fp32 [B, H, Sq, partitions, D]: unnormalised output
 
 #define DECODE_MAX_ROWS 32             // query rows per threadgroup (4 simdgroups of 8)
-#define DECODE_MAX_NEW_TOKENS 4        // flash_attn_func with Sq <= this (and Sk > 0) runs the decode kernel
 #define DECODE_PARTITION_SIZE 256      // keys per split-K partition unless num_splits says otherwise
 #define DECODE_REDUCE_THREADS 32
 

@@ -43,8 +43,6 @@ CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
                     block_table.sizes());
   CacheGeometry g{k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3), block_table.size(0),
                   block_table.size(1)};
-  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(g.head_dim), "head_dim ", g.head_dim,
-                              " is not supported; supported head dims: ", supported_head_dims());
   constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_NOT_IMPLEMENTED(g.blocks_per_seq * g.block_size <= int_max && g.num_blocks <= int_max,
                               "caches with more than 2^31 - 1 slots per sequence");
@@ -58,9 +56,6 @@ void check_int32_per_sequence(const at::Tensor& t, const char* name, int64_t num
   check_same_device(t, like, name);
 }
 
-// Host view of a small index tensor (data checks read them once).
-at::Tensor host_ints(const at::Tensor& t) { return t.to(at::kCPU).contiguous(); }
-
 // Every block a sequence uses for positions [first, end) must exist in the cache.
 void check_blocks_in_use(const at::Tensor& table, int64_t seq, int64_t first, int64_t end, const CacheGeometry& g) {
   if (end <= first) return;
@@ -70,19 +65,26 @@ void check_blocks_in_use(const at::Tensor& table, int64_t seq, int64_t first, in
                       " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
 }
 
+// Shape checks of the KV write, shared by the op and its meta kernel.
+CacheGeometry check_kv_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_table,
+                                  const at::Tensor& cache_seqlens) {
+  const CacheGeometry g = check_cache(k_cache, v_cache, block_table, k, "k");
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == g.num_seqs && k.size(2) == g.num_kv_heads && k.size(3) == g.head_dim,
+                    "k must be [batch, new_tokens, kv_heads, head_dim] = [", g.num_seqs, ", n, ", g.num_kv_heads, ", ",
+                    g.head_dim, "], got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), "k and v must have the same dtype");
+  check_same_device(v, k, "v");
+  check_int32_per_sequence(cache_seqlens, "cache_seqlens", g.num_seqs, k);
+  return g;
+}
+
 }  // namespace
 
 void kv_cache_write(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
                     const at::Tensor& block_table, const at::Tensor& cache_seqlens) {
-  const CacheGeometry g = check_cache(k_cache, v_cache, block_table, k_in, "k");
-  TORCH_CHECK_VALUE(k_in.dim() == 4 && k_in.size(0) == g.num_seqs && k_in.size(2) == g.num_kv_heads &&
-                        k_in.size(3) == g.head_dim,
-                    "k must be [batch, new_tokens, kv_heads, head_dim] = [", g.num_seqs, ", n, ", g.num_kv_heads, ", ",
-                    g.head_dim, "], got shape ", k_in.sizes());
-  TORCH_CHECK_VALUE(v_in.sizes() == k_in.sizes(), "v must have the shape of k ", k_in.sizes(), ", got ", v_in.sizes());
-  TORCH_CHECK_TYPE(v_in.scalar_type() == k_in.scalar_type(), "k and v must have the same dtype");
-  check_same_device(v_in, k_in, "v");
-  check_int32_per_sequence(cache_seqlens, "cache_seqlens", g.num_seqs, k_in);
+  const CacheGeometry g = check_kv_write_args(k_in, v_in, k_cache, v_cache, block_table, cache_seqlens);
   const int64_t new_tokens = k_in.size(1);
   if (data_checks_enabled()) {
     const at::Tensor starts = host_ints(cache_seqlens), table = host_ints(block_table);
@@ -111,9 +113,7 @@ void kv_cache_write(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& 
 
 void kv_cache_write_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                          const at::Tensor& block_table, const at::Tensor& cache_seqlens) {
-  const CacheGeometry g = check_cache(k_cache, v_cache, block_table, k, "k");
-  TORCH_CHECK_VALUE(k.dim() == 4 && v.sizes() == k.sizes(), "k and v must be [batch, new_tokens, kv_heads, head_dim]");
-  check_int32_per_sequence(cache_seqlens, "cache_seqlens", g.num_seqs, k);
+  check_kv_write_args(k, v, k_cache, v_cache, block_table, cache_seqlens);
 }
 
 namespace {
@@ -137,8 +137,7 @@ DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(q.size(3) == c.head_dim, "q has head_dim ", q.size(3), " but the cache has ", c.head_dim);
   TORCH_CHECK_VALUE(q.size(1) >= 1, "q needs at least one new token per sequence, got seqlen_q = ", q.size(1));
   const int64_t H = q.size(2);
-  TORCH_CHECK_VALUE(c.num_kv_heads > 0 && H % c.num_kv_heads == 0, "the number of query heads (", H,
-                    ") must be a multiple of the number of key/value heads in the cache (", c.num_kv_heads, ")");
+  check_heads(H, c.num_kv_heads, c.head_dim);
   check_int32_per_sequence(seqlens_k, "cache_seqlens", c.num_seqs, q);
   if (kv_start) check_int32_per_sequence(*kv_start, "cache_leftpad", c.num_seqs, q);
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
@@ -156,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
 
 void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
-                int64_t block_size, int64_t num_blocks, int64_t max_keys, int64_t num_splits,
+                int64_t max_keys, int64_t num_splits,
                 const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse) {
   DecodeProblem pb{};
@@ -165,8 +164,8 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                 token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)}};
   pb.options = options;
   pb.seqlen_q = q.size(1);
-  pb.block_size = block_size;
-  pb.num_blocks = num_blocks;
+  pb.block_size = k_cache.size(1);
+  pb.num_blocks = k_cache.size(0);
   pb.blocks_per_seq = block_table.size(1);
   pb.max_seqlen_k = max_keys;
   pb.num_splits = num_splits;
@@ -232,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
   }
   auto [out, lse] = decode_outputs(q_in);
   if (c.num_seqs == 0 || g.num_heads == 0) return {out, lse};
-  run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, block_table, seqlens_k, kv_start, c.block_size,
-             c.num_blocks, max_keys, num_splits, g.options, alibi_slopes, s_aux, out, lse);
+  run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, block_table, seqlens_k, kv_start, max_keys, num_splits,
+             g.options, alibi_slopes, s_aux, out, lse);
   return {out, lse};
 }
 

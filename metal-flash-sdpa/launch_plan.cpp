@@ -1,6 +1,7 @@
 #include "launch_plan.h"
 
 #include <algorithm>
+#include <iterator>
 
 namespace metal_flash_sdpa {
 
@@ -15,7 +16,7 @@ const char* type_name(ElementType dtype) {   // as in the [[host_name]] of the i
   return "?";
 }
 
-uint32_t ceil_div(int64_t a, int64_t b) { return uint32_t((a + b - 1) / b); }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void copy_strides(int64_t dst[3], const Strides3& s) {
   dst[0] = s.batch;
@@ -62,13 +63,21 @@ std::vector<FunctionConstant> mask_constants(const AttentionOptions& o) {
 
 }  // namespace
 
+// The head dims prefill.metal and decode.metal instantiate.
+constexpr int64_t kHeadDims[] = {32, 64, 72, 80, 96, 128, 192, 256};
+
 bool is_supported_head_dim(int64_t head_dim) {
-  for (int64_t d : {32, 64, 72, 80, 96, 128, 192, 256})
-    if (d == head_dim) return true;
-  return false;
+  return std::find(std::begin(kHeadDims), std::end(kHeadDims), head_dim) != std::end(kHeadDims);
 }
 
-const char* supported_head_dims() { return "32, 64, 72, 80, 96, 128, 192, 256"; }
+const std::string& supported_head_dims() {
+  static const std::string text = [] {
+    std::string joined;
+    for (int64_t d : kHeadDims) joined += (joined.empty() ? "" : ", ") + std::to_string(d);
+    return joined;
+  }();
+  return text;
+}
 
 KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
   const AttentionTensors& t = pb.tensors;
@@ -82,7 +91,7 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
 
   KernelLaunch launch;
   launch.kernel = kernel_name("attention_prefill", t.dtype, t.head_dim);
-  launch.threadgroups[0] = std::max<uint32_t>(ceil_div(pb.max_seqlen_q, PREFILL_BLOCK_Q), 1);
+  launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(pb.max_seqlen_q, PREFILL_BLOCK_Q), 1));
   launch.threadgroups[1] = uint32_t(t.num_heads);
   launch.threadgroups[2] = uint32_t(t.num_seqs);
   launch.threads_per_threadgroup = PREFILL_THREADS;
@@ -97,9 +106,9 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   const int64_t tile = PREFILL_BLOCK_K(t.head_dim);
   const int64_t max_keys = std::max<int64_t>(pb.max_seqlen_k, 1);
   // Partition size: DECODE_PARTITION_SIZE keys, or max_keys / num_splits; always whole K tiles.
-  int64_t partition = pb.num_splits > 0 ? (max_keys + pb.num_splits - 1) / pb.num_splits : DECODE_PARTITION_SIZE;
-  partition = (partition + tile - 1) / tile * tile;
-  const int64_t partitions = (max_keys + partition - 1) / partition;
+  const int64_t partition =
+      ceil_div(pb.num_splits > 0 ? ceil_div(max_keys, pb.num_splits) : DECODE_PARTITION_SIZE, tile) * tile;
+  const int64_t partitions = ceil_div(max_keys, partition);
 
   *params = DecodeParams{};
   params->shape = attention_shape(t);
@@ -116,14 +125,14 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   plan.num_partitions = partitions;
   plan.split = partitions > 1;
   const int64_t rows = t.num_heads / t.num_kv_heads * pb.seqlen_q;   // query rows per KV head
-  const int64_t row_chunks = (rows + DECODE_MAX_ROWS - 1) / DECODE_MAX_ROWS;
+  const int64_t row_chunks = ceil_div(rows, DECODE_MAX_ROWS);
   const int64_t rows_per_threadgroup = std::min<int64_t>(rows, DECODE_MAX_ROWS);
   KernelLaunch& attention = plan.attention;
   attention.kernel = kernel_name("attention_decode", t.dtype, t.head_dim);
   attention.threadgroups[0] = uint32_t(partitions);
   attention.threadgroups[1] = uint32_t(t.num_kv_heads * row_chunks);
   attention.threadgroups[2] = uint32_t(t.num_seqs);
-  attention.threads_per_threadgroup = uint32_t(32 * ((rows_per_threadgroup + 7) / 8));   // a simdgroup per 8 rows
+  attention.threads_per_threadgroup = uint32_t(32 * ceil_div(rows_per_threadgroup, 8));   // a simdgroup per 8 rows
   attention.constants = mask_constants(pb.options);
   attention.constants.push_back({FC_SPLIT_K, plan.split});
   if (plan.split) {

@@ -27,7 +27,10 @@ struct KernelLaunch {
 
 // Head dims with an instantiated kernel; the error message lists them.
 bool is_supported_head_dim(int64_t head_dim);
-const char* supported_head_dims();
+const std::string& supported_head_dims();
+
+// flash_attn_func calls with at most this many queries per sequence (decode steps) run the decode kernel.
+constexpr int64_t kDecodeMaxNewTokens = 4;
 
 struct Strides3 {
   int64_t batch, token, head;   // elements; the head dim itself is contiguous

@@ -31,6 +31,17 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const ch
                     "; all tensors must be on the same device");
 }
 
+// Head layout every kernel supports: an instantiated head dim, and GQA/MQA groups of whole query heads.
+inline void check_heads(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(head_dim), "head_dim ", head_dim,
+                              " is not supported; supported head dims: ", supported_head_dims());
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "the number of query heads (", num_heads,
+                    ") must be a multiple of the number of key/value heads (", num_kv_heads, ")");
+}
+
+// Host copy of a small index tensor (the data checks read cu_seqlens, cache_seqlens, block_table once).
+inline at::Tensor host_ints(const at::Tensor& t) { return t.to(at::kCPU).contiguous(); }
+
 // Checks of the mask and score arguments every attention op takes; returns them as the plan's options.
 inline AttentionOptions check_attention_options(const at::Tensor& q, int64_t num_seqs, int64_t num_heads,
                                                 double softmax_scale, bool causal, int64_t window_left,
@@ -96,7 +107,7 @@ inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1
 // steps. Indices must already be valid (checked, or built by the caller); writes out and lse.
 void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
-                int64_t block_size, int64_t num_blocks, int64_t max_keys, int64_t num_splits,
+                int64_t max_keys, int64_t num_splits,
                 const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse);
 
