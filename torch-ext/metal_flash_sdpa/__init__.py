@@ -37,7 +37,9 @@ def _to_int(value: IntOrTensor, name: str) -> int:
     return value
 
 
-def _window(window_size: Sequence[IntOrTensor], causal: bool) -> tuple[int, int]:
+# The ops check every argument again (also when traced); the window and softcap values are checked here as
+# well so that flash_attn_with_kvcache rejects them before its in-place cache append.
+def _window(window_size: Sequence[IntOrTensor]) -> tuple[int, int]:
     if window_size is None:
         return -1, -1
     if len(window_size) != 2:
@@ -53,9 +55,7 @@ def _common_checks(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[fl
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa is inference-only; pass dropout_p=0.0")
-    if softcap is None:
-        softcap = 0.0
-    if softcap < 0:
+    if softcap is not None and softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
     return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
@@ -95,7 +95,7 @@ def flash_attn_varlen_func(
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(cu, torch.Tensor):
             raise TypeError(f"{name} must be an int32 torch.Tensor [batch + 1], got {type(cu).__name__}")
-    left, right = _window(window_size, causal)
+    left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _to_int(max_seqlen_q, "max_seqlen_q"),
         _to_int(max_seqlen_k, "max_seqlen_k"), scale, bool(causal), left, right, float(softcap or 0.0),
@@ -129,7 +129,7 @@ def flash_attn_func(
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_func; "
                                   "use flash_attn_with_kvcache for paged caches")
-    left, right = _window(window_size, causal)
+    left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
         q, k, v, None, None, -1, -1, scale, bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
@@ -218,7 +218,7 @@ def flash_attn_with_kvcache(
     if k is not None:
         ops.kv_cache_write(k, v, k_cache, v_cache, table, cached)
         seqlens_k = cached + k.shape[1]
-    left, right = _window(window_size, causal)
+    left, right = _window(window_size)
     out, lse = ops.flash_attn_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad, int(num_splits), scale,
                                      bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
