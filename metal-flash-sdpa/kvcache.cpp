@@ -80,23 +80,25 @@ CacheGeometry check_kv_write_args(const at::Tensor& k, const at::Tensor& v, cons
   return g;
 }
 
-}  // namespace
-
-void kv_cache_write(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache, at::Tensor& v_cache,
-                    const at::Tensor& block_table, const at::Tensor& cache_seqlens) {
-  const CacheGeometry g = check_kv_write_args(k_in, v_in, k_cache, v_cache, block_table, cache_seqlens);
-  const int64_t new_tokens = k_in.size(1);
-  if (data_checks_enabled()) {
-    const at::Tensor starts = host_ints(cache_seqlens), table = host_ints(block_table);
-    const int64_t capacity = g.blocks_per_seq * g.block_size;
-    for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
-      const int64_t start = starts.data_ptr<int32_t>()[seq];
-      TORCH_CHECK_VALUE(start >= 0 && start + new_tokens <= capacity, "cache_seqlens[", seq, "] = ", start, " + ",
-                        new_tokens, " new tokens does not fit the ", capacity,
-                        " slots block_table gives a sequence (max_blocks x block_size)");
-      check_blocks_in_use(table, seq, start, start + new_tokens, g);
-    }
+// The slots of the new tokens must lie inside the table and in blocks of the cache.
+void check_write_slots(const at::Tensor& block_table, const at::Tensor& cache_seqlens, int64_t new_tokens,
+                       const CacheGeometry& g) {
+  const at::Tensor starts = host_ints(cache_seqlens), table = host_ints(block_table);
+  const int64_t capacity = g.blocks_per_seq * g.block_size;
+  for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
+    const int64_t start = starts.data_ptr<int32_t>()[seq];
+    TORCH_CHECK_VALUE(start >= 0 && start + new_tokens <= capacity, "cache_seqlens[", seq, "] = ", start, " + ",
+                      new_tokens, " new tokens does not fit the ", capacity,
+                      " slots block_table gives a sequence (max_blocks x block_size)");
+    check_blocks_in_use(table, seq, start, start + new_tokens, g);
   }
+}
+
+// The write itself, after every check has passed.
+void write_new_tokens(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                      const CacheGeometry& g) {
+  const int64_t new_tokens = k_in.size(1);
   if (g.num_seqs == 0 || new_tokens == 0 || g.num_kv_heads == 0) return;
   const at::Tensor k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
   KvWriteProblem pb{element_type(k, "k"), g.num_seqs, new_tokens, g.num_kv_heads, g.head_dim, g.block_size,
@@ -109,6 +111,15 @@ void kv_cache_write(const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& 
                     bind_tensor(KV_WRITE_BUFFER_BLOCK_TABLE, block_table),
                     bind_tensor(KV_WRITE_BUFFER_CACHE_SEQLENS, cache_seqlens),
                     bind_bytes(KV_WRITE_BUFFER_PARAMS, params)});
+}
+
+}  // namespace
+
+void kv_cache_write(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& block_table, const at::Tensor& cache_seqlens) {
+  const CacheGeometry g = check_kv_write_args(k, v, k_cache, v_cache, block_table, cache_seqlens);
+  if (data_checks_enabled()) check_write_slots(block_table, cache_seqlens, k.size(1), g);
+  write_new_tokens(k, v, k_cache, v_cache, block_table, cache_seqlens, g);
 }
 
 void kv_cache_write_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -125,6 +136,7 @@ struct DecodeGeometry {
 };
 
 DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
                                  const at::Tensor& block_table, const at::Tensor& seqlens_k,
                                  const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
                                  bool causal, int64_t window_left, int64_t window_right, double softcap,
@@ -143,6 +155,8 @@ DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
   const AttentionOptions options = check_attention_options(q, c.num_seqs, H, softmax_scale, causal, window_left,
                                                            window_right, softcap, alibi_slopes, s_aux);
+  TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k and v (new tokens to append) or neither");
+  if (k_new) check_kv_write_args(*k_new, *v_new, k_cache, v_cache, block_table, seqlens_k);
   return {c, q.size(1), H, options};
 }
 
@@ -205,22 +219,26 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
-    const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
-    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
-  const DecodeGeometry g = check_decode_args(q_in, k_cache, v_cache, block_table, seqlens_k, kv_start, num_splits,
-                                             softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                                             s_aux);
+    const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux) {
+  // Every check runs before the append, so a rejected call leaves the cache as it was.
+  const DecodeGeometry g = check_decode_args(q_in, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, kv_start,
+                                             num_splits, softmax_scale, causal, window_left, window_right, softcap,
+                                             alibi_slopes, s_aux);
   const CacheGeometry& c = g.cache;
+  const int64_t new_tokens = k_new ? k_new->size(1) : 0;
   const int64_t capacity = c.blocks_per_seq * c.block_size;
   int64_t max_keys = capacity;   // when the lengths are not read, the partitions cover the whole table
   if (data_checks_enabled()) {
-    const at::Tensor ends = host_ints(seqlens_k), table = host_ints(block_table);
+    if (k_new) check_write_slots(block_table, cache_seqlens, new_tokens, c);
+    const at::Tensor cached = host_ints(cache_seqlens), table = host_ints(block_table);
     const at::Tensor starts = kv_start ? host_ints(*kv_start) : at::Tensor();
     max_keys = 0;
     for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
-      const int64_t end = ends.data_ptr<int32_t>()[seq];
+      const int64_t end = cached.data_ptr<int32_t>()[seq] + new_tokens;
       TORCH_CHECK_VALUE(end >= 0 && end <= capacity, "cache_seqlens[", seq, "] = ", end,
                         " is outside the cache: a sequence has ", capacity, " slots (max_blocks x block_size)");
       const int64_t start = kv_start ? starts.data_ptr<int32_t>()[seq] : 0;
@@ -229,20 +247,23 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
       max_keys = std::max(max_keys, end - start);
     }
   }
+  if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, block_table, cache_seqlens, c);
   auto [out, lse] = decode_outputs(q_in);
   if (c.num_seqs == 0 || g.num_heads == 0) return {out, lse};
+  const at::Tensor seqlens_k = new_tokens ? cache_seqlens + new_tokens : cache_seqlens;
   run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, block_table, seqlens_k, kv_start, max_keys, num_splits,
              g.options, alibi_slopes, s_aux, out, lse);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode_meta(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
-    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
-  check_decode_args(q, k_cache, v_cache, block_table, seqlens_k, kv_start, num_splits, softmax_scale, causal,
-                    window_left, window_right, softcap, alibi_slopes, s_aux);
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux) {
+  check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, kv_start, num_splits, softmax_scale,
+                    causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   return decode_outputs(q);
 }
 

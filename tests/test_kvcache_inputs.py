@@ -76,6 +76,13 @@ BAD_DECODE = {
     "leftpad with paged": (lambda a: dict(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=DEVICE)),
                            NotImplementedError, ["cache_leftpad"]),
     "s_aux shape": (lambda a: dict(s_aux=torch.zeros(2, device=DEVICE)), ValueError, ["s_aux"]),
+    # with new tokens to append: still rejected before anything is written (the test checks the cache)
+    "s_aux shape + append": (lambda a: dict(s_aux=torch.zeros(2, device=DEVICE), k=a["q"][:, :, :2], v=a["q"][:, :, :2]),
+                             ValueError, ["s_aux"]),
+    "window + append": (lambda a: dict(window_size=(-3, 0), k=a["q"][:, :, :2], v=a["q"][:, :, :2]), ValueError,
+                        ["window_size entries must be >= -1"]),
+    "softcap + append": (lambda a: dict(softcap=-1.0, k=a["q"][:, :, :2], v=a["q"][:, :, :2]), ValueError,
+                         ["softcap must be >= 0"]),
     "num_splits": (lambda a: dict(num_splits=-1), ValueError, ["num_splits"]),
 }
 
@@ -134,8 +141,12 @@ def test_opcheck_decode_and_kv_write(fa):
     ops = fa._ops.ops
     args = cache_and_inputs()
     torch.library.opcheck(ops.flash_attn_decode.default,
-                          (args["q"], args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"],
-                           None, 0, 0.125, True, 15, -1, 0.0, None, torch.randn(4, device=DEVICE)))
+                          (args["q"], args["k_cache"], args["v_cache"], None, None, args["block_table"],
+                           args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, torch.randn(4, device=DEVICE)))
+    new = torch.randn(2, 1, 2, 64, device=DEVICE).half()   # with the in-place append
+    torch.library.opcheck(ops.flash_attn_decode.default,
+                          (args["q"], args["k_cache"], args["v_cache"], new, new, args["block_table"],
+                           args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, None))
     k = torch.randn(2, 3, 2, 64, device=DEVICE).half()
     torch.library.opcheck(ops.kv_cache_write.default,
                           (k, k, args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"]))

@@ -21,8 +21,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
   ops.def(
-      "flash_attn_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seqlens_k, "
-      "Tensor? kv_start, int num_splits, float softmax_scale, bool causal, int window_left, int window_right, "
+      "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
+      "Tensor block_table, Tensor cache_seqlens, Tensor? kv_start, int num_splits, float softmax_scale, bool causal, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
   ops.def(
       "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "

@@ -21,12 +21,14 @@ FlashAttnVarlen flash_attn_varlen;        // MPS or CPU (simulator), per build
 FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fake tensors
 
 // Decode over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table [B, max_blocks]:
-// q [B, Sq, H, D] attends to keys [kv_start[b], seqlens_k[b]) of its sequence (bottom-right aligned).
+// optional new k/v [B, n, Hkv, D] are first written in place at cache_seqlens[b] (tokens already cached), then
+// q [B, Sq, H, D] attends to keys [kv_start[b], cache_seqlens[b] + n) of its sequence (bottom-right aligned).
 using FlashAttnDecode = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
-    const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux);
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux);
 FlashAttnDecode flash_attn_decode;
 FlashAttnDecode flash_attn_decode_meta;
 

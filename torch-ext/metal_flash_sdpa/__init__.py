@@ -37,26 +37,21 @@ def _to_int(value: IntOrTensor, name: str) -> int:
     return value
 
 
-# The ops check every argument again (also when traced); the window and softcap values are checked here as
-# well so that flash_attn_with_kvcache rejects them before its in-place cache append.
 def _window(window_size: Sequence[IntOrTensor]) -> tuple[int, int]:
     if window_size is None:
         return -1, -1
     if len(window_size) != 2:
         raise ValueError(f"window_size must be (left, right), got {window_size!r}")
     left, right = (_to_int(w, "window_size") for w in window_size)
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got ({left}, {right})")
-    return left, right
+    return left, right   # the ops check the values (>= -1), also when traced
 
 
-def _common_checks(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[float], softcap: float) -> float:
+def _softmax_scale(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[float]) -> float:
+    """Checks only the wrappers can make (q's type, dropout); the ops check everything else."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa is inference-only; pass dropout_p=0.0")
-    if softcap is not None and softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
     return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
@@ -88,7 +83,7 @@ def flash_attn_varlen_func(
     Returns out [total_q, H, D], or (out, softmax_lse [H, total_q] fp32, None) with return_attn_probs.
     `deterministic` is accepted for compatibility (the kernel is always deterministic).
     """
-    scale = _common_checks(q, dropout_p, softmax_scale, softcap)
+    scale = _softmax_scale(q, dropout_p, softmax_scale)
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_varlen_func; "
                                   "use flash_attn_with_kvcache for paged caches")
@@ -125,7 +120,7 @@ def flash_attn_func(
     Accepts the same optional arguments as flash_attn_varlen_func. Returns out [B, Sq, H, D], or
     (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
     """
-    scale = _common_checks(q, dropout_p, softmax_scale, softcap)
+    scale = _softmax_scale(q, dropout_p, softmax_scale)
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_func; "
                                   "use flash_attn_with_kvcache for paged caches")
@@ -187,12 +182,10 @@ def flash_attn_with_kvcache(
     (256-key partitions), 1 = no split, n = n partitions. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
     with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
     """
-    scale = _common_checks(q, 0.0, softmax_scale, softcap)
+    scale = _softmax_scale(q, 0.0, softmax_scale)
     if rotary_cos is not None or rotary_sin is not None:
         raise NotImplementedError("rotary_cos/rotary_sin are not supported: apply the rotary embedding to q and k "
                                   "before calling flash_attn_with_kvcache")
-    if (k is None) != (v is None):
-        raise ValueError("pass both k and v (new tokens to append) or neither")
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
         raise ValueError("k_cache must be a 4-D tensor: [num_blocks, block_size, kv_heads, head_dim] (with "
                          "block_table) or [batch, seqlen, kv_heads, head_dim]")
@@ -214,12 +207,9 @@ def flash_attn_with_kvcache(
         table = block_table
     capacity = (table.shape[1] if table.dim() == 2 else 0) * k_cache.shape[1]
     cached = _per_sequence(capacity if cache_seqlens is None else cache_seqlens, batch, q.device, "cache_seqlens")
-    seqlens_k = cached
-    if k is not None:
-        ops.kv_cache_write(k, v, k_cache, v_cache, table, cached)
-        seqlens_k = cached + k.shape[1]
     left, right = _window(window_size)
-    out, lse = ops.flash_attn_decode(q, k_cache, v_cache, table, seqlens_k, cache_leftpad, int(num_splits), scale,
+    # One op appends k/v and attends: it checks everything first, so a rejected call writes nothing.
+    out, lse = ops.flash_attn_decode(q, k_cache, v_cache, k, v, table, cached, cache_leftpad, int(num_splits), scale,
                                      bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
 
