@@ -3,12 +3,13 @@ with attn_implementation="kernels-community/metal-flash-sdpa" (loaded through ke
 repository) against the same weights with attn_implementation="eager"."""
 import copy
 import functools
+import re
 from unittest import mock
 
 import pytest
 import torch
 
-from tests.conftest import DEVICE, REPO
+from tests.helpers import DEVICE, REPO
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig  # noqa: E402
@@ -195,13 +196,18 @@ def test_continuous_batching(models, kernel_module):
 @torch.no_grad()
 @pytest.mark.parametrize("family", ["mistral", "gpt_oss"])
 def test_half_precision(kernel_module, family):
-    """fp16 models: error against the fp32 eager model within 2x (+ eps) of eager fp16's own, same argmax."""
+    """fp16 models: error against the fp32 eager model within 2x (+ eps) of eager fp16's own; the fp32 model's
+    greedy tokens except at near-ties that fp16 rounding alone flips (eager fp16 itself flips one of gpt-oss's)."""
     reference = build(family, "eager")
     eager16, ours16 = build(family, "eager", torch.float16), build(family, KERNEL, torch.float16)
     ids = tokens(2, 48, seed=3)
     exact, plain, got = reference(ids).logits.double(), eager16(ids).logits.double(), ours16(ids).logits.double()
-    assert (got - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-3
-    assert torch.equal(got.argmax(-1), plain.argmax(-1))
+    fp16_error = (plain - exact).abs().max()
+    assert (got - exact).abs().max() <= 2 * fp16_error + 1e-3
+    top2 = exact.topk(2, -1).values
+    decided = top2[..., 0] - top2[..., 1] >= 2 * fp16_error
+    assert decided.float().mean() > 0.9
+    assert torch.equal(got.argmax(-1)[decided], exact.argmax(-1)[decided])
     assert cosine(exact, got) >= 0.9999
 
 
@@ -215,3 +221,10 @@ def test_compiled_model_forward(kernel_module):
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert torch.equal(compiled(ids).logits, ours(ids).logits)
+
+
+def test_model_family_table_matches_the_transformers_tests():
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| (Llama|Mistral|Qwen2|Gemma 2|gpt-oss|[A-Za-z0-9 -]+) \| [^|]+ \|$", readme, re.M)
+    names = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Gemma 2": "gemma2", "gpt-oss": "gpt_oss"}
+    assert sorted(names[r] for r in rows if r in names) == sorted(FAMILIES)
