@@ -63,7 +63,7 @@ def visible_per_row(n_q, n_k, window_left):
     return (pos + 1 - lo).clamp(min=0)
 
 
-def band_tiles(n, window_left, block_q=32, block_k=32):
+def band_tiles(n, window_left, block_q, block_k):
     """K tiles holding a key visible to some row of each query block (causal + left window)."""
     tiles = 0
     for row0 in range(0, n, block_q):
@@ -89,8 +89,9 @@ def work_prefill(fa, lengths, windows, heads=1, head_dim=64):
             fa.flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True, window_size=(w - 1 if w else -1, 0),
                                       s_aux=torch.zeros(heads) if w else None)
             c = fa.simulator_counters()
-            ideal = band_tiles(n, w - 1 if w else -1) * heads
-            full = band_tiles(n, -1) * heads
+            tiles = fa.PREFILL_BLOCK_Q, fa.KV_TILE_KEYS[head_dim]
+            ideal = band_tiles(n, w - 1 if w else -1, *tiles) * heads
+            full = band_tiles(n, -1, *tiles) * heads
             rows.append(dict(kind="prefill", tokens=n, window=w or None, k_tiles=c["k_tiles_loaded"], band_tiles=ideal,
                              ratio=c["k_tiles_loaded"] / ideal, full_causal_tiles=full,
                              eager_score_elements=n * n * heads))
@@ -113,8 +114,8 @@ def work_decode(fa, contexts, windows, batch=1, heads=8, kv_heads=1, head_dim=64
                                        window_size=(w - 1 if w else -1, 0))
             c = fa.simulator_counters()
             visible = min(n, w) if w else n
-            partitions = math.ceil(n / 256)
-            intersecting = partitions - (n - visible) // 256
+            partitions = math.ceil(n / fa.DECODE_PARTITION_SIZE)
+            intersecting = partitions - (n - visible) // fa.DECODE_PARTITION_SIZE
             minimal_kv = batch * kv_heads * visible * head_dim * 2 * 2
             kv_read = c["device_bytes_read[1]"] + c["device_bytes_read[2]"]
             rows.append(dict(kind="decode", context=n, window=w or None,

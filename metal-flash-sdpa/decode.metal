@@ -1,4 +1,4 @@
-// Flash-Decoding over a paged KV cache, its split-K reduce, and the paged KV write.
+// Flash-Decoding over a paged KV cache and its split-K reduce.
 //
 // attention_decode: grid (partitions, KV heads x row chunks, sequences); 32-128 threads. A threadgroup
 // takes the query rows of one KV head (its H / Hkv query heads x the Sq new tokens, row r = head-in-group
@@ -12,16 +12,13 @@
 // entry outside [0, num_blocks) hides its keys, so no input can index outside the cache.
 #include <metal_stdlib>
 
-#include "attention_params.h"
-#include "attention_tile.h"
-#include "work_counters.h"
+#include "common/attention_tile.h"
+#include "common/mask_band.h"
+#include "common/params.h"
+#include "common/strided.h"
+#include "common/work_counters.h"
 using namespace metal;
 
-constant bool do_causal [[function_constant(FC_DO_CAUSAL)]];
-constant bool has_window [[function_constant(FC_HAS_WINDOW)]];
-constant bool has_sinks [[function_constant(FC_HAS_SINKS)]];
-constant bool has_softcap [[function_constant(FC_HAS_SOFTCAP)]];
-constant bool has_alibi [[function_constant(FC_HAS_ALIBI)]];
 constant bool split_k [[function_constant(FC_SPLIT_K)]];
 
 // Keys of one sequence: key j (0-based) lives at cache position kv_start + j.
@@ -71,7 +68,7 @@ template <typename T, int D>
     uint threads [[threads_per_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-    constexpr int BK = PREFILL_BLOCK_K(D);
+    constexpr int BK = KV_TILE_KEYS(D);
     constexpr int LD = D + 8;
     threadgroup T tile[BK * LD];
     threadgroup int block_of[BK];   // physical block of each tile key (-1: no key)
@@ -85,13 +82,10 @@ template <typename T, int D>
     const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p);
     const int shift = keys.count - p.seqlen_q;   // bottom-right: new token i sits at key i + shift
 
-    // Keys [lo, hi) of this partition can be visible to some query row.
-    int band_lo = 0, band_hi = keys.count;
-    if (do_causal) band_hi = min(band_hi, p.seqlen_q - 1 + shift + 1);
-    if (has_window && p.mask.window_right >= 0) band_hi = min(band_hi, p.seqlen_q - 1 + shift + p.mask.window_right + 1);
-    if (has_window && p.mask.window_left >= 0) band_lo = max(band_lo, shift - p.mask.window_left);
-    const int lo = max(band_lo, partition * p.partition_size);
-    const int hi = min(band_hi, (partition + 1) * p.partition_size);
+    // Keys [lo, hi) of this partition that some query row can see.
+    const KeyBand band = key_band(shift, p.seqlen_q - 1 + shift, keys.count, p.mask);
+    const int lo = max(band.begin, partition * p.partition_size);
+    const int hi = min(band.end, (partition + 1) * p.partition_size);
 
     const FragmentCoord fc = fragment_coord(lane);
     const int row = row_chunk * DECODE_MAX_ROWS + int(sg) * 8 + fc.row;
@@ -121,8 +115,7 @@ template <typename T, int D>
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
     Fragments<D / 8> q_frag, o_frag;
-    load_q<T, D>(q_frag, q + seq * p.shape.q_strides[STRIDE_BATCH] + token * p.shape.q_strides[STRIDE_TOKEN]
-                           + head * p.shape.q_strides[STRIDE_HEAD], row_valid, p.mask.scale, fc);
+    load_q<T, D>(q_frag, q + element_offset(p.shape.q_strides, seq, token, head), row_valid, p.mask.scale, fc);
     clear<D>(o_frag);
     OnlineSoftmax state;
     const device T* k_head = k_cache + kv_head * p.shape.k_strides[STRIDE_HEAD];
@@ -176,8 +169,7 @@ template <typename T, int D>
         return;
     }
     if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
-    store_row<T, D>(out + seq * p.shape.out_strides[STRIDE_BATCH] + token * p.shape.out_strides[STRIDE_TOKEN]
-                        + head * p.shape.out_strides[STRIDE_HEAD],
+    store_row<T, D>(out + element_offset(p.shape.out_strides, seq, token, head),
                     lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + token * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
 }
 
@@ -230,8 +222,7 @@ template <typename T, int D>
             }
         }
     }
-    device T* out_row = out + seq * p.shape.out_strides[STRIDE_BATCH] + token * p.shape.out_strides[STRIDE_TOKEN]
-                            + head * p.shape.out_strides[STRIDE_HEAD];
+    device T* out_row = out + element_offset(p.shape.out_strides, seq, token, head);
     for (int i = 0; i < D_PER_LANE; ++i) {
         const int d = i * DECODE_REDUCE_THREADS + lane;
         if (d < D) out_row[d] = T(acc[i]);
@@ -241,48 +232,11 @@ template <typename T, int D>
             denominator > 0.0f ? (max_log2 + log2(denominator)) * LN2 : -INFINITY;
 }
 
-// Write new token i of sequence b at cache position cache_seqlens[b] + i: grid (Sq_new, Hkv, B). Slots
-// beyond the table or blocks outside the cache are never written (the host rejects them beforehand).
-template <typename T>
-[[kernel]] void kv_cache_write(
-    const device T* k [[buffer(KV_WRITE_BUFFER_K)]],
-    const device T* v [[buffer(KV_WRITE_BUFFER_V)]],
-    device T* k_cache [[buffer(KV_WRITE_BUFFER_K_CACHE)]],
-    device T* v_cache [[buffer(KV_WRITE_BUFFER_V_CACHE)]],
-    const device int* block_table [[buffer(KV_WRITE_BUFFER_BLOCK_TABLE)]],
-    const device int* cache_seqlens [[buffer(KV_WRITE_BUFFER_CACHE_SEQLENS)]],
-    constant KvWriteParams& p [[buffer(KV_WRITE_BUFFER_PARAMS)]],
-    uint3 tgid [[threadgroup_position_in_grid]],
-    uint tid [[thread_index_in_threadgroup]]) {
-    const int token = int(tgid.x), kv_head = int(tgid.y), seq = int(tgid.z);
-    const int position = cache_seqlens[seq] + token;
-    if (position < 0 || position >= p.blocks_per_seq * p.block_size) return;
-    const int block = block_table[int64_t(seq) * p.blocks_per_seq + position / p.block_size];
-    if (block < 0 || block >= p.num_blocks) return;
-    const int slot = position % p.block_size;
-    const device T* k_src = k + seq * p.k_strides[0] + token * p.k_strides[1] + kv_head * p.k_strides[2];
-    const device T* v_src = v + seq * p.v_strides[0] + token * p.v_strides[1] + kv_head * p.v_strides[2];
-    device T* k_dst = k_cache + block * p.k_cache_strides[0] + slot * p.k_cache_strides[1] + kv_head * p.k_cache_strides[2];
-    device T* v_dst = v_cache + block * p.v_cache_strides[0] + slot * p.v_cache_strides[1] + kv_head * p.v_cache_strides[2];
-    for (int d = int(tid); d < p.head_dim; d += KV_WRITE_THREADS) {
-        k_dst[d] = k_src[d];
-        v_dst[d] = v_src[d];
-    }
-}
-
 #define INSTANTIATE_DECODE(type, d)                                                                    \
     template [[host_name("attention_decode_" #type "_" #d)]] [[kernel]]                                \
     decltype(attention_decode<type, d>) attention_decode<type, d>;                                     \
     template [[host_name("attention_decode_reduce_" #type "_" #d)]] [[kernel]]                         \
     decltype(attention_decode_reduce<type, d>) attention_decode_reduce<type, d>;
-#define INSTANTIATE_DECODE_ALL_DIMS(type) \
-    INSTANTIATE_DECODE(type, 32) INSTANTIATE_DECODE(type, 64) INSTANTIATE_DECODE(type, 72) \
-    INSTANTIATE_DECODE(type, 80) INSTANTIATE_DECODE(type, 96) INSTANTIATE_DECODE(type, 128) \
-    INSTANTIATE_DECODE(type, 192) INSTANTIATE_DECODE(type, 256)
-INSTANTIATE_DECODE_ALL_DIMS(float)
-INSTANTIATE_DECODE_ALL_DIMS(half)
-INSTANTIATE_DECODE_ALL_DIMS(bfloat)
-
-template [[host_name("kv_cache_write_float")]] [[kernel]] decltype(kv_cache_write<float>) kv_cache_write<float>;
-template [[host_name("kv_cache_write_half")]] [[kernel]] decltype(kv_cache_write<half>) kv_cache_write<half>;
-template [[host_name("kv_cache_write_bfloat")]] [[kernel]] decltype(kv_cache_write<bfloat>) kv_cache_write<bfloat>;
+FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, float)
+FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, half)
+FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, bfloat)

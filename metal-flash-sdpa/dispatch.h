@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "launch_plan.h"
+#include "launch.h"
 
 namespace metal_flash_sdpa {
 
@@ -21,6 +21,11 @@ inline BufferBinding bind_tensor(int index, const at::Tensor& tensor) { return {
 template <typename T>
 BufferBinding bind_bytes(int index, const T& value) {
   return {index, nullptr, std::string(reinterpret_cast<const char*>(&value), sizeof(T))};
+}
+
+// Metal needs every buffer argument bound, even ones a function constant switches off: a 4-byte stand-in.
+inline BufferBinding bind_optional(int index, const at::Tensor& tensor) {
+  return tensor.defined() ? bind_tensor(index, tensor) : bind_bytes(index, int32_t(0));
 }
 
 void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buffers);

@@ -1,5 +1,5 @@
 // dispatch() for the Metal build: encode a planned launch on PyTorch's MPS stream. Only Metal API calls
-// live here (the grid, constants and params come from launch_plan.cpp, tested on Linux); it cannot run
+// live here (the grid, constants and params come from the plans in prefill.cpp, decode.cpp and kv_cache_write.cpp, tested on Linux); it cannot run
 // in CI and is checked statically by tests/test_metal_launcher.py.
 //
 // Encoding goes into the stream's shared compute encoder (stream->commandEncoder(), never endEncoding),

@@ -10,18 +10,15 @@
 // work is O(n * window).
 #include <metal_stdlib>
 
-#include "attention_params.h"
-#include "attention_tile.h"
-#include "work_counters.h"
+#include "common/attention_tile.h"
+#include "common/mask_band.h"
+#include "common/params.h"
+#include "common/strided.h"
+#include "common/work_counters.h"
 using namespace metal;
 
 constant bool align_q [[function_constant(FC_ALIGN_Q)]];
 constant bool align_k [[function_constant(FC_ALIGN_K)]];
-constant bool do_causal [[function_constant(FC_DO_CAUSAL)]];
-constant bool has_window [[function_constant(FC_HAS_WINDOW)]];
-constant bool has_sinks [[function_constant(FC_HAS_SINKS)]];
-constant bool has_softcap [[function_constant(FC_HAS_SOFTCAP)]];
-constant bool has_alibi [[function_constant(FC_HAS_ALIBI)]];
 
 // Copy keys [key0, key0 + BK) of one KV head into the tile (rows past the sequence are zero).
 template <typename T, int D, int BK, int LD>
@@ -50,7 +47,7 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-    constexpr int BK = PREFILL_BLOCK_K(D);
+    constexpr int BK = KV_TILE_KEYS(D);
     constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
     threadgroup T tile[BK * LD];
 
@@ -66,15 +63,12 @@ template <typename T, int D>
     const int kv_head = head / (p.shape.num_heads / p.shape.num_kv_heads);
     // Bottom-right alignment: query row i sits at key position i + shift.
     const int shift = seqlen_k - seqlen_q;
-    const device T* q_seq = q + seq * p.shape.q_strides[STRIDE_BATCH] + q_start * p.shape.q_strides[STRIDE_TOKEN]
-                              + head * p.shape.q_strides[STRIDE_HEAD];
-    device T* out_seq = out + seq * p.shape.out_strides[STRIDE_BATCH] + q_start * p.shape.out_strides[STRIDE_TOKEN]
-                            + head * p.shape.out_strides[STRIDE_HEAD];
-    device float* lse_seq = lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + q_start * p.shape.lse_strides[LSE_TOKEN];
-    const device T* k_head = k + seq * p.shape.k_strides[STRIDE_BATCH] + k_start * p.shape.k_strides[STRIDE_TOKEN]
-                               + kv_head * p.shape.k_strides[STRIDE_HEAD];
-    const device T* v_head = v + seq * p.shape.v_strides[STRIDE_BATCH] + k_start * p.shape.v_strides[STRIDE_TOKEN]
-                               + kv_head * p.shape.v_strides[STRIDE_HEAD];
+    const device T* q_seq = q + element_offset(p.shape.q_strides, seq, q_start, head);
+    device T* out_seq = out + element_offset(p.shape.out_strides, seq, q_start, head);
+    device float* lse_seq = lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD]
+                                + q_start * p.shape.lse_strides[LSE_TOKEN];
+    const device T* k_head = k + element_offset(p.shape.k_strides, seq, k_start, kv_head);
+    const device T* v_head = v + element_offset(p.shape.v_strides, seq, k_start, kv_head);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);
@@ -83,14 +77,10 @@ template <typename T, int D>
     // Uniform over the threadgroup, so the barriers inside stay convergent.
     for (int block_row0 = int(tgid.x) * PREFILL_BLOCK_Q; block_row0 < seqlen_q;
          block_row0 += int(grid.x) * PREFILL_BLOCK_Q) {
-        // Keys [band_lo, band_hi) can be visible to some row of this block.
         const int last_row = min(block_row0 + PREFILL_BLOCK_Q, seqlen_q) - 1;
-        int band_lo = 0, band_hi = seqlen_k;
-        if (do_causal) band_hi = min(band_hi, last_row + shift + 1);
-        if (has_window && p.mask.window_right >= 0) band_hi = min(band_hi, last_row + shift + p.mask.window_right + 1);
-        if (has_window && p.mask.window_left >= 0) band_lo = max(band_lo, block_row0 + shift - p.mask.window_left);
-        const int kb_begin = max(band_lo, 0) / BK;
-        const int kb_end = band_hi > band_lo ? (band_hi + BK - 1) / BK : kb_begin;
+        const KeyBand band = key_band(block_row0 + shift, last_row + shift, seqlen_k, p.mask);
+        const int kb_begin = band.begin / BK;
+        const int kb_end = band.end > band.begin ? (band.end + BK - 1) / BK : kb_begin;
 
         const int row = block_row0 + int(sg) * 8 + fc.row;   // query row in the sequence
         const bool row_valid = align_q || row < seqlen_q;
@@ -125,10 +115,6 @@ template <typename T, int D>
 #define INSTANTIATE_PREFILL(type, d) \
     template [[host_name("attention_prefill_" #type "_" #d)]] [[kernel]] \
     decltype(attention_prefill<type, d>) attention_prefill<type, d>;
-#define INSTANTIATE_PREFILL_ALL_DIMS(type) \
-    INSTANTIATE_PREFILL(type, 32) INSTANTIATE_PREFILL(type, 64) INSTANTIATE_PREFILL(type, 72) \
-    INSTANTIATE_PREFILL(type, 80) INSTANTIATE_PREFILL(type, 96) INSTANTIATE_PREFILL(type, 128) \
-    INSTANTIATE_PREFILL(type, 192) INSTANTIATE_PREFILL(type, 256)
-INSTANTIATE_PREFILL_ALL_DIMS(float)
-INSTANTIATE_PREFILL_ALL_DIMS(half)
-INSTANTIATE_PREFILL_ALL_DIMS(bfloat)
+FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, float)
+FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, half)
+FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, bfloat)

@@ -3,10 +3,11 @@
     python3 scripts/build_variant.py        # prints the variant directory
 
 Produces build/torch<XY>-cxx11-cpu-x86_64-linux/ (flat: __init__.py, _ops.py, the extension .so,
-metadata.json; plus the compat sub-folder metal_flash_sdpa/) from build.toml's [torch] sources and its
-backend = "cpu" kernel sections: .cpp files are compiled against torch, .metal files through the MSL
-simulator (mslsim), and everything is linked with the simulator runtime into one extension. Objects and
-the variant are cached and rebuilt only when a source, the toolchain or torch changes.
+metadata.json; plus the compat sub-folder metal_flash_sdpa/) from the sources build.toml gives kernel-builder
+for the Metal build, with the Metal launcher swapped for the simulator's (SIMULATOR_SWAP): .cpp files are
+compiled against torch with CPU_KERNEL defined, .metal files through the MSL simulator (mslsim), and
+everything is linked with the simulator runtime into one extension. kernel-builder never sees this variant.
+Objects and the variant are cached and rebuilt only when a source, the toolchain or torch changes.
 """
 from __future__ import annotations
 
@@ -42,11 +43,17 @@ def variant_name() -> str:
     return f"torch{major}{minor}-{abi}-cpu-x86_64-linux"
 
 
+# The Metal launcher and what the simulator build uses instead of it.
+SIMULATOR_SWAP = {"metal-flash-sdpa/dispatch_metal.mm": ["metal-flash-sdpa/dispatch_simulator.cpp",
+                                                          "metal-flash-sdpa/simulator_counters.h"]}
+
+
 def cpu_sources(config: dict) -> list[Path]:
     sources = list(config["torch"]["src"])
     for kernel in config["kernel"].values():
-        if kernel["backend"] == "cpu":
+        if kernel["backend"] == "metal":
             sources += kernel["src"]
+    sources = [swapped for s in sources for swapped in SIMULATOR_SWAP.get(s, [s])]
     return [REPO / s for s in dict.fromkeys(sources)]
 
 

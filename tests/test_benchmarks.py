@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import SIMULATED
+from tests.helpers import SIMULATED
 
 pytestmark = pytest.mark.skipif(not SIMULATED, reason="the work counters exist only in the simulator build")
 

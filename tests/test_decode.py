@@ -5,40 +5,10 @@ import math
 import pytest
 import torch
 
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE, KERNEL, PagedCache, queries
 from tests.reference import assert_matches_reference, attention_reference, visible_keys
 
-PARTITION = 256   # DECODE_PARTITION_SIZE
-
-
-class PagedCache:
-    """A paged cache like transformers': shuffled blocks, block_table rows padded with -1."""
-
-    def __init__(self, cache_seqlens, Hkv, D, block_size, dtype, seed=0, spare_blocks=3, max_blocks=None):
-        g = torch.Generator().manual_seed(seed)
-        self.block_size = block_size
-        self.seqlens = torch.tensor(cache_seqlens, dtype=torch.int32)
-        needed = [math.ceil(n / block_size) for n in cache_seqlens]
-        max_blocks = max_blocks or max(max(needed), 1)
-        num_blocks = sum(needed) + spare_blocks
-        self.k = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
-        self.v = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype)
-        order = torch.randperm(num_blocks, generator=g).int()
-        self.table = torch.full((len(cache_seqlens), max_blocks), -1, dtype=torch.int32)
-        used = 0
-        for b, n in enumerate(needed):
-            self.table[b, :n] = order[used:used + n]
-            used += n
-
-    def gather(self, b, n, cache=None):
-        """K/V of sequence b's first n positions, [n, Hkv, D] (the reference reads the cache through the table)."""
-        pos = torch.arange(n)
-        blocks = self.table[b, pos // self.block_size].long()
-        k, v = cache if cache is not None else (self.k, self.v)
-        return k[blocks, pos % self.block_size], v[blocks, pos % self.block_size]
-
-    def on_device(self):
-        return self.k.to(DEVICE), self.v.to(DEVICE), self.table.to(DEVICE)
+PARTITION = KERNEL.DECODE_PARTITION_SIZE
 
 
 def reference_decode(q, keys, values, causal, window, softcap=0.0, sinks=None, scale=None):
@@ -68,12 +38,8 @@ def check_decode(fa, q, cache, seqlens_k, causal=True, window=(-1, -1), softcap=
     return out.cpu()
 
 
-def queries(B, Sq, H, D, dtype, seed=1):
-    return torch.randn(B, Sq, H, D, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-# Ragged contexts around partition edges (multiples of 256 +- 1) and tiny ones.
-RAGGED = [1, 255, 256, 257, 511, 513, 100, 37]
+# Ragged contexts around partition edges (multiples of the partition size +- 1) and tiny ones.
+RAGGED = [1, PARTITION - 1, PARTITION, PARTITION + 1, 2 * PARTITION - 1, 2 * PARTITION + 1, 100, 37]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

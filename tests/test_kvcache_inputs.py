@@ -3,9 +3,7 @@ with the host-side data checks switched off, kernels that still never touch memo
 import pytest
 import torch
 
-from tests.conftest import DEVICE, SIMULATED
-from tests.test_decode import PagedCache, queries
-
+from tests.helpers import DEVICE, SIMULATED, PagedCache, queries
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("new_tokens", [1, 5, 40])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, SIMULATED
+from tests.helpers import REPO, SIMULATED
 
 PUBLIC = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch.utils.cpp_extension
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SOURCE = (REPO / "metal-flash-sdpa" / "dispatch_metal.mm").read_text()
 CODE = re.sub(r"//[^\n]*", "", SOURCE)
@@ -47,7 +47,7 @@ def test_binds_tensors_at_their_storage_offset():
 
 
 def test_launch_geometry_comes_from_the_plan_only():
-    """No shapes, params or buffer indices here: everything the kernel sees is planned in launch_plan.cpp."""
+    """No shapes, params or buffer indices here: everything the kernel sees is planned beside its shader (prefill.cpp, ...)."""
     assert "launch.threadgroups[0], launch.threadgroups[1], launch.threadgroups[2]" in CODE
     assert "threadsPerThreadgroup:MTLSizeMake(launch.threads_per_threadgroup, 1, 1)" in CODE
     for planned in ["PREFILL_", "Params", ".sizes()", ".size(0", ".stride("]:

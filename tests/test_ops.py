@@ -3,7 +3,7 @@ public wrappers under torch.compile(fullgraph=True)."""
 import pytest
 import torch
 
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 
 
 def varlen_args(dtype=torch.float16, sinks=True, alibi=False):

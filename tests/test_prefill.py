@@ -3,11 +3,8 @@ with flash-attn's tolerance rule; plus the band proof from the simulator's work 
 import pytest
 import torch
 
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE, DTYPES, HEAD_DIMS
 from tests.reference import assert_matches_reference, visible_keys
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 72, 80, 96, 128, 192, 256]
 
 
 def make_varlen(seqlens_q, seqlens_k, H, Hkv, D, dtype, seed=0, q_scale=1.0):
@@ -205,7 +202,8 @@ def test_flash_attn_func_reads_views_in_place(fa, counters):
 @pytest.mark.parametrize("Sq", [1, 4])
 def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
     """generate() decodes through flash_attn_func with Sq = 1 < Sk: those calls run the decode kernel, so all
-    query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split over 256-key partitions."""
+    query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split over DECODE_PARTITION_SIZE-key
+    partitions."""
     B, Sk, H, Hkv, D = 2, 700, 8, 2, 64
     g = torch.Generator().manual_seed(Sq)
     q = torch.randn(B, H, Sq, D, generator=g).half().transpose(1, 2)
@@ -221,7 +219,7 @@ def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
 
 
 # ---------------------------------------------------------------------------------------- band proof
-def tiles_with_a_visible_key(n, causal, window, block_q=32, block_k=32):
+def tiles_with_a_visible_key(n, causal, window, block_q, block_k):
     """Ideal K-tile count from the explicit mask: tiles holding a visible key for some row of the block."""
     visible, _ = visible_keys(n, n, causal, window)
     blocks = visible.reshape(n // block_q, block_q, n // block_k, block_k).any(3).any(1)
@@ -233,12 +231,13 @@ def tiles_with_a_visible_key(n, causal, window, block_q=32, block_k=32):
     pytest.param(False, (-1, 200), marks=pytest.mark.slow), pytest.param(True, (-1, -1), marks=pytest.mark.slow)],
     ids=lambda m: str(m).replace(" ", ""))
 def test_band_limited_k_loop_at_4096(fa, counters, causal, window):
-    n = 4096
-    q, k, v, cu_q, cu_k = make_varlen([n], [n], 1, 1, 32, torch.float16, seed=11)
+    n, D = 4096, 32
+    q, k, v, cu_q, cu_k = make_varlen([n], [n], 1, 1, D, torch.float16, seed=11)
     out, lse = run_varlen(fa, q, k, v, cu_q, cu_k, causal=causal, window_size=window)
     c = counters()
-    ideal = tiles_with_a_visible_key(n, causal, window)
+    block_q, block_k = fa.PREFILL_BLOCK_Q, fa.KV_TILE_KEYS[D]
+    ideal = tiles_with_a_visible_key(n, causal, window, block_q, block_k)
     assert c["k_tiles_loaded"] == c["v_tiles_loaded"] == ideal   # ratio 1.00
     if window[0] >= 0:
-        assert ideal < (n // 32) ** 2 / 8    # O(n * window), far from the n^2 tiles of a full pass
+        assert ideal < (n // block_q) * (n // block_k) / 8    # O(n * window), far from the n^2 tiles of a full pass
     assert_matches_reference(out, lse, q, k, v, cu_q, cu_k, causal=causal, window=window)

@@ -4,8 +4,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import REPO, DEVICE
-from tests.test_prefill import DTYPES, HEAD_DIMS
+from tests.helpers import DEVICE, DTYPES, HEAD_DIMS, REPO
 
 README = (REPO / "README.md").read_text()
 
@@ -31,10 +30,3 @@ def test_dtypes_row_matches_tests():
     listed = [names[n] for n in re.findall(r"fp16|bf16|fp32", table_row("dtypes"))]
     assert sorted(map(str, listed)) == sorted(map(str, DTYPES))
 
-
-def test_model_family_table_matches_the_transformers_tests():
-    pytest.importorskip("transformers")
-    from tests.test_transformers import FAMILIES
-    rows = re.findall(r"^\| (Llama|Mistral|Qwen2|Gemma 2|gpt-oss|[A-Za-z0-9 -]+) \| [^|]+ \|$", README, re.M)
-    names = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Gemma 2": "gemma2", "gpt-oss": "gpt_oss"}
-    assert sorted(names[r] for r in rows if r in names) == sorted(FAMILIES)

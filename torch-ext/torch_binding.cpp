@@ -2,8 +2,24 @@
 // (TORCH_EXTENSION_NAME); Python reaches the ops through `_ops.ops`, never a hard-coded "ns::op".
 #include <torch/library.h>
 
+#include "../metal-flash-sdpa/decode.h"
+#include "../metal-flash-sdpa/launch.h"
 #include "registration.h"
 #include "torch_binding.h"
+
+// The kernels' fixed sizes, read by the Python package, the tests and the benchmarks (never re-typed there).
+static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
+  using namespace metal_flash_sdpa;
+  c10::Dict<std::string, std::vector<int64_t>> constants;
+  std::vector<int64_t> head_dims(std::begin(kHeadDims), std::end(kHeadDims)), tile_keys;
+  for (int64_t d : head_dims) tile_keys.push_back(KV_TILE_KEYS(d));
+  constants.insert("head_dims", head_dims);
+  constants.insert("kv_tile_keys", tile_keys);   // per head dim
+  constants.insert("prefill_block_q", std::vector<int64_t>{PREFILL_BLOCK_Q});
+  constants.insert("decode_partition_size", std::vector<int64_t>{DECODE_PARTITION_SIZE});
+  constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
+  return constants;
+}
 
 #if defined(CPU_KERNEL)
 #include "../metal-flash-sdpa/simulator_counters.h"
@@ -27,6 +43,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
       "Tensor cache_seqlens) -> ()");
+  ops.def("kernel_constants() -> Dict(str, int[])", &kernel_constants);
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);

@@ -18,7 +18,13 @@ import torch
 from ._ops import ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
-           "simulator_counters"]
+           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_PARTITION_SIZE"]
+
+_constants = ops.kernel_constants()
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
+PREFILL_BLOCK_Q: int = _constants["prefill_block_q"][0]                 # query rows per prefill threadgroup
+KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile_keys"]))   # keys per K/V tile
+DECODE_PARTITION_SIZE: int = _constants["decode_partition_size"][0]     # keys per split-K partition (num_splits=0)
 
 IntOrTensor = Union[int, torch.Tensor]
 
@@ -78,7 +84,7 @@ def flash_attn_varlen_func(
 
     q: [total_q, H, D]; k, v: [total_k, Hkv, D] with H % Hkv == 0; cu_seqlens_q/k: int32 [B + 1] prefix sums
     of the sequence lengths; max_seqlen_q/k: the longest lengths (ints or 0-d tensors). s_aux: [H] sink
-    logits. D in 32, 64, 72, 80, 96, 128, 192, 256; fp16, bf16 or fp32.
+    logits. D in SUPPORTED_HEAD_DIMS; fp16, bf16 or fp32.
 
     Returns out [total_q, H, D], or (out, softmax_lse [H, total_q] fp32, None) with return_attn_probs.
     `deterministic` is accepted for compatibility (the kernel is always deterministic).
@@ -179,7 +185,7 @@ def flash_attn_with_kvcache(
     [B, Sq_new, Hkv, D], if given, are written into the cache in place at cache_seqlens (tokens already
     cached, int or int32 [B]; default: the whole cache) before attending; queries are bottom-right aligned to
     the keys. cache_leftpad (contiguous caches): first valid key per sequence. num_splits: 0 = heuristic
-    (256-key partitions), 1 = no split, n = n partitions. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
+    (DECODE_PARTITION_SIZE-key partitions), 1 = no split, n = n partitions. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
     with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
     """
     scale = _softmax_scale(q, 0.0, softmax_scale)
@@ -214,9 +220,11 @@ def flash_attn_with_kvcache(
     return (out, lse) if return_softmax_lse else out
 
 
+
 def simulator_counters(reset: bool = False) -> dict:
-    """Work done by the simulated shaders since the last reset (CPU build only): launches, threadgroups,
-    device bytes read/written (total and per buffer index) and kernel counters such as k_tiles_loaded."""
+    """Simulator build only (not public API): work done by the simulated shaders since the last reset, for the
+    tests, the demo and the benchmarks: launches, threadgroups, device bytes read/written (total and per
+    buffer index) and the shaders' WORK_COUNT counters such as k_tiles_loaded."""
     if not hasattr(ops, "simulator_counters"):
         raise RuntimeError("simulator_counters() exists only in the CPU (simulator) build of metal-flash-sdpa")
     return dict(ops.simulator_counters(reset))

@@ -9,7 +9,7 @@
 #pragma once
 #include <metal_stdlib>
 
-#include "attention_params.h"
+#include "params.h"
 using namespace metal;
 
 // A masked score. Finite on purpose: Metal compiles with fast math, which may assume no infinities.

@@ -1,23 +1,60 @@
-// The attention ops, device-agnostic: validate the arguments (every message names the argument, the
-// value and what is accepted), allocate the outputs, build the launch plan and hand it to dispatch().
-// The meta kernels run the same shape checks, so torch.compile reports bad input at trace time.
+// The prefill op (prefill.metal), device-agnostic: validate the arguments (every message names the argument,
+// the value and what is accepted), allocate the outputs, plan the launch and hand it to dispatch(). The meta
+// kernel runs the same shape checks, so torch.compile reports bad input at trace time.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
 #include <numeric>
 #include <optional>
 #include <tuple>
 
 #include "../torch-ext/torch_binding.h"
+#include "attention_options.h"
+#include "decode.h"
 #include "dispatch.h"
-#include "launch_plan.h"
-#include "op_checks.h"
+#include "index_checks.h"
+#include "launch.h"
+#include "tensor_checks.h"
 
 namespace metal_flash_sdpa {
 
 namespace {
+
+// One prefill call. Packed varlen: sequences laid out by cu_seqlens in [total, H, D] tensors (batch strides
+// 0). Batched: uniform_seqlen_q/k >= 0 and tensors are [B, S, H, D] views.
+struct PrefillProblem {
+  AttentionTensors tensors;
+  AttentionOptions options;
+  int64_t total_q, total_k;                    // tokens per batch entry (packed: all tokens)
+  int64_t uniform_seqlen_q, uniform_seqlen_k;  // -1 for varlen
+  int64_t max_seqlen_q;                        // sizes the grid; longer sequences are still covered
+  int64_t seqlen_q_gcd, seqlen_k_gcd;          // gcd of the sequence lengths (0: all empty): alignment
+};
+
+KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
+  const AttentionTensors& t = pb.tensors;
+  *params = PrefillParams{};
+  params->shape = attention_shape(t);
+  params->mask = mask_params(pb.options);
+  params->total_q = int32_t(pb.total_q);
+  params->total_k = int32_t(pb.total_k);
+  params->uniform_seqlen_q = int32_t(pb.uniform_seqlen_q);
+  params->uniform_seqlen_k = int32_t(pb.uniform_seqlen_k);
+
+  KernelLaunch launch;
+  launch.kernel = kernel_name("attention_prefill", t.dtype, t.head_dim);
+  launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(pb.max_seqlen_q, PREFILL_BLOCK_Q), 1));
+  launch.threadgroups[1] = uint32_t(t.num_heads);
+  launch.threadgroups[2] = uint32_t(t.num_seqs);
+  launch.threads_per_threadgroup = PREFILL_THREADS;
+  launch.constants = mask_constants(pb.options);
+  launch.constants.push_back({FC_ALIGN_Q, pb.seqlen_q_gcd % PREFILL_BLOCK_Q == 0});
+  launch.constants.push_back({FC_ALIGN_K, pb.seqlen_k_gcd % KV_TILE_KEYS(t.head_dim) == 0});
+  return launch;
+}
 
 // What the shape checks learn about the call.
 struct Geometry {

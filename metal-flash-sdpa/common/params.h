@@ -10,7 +10,7 @@
 
 // Function-constant indices (as upstream metal-flash-sdpa: 200/201 alignment, 301 causal, 302 window).
 #define FC_ALIGN_Q 200   // every sequence's query count is a multiple of PREFILL_BLOCK_Q: no row bounds checks
-#define FC_ALIGN_K 201   // every key count is a multiple of PREFILL_BLOCK_K: no key bounds checks
+#define FC_ALIGN_K 201   // every key count is a multiple of KV_TILE_KEYS: no key bounds checks
 #define FC_DO_CAUSAL 301
 #define FC_HAS_WINDOW 302
 #define FC_HAS_SINKS 303
@@ -29,12 +29,17 @@
 #define PREFILL_BUFFER_ALIBI 8
 #define PREFILL_BUFFER_LSE 9
 
+// The head dims every kernel is instantiated for: X(arg, d) for each d. The one list behind the shader
+// instantiations, the host checks, the Python module's SUPPORTED_HEAD_DIMS and (tested) the README.
+#define FOR_EACH_HEAD_DIM(X, arg) X(arg, 32) X(arg, 64) X(arg, 72) X(arg, 80) X(arg, 96) X(arg, 128) X(arg, 192) X(arg, 256)
+
 // Prefill tiling: a threadgroup owns PREFILL_BLOCK_Q query rows of one (sequence, head); each of its
 // four simdgroups owns 8 of them.
 #define PREFILL_BLOCK_Q 32
 #define PREFILL_THREADS 128
-// Keys per K/V tile: a BK x D tile (padded rows) must fit the 32 KiB of threadgroup memory.
-#define PREFILL_BLOCK_K(head_dim) ((head_dim) <= 128 ? 32 : 16)
+// Keys per K/V tile in threadgroup memory (prefill and decode): a tile of that many keys x D (padded rows)
+// must fit the 32 KiB of threadgroup memory.
+#define KV_TILE_KEYS(head_dim) ((head_dim) <= 128 ? 32 : 16)
 
 // Strides are in elements, int64 like MLX's AttnParams: a [B, S, H, D] view of a larger tensor can span
 // more than 2^31 elements. The head dimension is always contiguous (stride 1).

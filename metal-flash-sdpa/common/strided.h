@@ -1,0 +1,12 @@
+// Element offsets in the strided [batch, token, head, dim] views every kernel reads and writes (decode
+// caches: [block, slot, head, dim]); strides are int64 elements, the head dim is contiguous.
+#pragma once
+#include <metal_stdlib>
+
+#include "params.h"
+using namespace metal;
+
+// Offset in elements of (batch, token, head) in a view with strides {batch, token, head} (TokenStride).
+METAL_FUNC int64_t element_offset(constant const int64_t* strides, int64_t batch, int64_t token, int64_t head) {
+    return batch * strides[STRIDE_BATCH] + token * strides[STRIDE_TOKEN] + head * strides[STRIDE_HEAD];
+}

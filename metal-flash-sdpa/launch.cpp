@@ -1,0 +1,78 @@
+#include "launch.h"
+
+#include <algorithm>
+#include <iterator>
+
+namespace metal_flash_sdpa {
+
+namespace {
+
+const char* type_name(ElementType dtype) {   // as in the [[host_name]] of the instantiations
+  switch (dtype) {
+    case ElementType::Float32: return "float";
+    case ElementType::Float16: return "half";
+    case ElementType::BFloat16: return "bfloat";
+  }
+  return "?";
+}
+
+}  // namespace
+
+bool is_supported_head_dim(int64_t head_dim) {
+  return std::find(std::begin(kHeadDims), std::end(kHeadDims), head_dim) != std::end(kHeadDims);
+}
+
+const std::string& supported_head_dims() {
+  static const std::string text = [] {
+    std::string joined;
+    for (int64_t d : kHeadDims) joined += (joined.empty() ? "" : ", ") + std::to_string(d);
+    return joined;
+  }();
+  return text;
+}
+
+std::string kernel_name(const char* base, ElementType dtype, int64_t head_dim) {
+  std::string name = std::string(base) + "_" + type_name(dtype);
+  return head_dim < 0 ? name : name + "_" + std::to_string(head_dim);
+}
+
+void copy_strides(int64_t dst[3], const Strides3& s) {
+  dst[STRIDE_BATCH] = s.batch;
+  dst[STRIDE_TOKEN] = s.token;
+  dst[STRIDE_HEAD] = s.head;
+}
+
+AttentionShape attention_shape(const AttentionTensors& t) {
+  AttentionShape shape{};
+  copy_strides(shape.q_strides, t.q);
+  copy_strides(shape.k_strides, t.k);
+  copy_strides(shape.v_strides, t.v);
+  copy_strides(shape.out_strides, t.out);
+  copy_strides(shape.lse_strides, t.lse);
+  shape.num_seqs = int32_t(t.num_seqs);
+  shape.num_heads = int32_t(t.num_heads);
+  shape.num_kv_heads = int32_t(t.num_kv_heads);
+  shape.head_dim = int32_t(t.head_dim);
+  return shape;
+}
+
+// causal is the window's right edge at 0 (flash-attn); the shaders apply both masks independently.
+MaskParams mask_params(const AttentionOptions& o) {
+  MaskParams mask{};
+  mask.scale = o.scale;
+  mask.softcap = o.softcap;
+  mask.window_left = int32_t(o.window_left);
+  mask.window_right = int32_t(o.window_right);
+  mask.alibi_seq_stride = int32_t(o.alibi_seq_stride);
+  return mask;
+}
+
+std::vector<FunctionConstant> mask_constants(const AttentionOptions& o) {
+  return {{FC_DO_CAUSAL, o.causal},
+          {FC_HAS_WINDOW, o.window_left >= 0 || o.window_right >= 0},
+          {FC_HAS_SINKS, o.has_sinks},
+          {FC_HAS_SOFTCAP, o.softcap > 0.0f},
+          {FC_HAS_ALIBI, o.has_alibi}};
+}
+
+}  // namespace metal_flash_sdpa

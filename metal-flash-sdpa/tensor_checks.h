@@ -1,0 +1,43 @@
+// Checks of the tensors every op takes (dtype, device, head layout) and their strides as the plans want
+// them. Every message names the argument, the value and what is accepted; TORCH_CHECK_{VALUE,TYPE,
+// NOT_IMPLEMENTED} surface in Python as ValueError / TypeError / NotImplementedError.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "launch.h"
+
+namespace metal_flash_sdpa {
+
+inline ElementType element_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::Float32;
+    case at::kHalf: return ElementType::Float16;
+    case at::kBFloat16: return ElementType::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " has dtype ", t.scalar_type(),
+                       "; supported: torch.float16, torch.bfloat16, torch.float32");
+  }
+}
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " is on ", t.device(), " but q is on ", q.device(),
+                    "; all tensors must be on the same device");
+}
+
+// Head layout every kernel supports: an instantiated head dim, and GQA/MQA groups of whole query heads.
+inline void check_heads(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(head_dim), "head_dim ", head_dim,
+                              " is not supported; supported head dims: ", supported_head_dims());
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "the number of query heads (", num_heads,
+                    ") must be a multiple of the number of key/value heads (", num_kv_heads, ")");
+}
+
+// [total, H, D] (batch stride 0) or [B, S, H, D] / [blocks, slots, H, D] views; the head dim is contiguous.
+inline Strides3 token_strides(const at::Tensor& t, bool varlen) {
+  return varlen ? Strides3{0, t.stride(0), t.stride(1)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+}  // namespace metal_flash_sdpa
