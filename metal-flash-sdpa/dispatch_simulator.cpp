@@ -1,7 +1,9 @@
 // dispatch() for the CPU build: runs the unmodified shaders in the mslsim simulator (linked into this
-// extension) on CPU tensors, and keeps a running tally of the work they did for tests and benchmarks.
+// extension) on CPU tensors, and keeps a running tally of the work they did for tests and benchmarks
+// (the simulator_counters op, registered here: only this build has it).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -10,7 +12,6 @@
 
 #include "dispatch.h"
 #include "mslsim/runtime.h"
-#include "simulator_counters.h"
 
 namespace metal_flash_sdpa {
 
@@ -92,11 +93,18 @@ void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buff
   tally(stats);
 }
 
-std::map<std::string, int64_t> simulator_counters(bool reset) {
+// Launches, threadgroups, device bytes read/written (total and per [[buffer(i)]]) and the shaders'
+// WORK_COUNT counters, summed since the last reset.
+c10::Dict<std::string, int64_t> simulator_counters(bool reset) {
   std::lock_guard<std::mutex> lock(g_counters_mutex);
-  std::map<std::string, int64_t> snapshot = g_counters;
+  c10::Dict<std::string, int64_t> snapshot;
+  for (const auto& [name, value] : g_counters) snapshot.insert(name, value);
   if (reset) g_counters.clear();
   return snapshot;
 }
 
 }  // namespace metal_flash_sdpa
+
+TORCH_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, ops) {
+  ops.def("simulator_counters(bool reset=False) -> Dict(str, int)", &metal_flash_sdpa::simulator_counters);
+}

@@ -44,8 +44,7 @@ def variant_name() -> str:
 
 
 # The Metal launcher and what the simulator build uses instead of it.
-SIMULATOR_SWAP = {"metal-flash-sdpa/dispatch_metal.mm": ["metal-flash-sdpa/dispatch_simulator.cpp",
-                                                          "metal-flash-sdpa/simulator_counters.h"]}
+SIMULATOR_SWAP = {"metal-flash-sdpa/dispatch_metal.mm": ["metal-flash-sdpa/dispatch_simulator.cpp"]}
 
 
 def cpu_sources(config: dict) -> list[Path]:

@@ -21,16 +21,6 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   return constants;
 }
 
-#if defined(CPU_KERNEL)
-#include "../metal-flash-sdpa/simulator_counters.h"
-
-static c10::Dict<std::string, int64_t> simulator_counters(bool reset) {
-  c10::Dict<std::string, int64_t> counters;
-  for (const auto& [name, value] : metal_flash_sdpa::simulator_counters(reset)) counters.insert(name, value);
-  return counters;
-}
-#endif
-
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -48,11 +38,11 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);
 #if defined(CPU_KERNEL)
-  // The CPU build runs the Metal shaders in the MSL simulator; it also reports the work they did.
+  // The CPU build runs the Metal shaders in the MSL simulator (dispatch_simulator.cpp also registers
+  // simulator_counters there).
   ops.impl("flash_attn_varlen", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen);
   ops.impl("flash_attn_decode", c10::kCPU, &metal_flash_sdpa::flash_attn_decode);
   ops.impl("kv_cache_write", c10::kCPU, &metal_flash_sdpa::kv_cache_write);
-  ops.def("simulator_counters(bool reset=False) -> Dict(str, int)", &simulator_counters);
 #elif defined(METAL_KERNEL)
   ops.impl("flash_attn_varlen", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen);
   ops.impl("flash_attn_decode", c10::kMPS, &metal_flash_sdpa::flash_attn_decode);
