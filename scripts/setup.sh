@@ -4,11 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v clang++-19 >/dev/null 2>&1; then
-  echo "setup: installing clang-19 (apt)"
+# clang-19 compiles the shaders for the simulator; shellcheck checks the scripts (scripts/mac_check.sh among them).
+if ! command -v clang++-19 >/dev/null 2>&1 || ! command -v shellcheck >/dev/null 2>&1; then
+  echo "setup: installing clang-19 and shellcheck (apt)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang-19 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang-19 shellcheck >/dev/null
 fi
 
 PY=${PYTHON:-python3}

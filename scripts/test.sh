@@ -2,7 +2,7 @@
 # The test command: installs what it needs, then runs the pytest suite through the simulator.
 # Extra arguments go to pytest (e.g. `-m slow` for the heavy cases CI skips by default).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bash scripts/setup.sh || exit 1
 python3 -m pytest -q -m "not slow" "$@" tests
 rc=$?

@@ -30,3 +30,17 @@ def test_dtypes_row_matches_tests():
     listed = [names[n] for n in re.findall(r"fp16|bf16|fp32", table_row("dtypes"))]
     assert sorted(map(str, listed)) == sorted(map(str, DTYPES))
 
+
+
+def test_hub_card_renders_with_the_public_functions(fa):
+    """CARD.md is the template kernel-builder renders for the Hub page (minijinja; jinja2 reads the same syntax)."""
+    import jinja2
+    template = jinja2.Environment(trim_blocks=True).from_string((REPO / "CARD.md").read_text())
+    functions = [name for name in fa.__all__ if callable(getattr(fa, name))]
+    card = template.render(repo_id="kernels-community/metal-flash-sdpa", version=2, functions=functions,
+                           license="apache-2.0", layers=[], has_benchmark=False)
+    assert card.startswith("---\nlibrary_name: kernels\nlicense: apache-2.0\n")
+    assert 'get_kernel("kernels-community/metal-flash-sdpa", version=2)' in card
+    assert sorted(functions) == ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write"]
+    for name in functions:
+        assert f"- `{name}`" in card
