@@ -23,18 +23,32 @@ RUNTIME_SOURCE = PACKAGE_DIR / "src" / "runtime.cpp"
 REPO_ROOT = PACKAGE_DIR.parent
 CACHE_DIR = Path(os.environ.get("MSLSIM_CACHE", REPO_ROOT / "build" / "mslsim"))
 
+# GPU numerics mode (MSLSIM_GPU_NUMERICS=1): compile as Apple's compiler does by default (fast math): `a*b+c`
+# may fuse into an FMA, and transcendentals err by the bounds Apple documents for fast math (shim.h).
+GPU_NUMERICS = os.environ.get("MSLSIM_GPU_NUMERICS", "") not in ("", "0")
 SHIM_FLAGS = [
     "-std=c++17", "-fPIC", "-fvisibility=hidden",
     f"-I{INCLUDE_DIR}", "-include", "mslsim/shim.h",
-    # GPU numerics: every half/bfloat operation rounds to its type (no wider intermediates).
+    # every half/bfloat operation rounds to its type (no wider intermediates)
     "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
-    "-ffp-contract=off",
+    *(["-ffp-contract=fast", "-DMSLSIM_GPU_NUMERICS=1"] if GPU_NUMERICS else ["-ffp-contract=off"]),
+    # the runtime tells barriers apart by their call path: a frame-pointer chain with no tail calls
+    "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls",
     "-Wno-unknown-attributes", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
 ]
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
 # -fno-builtin keeps loops from becoming untraced memcpy calls.
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
 OPT_FLAGS = ["-O2"]
+# Code generation of kernel code: no tail merging, which would fold two calls of one barrier from different
+# branches into one call (the runtime tells them apart by return address).
+CODEGEN_FLAGS = ["-fPIC", *OPT_FLAGS, "-mllvm", "-enable-tail-merge=false"]
+RUNTIME_FLAGS = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-omit-frame-pointer", *OPT_FLAGS]
+# Memory intrinsics (whole-struct copies, array fills) escape the load/store tracing: the kernel's LLVM IR
+# is rewritten to call the runtime's traced versions instead.
+_MEMORY_INTRINSIC = re.compile(r"@llvm\.(memcpy|memmove|memset)(?:\.inline)?\.[\w.]+")
+_TRACED_INTRINSICS = ("declare void @mslsim_memcpy(ptr, ptr, i64, i1)\n"
+                      "declare void @mslsim_memset(ptr, i8, i64, i1)\n")
 
 
 class MetalCompileError(RuntimeError):
@@ -86,9 +100,11 @@ def mask_comments_and_strings(src: str) -> str:
 
 
 _THREADGROUP_ARG = re.compile(r"\[\[\s*threadgroup\s*\(")
-_THREADGROUP_VAR = re.compile(
+_DECLARATOR = r"[A-Za-z_]\w*\s*(?:\[[^\]\n]*\]\s*)*"
+_THREADGROUP_VAR = re.compile(  # `threadgroup T a[4], b;`: one threadgroup array per declarator
     r"\bthreadgroup\s+(?P<type>(?:const\s+|volatile\s+)*[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
-    r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\s*)*);")
+    rf"(?P<declarators>{_DECLARATOR}(?:,\s*{_DECLARATOR})*);")
+_NAME_AND_DIMS = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\s*)*)")
 _FUNCTION_CONSTANT = re.compile(
     r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*"
     r"\[\[\s*function_constant\s*\((?P<index>[^\]]*?)\)\s*\]\]\s*;")
@@ -114,9 +130,11 @@ def prepass(src: str) -> Prepassed:
     for m in _THREADGROUP_ARG.finditer(masked):
         edits.append((m.start(), m.end(), "[[mslsim_threadgroup_arg("))
     for m in _THREADGROUP_VAR.finditer(masked):
-        t, name, dims = m.group("type"), m.group("name"), re.sub(r"\s+", "", m.group("dims"))
-        text = (f"using mslsim_type_{name} = threadgroup {t}{dims}; "
-                f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name});")
+        text = ""
+        for d in _NAME_AND_DIMS.finditer(m.group("declarators")):
+            name, dims = d.group("name"), re.sub(r"\s+", "", d.group("dims"))
+            text += (f"using mslsim_type_{name} = threadgroup {m.group('type')}{dims}; "
+                     f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name}); ")
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
     for m in _FUNCTION_CONSTANT.finditer(masked):
         text = f"MSLSIM_FUNCTION_CONSTANT({m.group('type')}, {m.group('name')}, {m.group('index')});"
@@ -154,7 +172,7 @@ def _run(cmd, what):
 
 
 def _toolchain_key(cxx: str) -> str:
-    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + OPT_FLAGS)]
+    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS), _TRACED_INTRINSICS]
     for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE]:
         if p.is_file():
             parts.append(p.name + _sha(p.read_bytes()))
@@ -170,8 +188,8 @@ def runtime_object(cxx: str) -> Path:
     if not obj.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        _run([cxx, "-std=c++17", "-fPIC", "-fvisibility=hidden", *OPT_FLAGS, f"-I{INCLUDE_DIR}", "-c",
-              str(RUNTIME_SOURCE), "-o", str(tmp)], "compiling the mslsim runtime")
+        _run([cxx, *RUNTIME_FLAGS, f"-I{INCLUDE_DIR}", "-c", str(RUNTIME_SOURCE), "-o", str(tmp)],
+             "compiling the mslsim runtime")
         os.replace(tmp, obj)
     return obj
 
@@ -202,10 +220,19 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
         cpp = Path(tmp) / f"{source.stem}.cpp"
         cpp.write_text(text)
-        out = Path(tmp) / "out.o"
-        _run([cxx, *flags, "-c", "-x", "c++", str(cpp), "-o", str(out)], f"compiling {source}")
+        ir, out = Path(tmp) / "traced.ll", Path(tmp) / "out.o"
+        _run([cxx, *flags, "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", str(ir)], f"compiling {source}")
+        ir.write_text(trace_memory_intrinsics(ir.read_text()))
+        _run([cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir), "-o", str(out)], f"compiling {source} (IR)")
         os.replace(out, obj)
     return obj
+
+
+def trace_memory_intrinsics(ir: str) -> str:
+    """Point the IR's memcpy/memmove/memset intrinsics at the runtime's traced versions (same arguments)."""
+    ir = re.sub(r"^declare .*@llvm\.(?:memcpy|memmove|memset)\..*$", "", ir, flags=re.M)
+    ir = _MEMORY_INTRINSIC.sub(lambda m: "@mslsim_memset" if m.group(1) == "memset" else "@mslsim_memcpy", ir)
+    return ir + _TRACED_INTRINSICS
 
 
 def build_sources(sources, name: str | None = None, defines=(), include_dirs=()) -> Path:

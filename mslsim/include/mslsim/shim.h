@@ -273,17 +273,18 @@ MSLSIM_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0)
 #undef MSLSIM_LIMITS
 
 // ============================================================================ synchronisation
-// file/line default arguments let the runtime name the two sites of a divergent barrier.
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
-  mslsim::rt::threadgroup_barrier(file, line);
-}
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
-  mslsim::rt::simdgroup_barrier(file, line);
-}
+// Functions that reach the runtime's barriers and SIMD-group exchange are always inlined: the runtime
+// identifies a call by its file:line and the out-of-line calls above it (see call_path in runtime.cpp).
+#define MSLSIM_SYNC inline __attribute__((always_inline))
+#define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
+MSLSIM_SYNC void threadgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::threadgroup_barrier((int)flags, file, line); }
+MSLSIM_SYNC void simdgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::simdgroup_barrier((int)flags, file, line); }
 
 // ============================================================================ SIMD-group functions
-// Each is a collective: every live lane of the simdgroup deposits its value, the last to arrive releases
-// the others, then each lane computes its result from the frozen exchange.
+// Each is a collective over the lanes that execute the call together (Metal's active lanes): every such
+// lane deposits its value, and once every live lane of the simdgroup waits somewhere the runtime releases
+// them with the set of lanes that made the same call. Reading a lane outside that set (it returned, or it
+// is in another branch) is undefined on the GPU and an error here.
 namespace detail {
 using Exchange = mslsim::rt::SimdExchange;
 template <class T> inline T lane_value(const Exchange* x, int lane) {
@@ -291,27 +292,29 @@ template <class T> inline T lane_value(const Exchange* x, int lane) {
   __builtin_memcpy(&v, x->slot[lane], sizeof(T));
   return v;
 }
-template <class T> inline Exchange* exchange(const T& v, const char* file, unsigned line) {
+template <class T> MSLSIM_SYNC Exchange* exchange(const T& v, const char* file, unsigned line) {
   static_assert(sizeof(T) <= sizeof(Exchange::slot[0]), "SIMD-group function on a value larger than 32 bytes");
   return mslsim::rt::simd_exchange(&v, sizeof(T), file, line);
 }
 inline int my_lane() { return (int)mslsim::rt::current->lane; }
-inline bool participates(const Exchange* x, int lane) { return lane >= 0 && lane < 32 && (x->participants >> lane & 1); }
-// Pairwise tree over the participating lanes in lane order; computed once, shared by all lanes.
+inline uint32_t active(const Exchange* x) { return x->participants[my_lane()]; }
+inline bool participates(const Exchange* x, int lane) { return active(x) >> lane & 1; }
+// Pairwise tree over the active lanes in lane order; computed once per set of lanes, shared by them.
 template <class T, class F> inline T reduce(Exchange* x, F f) {
-  if (x->has_result) {
+  const uint32_t lanes = active(x), leader = __builtin_ctz(lanes);
+  if (x->has_result >> leader & 1) {
     T r;
-    __builtin_memcpy(&r, x->result, sizeof(T));
+    __builtin_memcpy(&r, x->result[leader], sizeof(T));
     return r;
   }
   T v[32];
   int n = 0;
   for (int i = 0; i < 32; i++)
-    if (participates(x, i)) v[n++] = lane_value<T>(x, i);
+    if (lanes >> i & 1) v[n++] = lane_value<T>(x, i);
   for (int width = 1; width < n; width *= 2)
     for (int i = 0; i + width < n; i += 2 * width) v[i] = f(v[i], v[i + width]);
-  __builtin_memcpy(x->result, &v[0], sizeof(T));
-  x->has_result = 1;
+  __builtin_memcpy(x->result[leader], &v[0], sizeof(T));
+  x->has_result |= 1u << leader;
   return v[0];
 }
 template <class T, class F> inline T scan(const Exchange* x, bool inclusive, T identity, F f) {
@@ -320,14 +323,19 @@ template <class T, class F> inline T scan(const Exchange* x, bool inclusive, T i
     if (participates(x, i)) s = f(s, lane_value<T>(x, i));
   return s;
 }
-template <class T> inline T from_lane(const Exchange* x, int source, T self) {
-  return participates(x, source) ? lane_value<T>(x, source) : self;
+// A source outside the simdgroup (shuffle_down/up past its edge) keeps the lane's own value, as Metal
+// defines; a source lane that is not active is an error.
+template <class T> inline T from_lane(const Exchange* x, int source, T self, const char* what) {
+  if (source < 0 || source >= 32) return self;
+  if (!participates(x, source))
+    mslsim::rt::fail("%s reads lane %d, which is not active (it returned, or runs another branch of divergent code): "
+                     "undefined on the GPU", what, source);
+  return lane_value<T>(x, source);
 }
 }  // namespace detail
 
-#define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
 #define MSLSIM_REDUCTION(name, op) \
-  template <class T> inline T name(T x, MSLSIM_SITE) { return detail::reduce<T>(detail::exchange(x, file, line), [](T a, T b) { return op; }); }
+  template <class T> MSLSIM_SYNC T name(T x, MSLSIM_SITE) { return detail::reduce<T>(detail::exchange(x, file, line), [](T a, T b) { return op; }); }
 MSLSIM_REDUCTION(simd_sum, a + b)
 MSLSIM_REDUCTION(simd_product, a * b)
 MSLSIM_REDUCTION(simd_max, max(a, b))
@@ -336,25 +344,43 @@ MSLSIM_REDUCTION(simd_and, a & b)
 MSLSIM_REDUCTION(simd_or, a | b)
 MSLSIM_REDUCTION(simd_xor, a ^ b)
 #undef MSLSIM_REDUCTION
-template <class T> inline T simd_prefix_inclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(0), [](T a, T b) { return a + b; }); }
-template <class T> inline T simd_prefix_exclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(0), [](T a, T b) { return a + b; }); }
-template <class T> inline T simd_prefix_inclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(1), [](T a, T b) { return a * b; }); }
-template <class T> inline T simd_prefix_exclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(1), [](T a, T b) { return a * b; }); }
-template <class T> inline T simd_shuffle(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
-template <class T> inline T simd_broadcast(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
-template <class T> inline T simd_shuffle_xor(T x, ushort mask, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() ^ mask, x); }
-// Lanes whose source is outside the simdgroup keep their own value (Metal's definition).
-template <class T> inline T simd_shuffle_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() + delta, x); }
-template <class T> inline T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() - delta, x); }
-template <class T> inline T simd_broadcast_first(T x, MSLSIM_SITE) {
+template <class T> MSLSIM_SYNC T simd_prefix_inclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(0), [](T a, T b) { return a + b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_exclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(0), [](T a, T b) { return a + b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_inclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(1), [](T a, T b) { return a * b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_exclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(1), [](T a, T b) { return a * b; }); }
+template <class T> MSLSIM_SYNC T simd_shuffle(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x, "simd_shuffle"); }
+template <class T> MSLSIM_SYNC T simd_broadcast(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x, "simd_broadcast"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_xor(T x, ushort mask, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() ^ mask, x, "simd_shuffle_xor"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() + delta, x, "simd_shuffle_down"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() - delta, x, "simd_shuffle_up"); }
+// Rotations wrap around the 32 lanes.
+template <class T> MSLSIM_SYNC T simd_shuffle_rotate_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() + delta) & 31, x, "simd_shuffle_rotate_down"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_rotate_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() - delta) & 31, x, "simd_shuffle_rotate_up"); }
+template <class T> MSLSIM_SYNC T simd_broadcast_first(T x, MSLSIM_SITE) {
   const detail::Exchange* e = detail::exchange(x, file, line);
-  return detail::lane_value<T>(e, __builtin_ctz(e->participants));
+  return detail::lane_value<T>(e, __builtin_ctz(detail::active(e)));
 }
-inline bool simd_all(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a && b; }); }
-inline bool simd_any(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a || b; }); }
-inline bool simd_is_first(MSLSIM_SITE) {
+MSLSIM_SYNC bool simd_all(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a && b; }); }
+MSLSIM_SYNC bool simd_any(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a || b; }); }
+MSLSIM_SYNC bool simd_is_first(MSLSIM_SITE) {
   const detail::Exchange* e = detail::exchange(true, file, line);
-  return __builtin_ctz(e->participants) == detail::my_lane();
+  return __builtin_ctz(detail::active(e)) == detail::my_lane();
+}
+// simd_ballot: one bit per active lane whose predicate holds.
+struct simd_vote {
+  typedef ulong vote_t;
+  vote_t v;
+  explicit constexpr simd_vote(vote_t value = 0) : v(value) {}
+  explicit constexpr operator vote_t() const { return v; }
+  constexpr bool all() const { return v == ~0ul; }
+  constexpr bool any() const { return v != 0; }
+};
+MSLSIM_SYNC simd_vote simd_ballot(bool x, MSLSIM_SITE) {
+  const detail::Exchange* e = detail::exchange(x, file, line);
+  ulong bits = 0;
+  for (int i = 0; i < 32; i++)
+    if (detail::participates(e, i) && detail::lane_value<bool>(e, i)) bits |= 1ul << i;
+  return simd_vote(bits);
 }
 
 // ============================================================================ simdgroup_matrix
@@ -413,11 +439,14 @@ inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong el
   }
 }
 template <class TD, class TA, class TB, class TC>
-inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+MSLSIM_SYNC void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                           const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
                                           MSLSIM_SITE) {
   struct Operands { float a0, a1, b0, b1; } mine = {(float)a.elements[0], (float)a.elements[1], (float)b.elements[0], (float)b.elements[1]};
   const detail::Exchange* x = detail::exchange(mine, file, line);
+  if (detail::active(x) != ~0u)
+    mslsim::rt::fail("simdgroup_multiply_accumulate with active lanes 0x%08x: all 32 lanes of the simdgroup must "
+                     "execute it (a lane returned, or runs another branch of divergent code)", detail::active(x));
   float A[8][8], B[8][8];
   for (int lane = 0; lane < 32; lane++) {
     int r, col;
@@ -439,11 +468,12 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   d.elements = out;
 }
 template <class TD, class TA, class TB>
-inline void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+MSLSIM_SYNC void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                const simdgroup_matrix<TB, 8, 8>& b, MSLSIM_SITE) {
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>((TD)0), file, line);
 }
 #undef MSLSIM_SITE
+#undef MSLSIM_SYNC
 
 // ============================================================================ atomics
 // Implemented out of line and untraced: the runtime is told about each access (initialises threadgroup
@@ -520,11 +550,11 @@ constexpr BuiltinTable builtin{};
 struct BufferArg {
   int i;
 #ifdef MSLSIM_CHECK_ADDRESS_SPACES   // a pointer without an address space converts to void*; device/constant ones do not
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
 #else
-  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
-  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
+  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
 #endif
 };
 struct BufferTable { constexpr BufferArg operator[](int i) const { return {i}; } };

@@ -37,11 +37,13 @@ kernel void simd_functions(device const float* x [[buffer(0)]], device const int
     o[8] = simd_prefix_exclusive_sum(v);
     o[9] = simd_prefix_inclusive_product(v);
     o[10] = simd_prefix_exclusive_product(v);
-    o[11] = simd_shuffle(v, (lane * 7 + 3) % 32);
-    o[12] = simd_broadcast(v, 5);
-    o[13] = simd_shuffle_xor(v, 6);
-    o[14] = simd_shuffle_down(v, 3);
-    o[15] = simd_shuffle_up(v, 2);
+    if (active == 32) {   // a shuffle from a lane that returned is undefined: only in full simdgroups
+        o[11] = simd_shuffle(v, (lane * 7 + 3) % 32);
+        o[12] = simd_broadcast(v, 5);
+        o[13] = simd_shuffle_xor(v, 6);
+        o[14] = simd_shuffle_down(v, 3);
+        o[15] = simd_shuffle_up(v, 2);
+    }
     o[16] = simd_broadcast_first(v);
     o[17] = float(simd_all(v > -3.0f)) + 2.0f * float(simd_any(v > 1.5f));
     o[18] = float(simd_is_first());
@@ -114,4 +116,31 @@ kernel void dynamic_and_atomics(device float* out [[buffer(0)]], threadgroup flo
     threadgroup_barrier(mem_flags::mem_threadgroup);
     out[tid * 2] = largest;
     out[tid * 2 + 1] = float(atomic_load_explicit(&arrivals, memory_order_relaxed));
+}
+
+// A SIMD reduction in divergent code reduces the lanes that run its branch (Metal's active lanes).
+kernel void divergent_reductions(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
+    float x = float(lane);
+    if (lane < 12) x = simd_sum(x);
+    else x = simd_max(x);
+    out[lane] = x + 1000.0f * float(simd_sum(1));   // uniform again: all 32 lanes
+}
+
+// Several threadgroup arrays in one declaration, each with its own storage and bounds.
+kernel void declarator_list(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float a[64], b[64];
+    a[tid] = float(tid);
+    b[tid] = 2.0f * float(tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid] = a[63 - tid] + b[tid];
+}
+
+// Whole-struct copies from device and constant memory (traced: bounds-checked and counted).
+struct Record { float values[6]; int first; };
+kernel void copy_records(device const Record* records [[buffer(0)]], constant Record& extra [[buffer(1)]],
+                         device Record* out [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    Record r = records[i];
+    const Record e = extra;
+    r.first += e.first;
+    out[i] = r;
 }
