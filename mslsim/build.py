@@ -23,19 +23,21 @@ RUNTIME_SOURCE = PACKAGE_DIR / "src" / "runtime.cpp"
 REPO_ROOT = PACKAGE_DIR.parent
 CACHE_DIR = Path(os.environ.get("MSLSIM_CACHE", REPO_ROOT / "build" / "mslsim"))
 
-# GPU numerics mode (MSLSIM_GPU_NUMERICS=1): compile as Apple's compiler does by default (fast math): `a*b+c`
-# may fuse into an FMA, and transcendentals err by the bounds Apple documents for fast math (shim.h).
-GPU_NUMERICS = os.environ.get("MSLSIM_GPU_NUMERICS", "") not in ("", "0")
 SHIM_FLAGS = [
     "-std=c++17", "-fPIC", "-fvisibility=hidden",
     f"-I{INCLUDE_DIR}", "-include", "mslsim/shim.h",
     # every half/bfloat operation rounds to its type (no wider intermediates)
     "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
-    *(["-ffp-contract=fast", "-DMSLSIM_GPU_NUMERICS=1"] if GPU_NUMERICS else ["-ffp-contract=off"]),
     # the runtime tells barriers apart by their call path: a frame-pointer chain with no tail calls
     "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls",
     "-Wno-unknown-attributes", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
 ]
+# Every object carries each kernel twice: with exact numerics (fp32 stays fp32, no contraction, libm-accurate
+# transcendentals) and with GPU numerics, as Apple's compiler builds by default with fast math: `a*b+c`
+# may fuse into an FMA, division may use a reciprocal, and transcendentals err by the fast-math bounds
+# (shim.h). A launch picks the GPU twin when asked (MSLSIM_GPU_NUMERICS=1, or gpu_numerics=True).
+EXACT_NUMERICS_FLAGS = ["-ffp-contract=off"]
+GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1"]   # -mfma: contraction needs the instruction
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
 # -fno-builtin keeps loops from becoming untraced memcpy calls.
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
@@ -212,7 +214,8 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     text = f"{pp.source}\n{exports}"
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    key = _sha("\n".join([toolchain, " ".join(flags), str(source), text]).encode())[:20]
+    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
+                          text]).encode())[:20]
     obj = CACHE_DIR / f"{source.stem}-{key}.o"
     if obj.exists():
         return obj
@@ -220,12 +223,29 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
         cpp = Path(tmp) / f"{source.stem}.cpp"
         cpp.write_text(text)
-        ir, out = Path(tmp) / "traced.ll", Path(tmp) / "out.o"
-        _run([cxx, *flags, "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", str(ir)], f"compiling {source}")
-        ir.write_text(trace_memory_intrinsics(ir.read_text()))
-        _run([cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir), "-o", str(out)], f"compiling {source} (IR)")
-        os.replace(out, obj)
+        twins = []
+        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
+            ir, out = Path(tmp) / f"{name}.ll", Path(tmp) / f"{name}.o"
+            _run([cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", str(ir)],
+                 f"compiling {source}" + (" (GPU numerics)" if name == "gpu" else ""))
+            code = trace_memory_intrinsics(ir.read_text())
+            ir.write_text(internalize(code) if name == "gpu" else code)
+            _run([cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir), "-o", str(out)], f"compiling {source} ({name} IR)")
+            twins.append(str(out))
+        _run([cxx, "-r", "-nostdlib", *twins, "-o", str(Path(tmp) / "both.o")], f"combining {source}")
+        os.replace(Path(tmp) / "both.o", obj)
     return obj
+
+
+_COMDAT = re.compile(r"^\$.* = comdat \w+\n", re.M)
+_COMDAT_USE = re.compile(r",? comdat(?:\(\$[^)]*\))?(?=[ ,\n])")
+_HIDDEN_DEFINITION = re.compile(r"^(define|@[^\s=]+ =)\s+(?:(?:linkonce_odr|weak_odr)\s+)?hidden\b", re.M)
+
+
+def internalize(ir: str) -> str:
+    """Make every definition of a module internal (and drop its comdats), so the GPU-numerics twin of a
+    kernel never merges with the exact one at link time (templates and static locals would otherwise)."""
+    return _HIDDEN_DEFINITION.sub(r"\1 internal", _COMDAT_USE.sub("", _COMDAT.sub("", ir)))
 
 
 def trace_memory_intrinsics(ir: str) -> str:

@@ -61,15 +61,16 @@ __asm__(
 // Filled by static initialisers of the kernel translation units: plain zero-initialised arrays.
 struct KernelEntry { const char* name; void (*entry)(); };
 struct ConstantEntry { int index, type; void* value; bool* defined; const char* name; };
-static KernelEntry g_kernels[256];
-static int g_num_kernels;
+static KernelEntry g_kernels[2][256];   // [0]: exact numerics, [1]: GPU-numerics twins
+static int g_num_kernels[2];
 static ConstantEntry g_constants[256];
 static int g_num_constants;
 static const char* g_counter_names[MSLSIM_MAX_COUNTERS];
 static int g_num_counters;
 
-int register_kernel(const char* name, void (*entry)()) {
-  if (g_num_kernels < 256) g_kernels[g_num_kernels++] = {name, entry};
+int register_kernel(const char* name, void (*entry)(), int gpu_numerics) {
+  int& count = g_num_kernels[gpu_numerics];
+  if (count < 256) g_kernels[gpu_numerics][count++] = {name, entry};
   return 0;
 }
 int register_function_constant(int index, int type, void* value, bool* defined, const char* name) {
@@ -887,11 +888,14 @@ static Worker g_workers[2];
 
 static int validate(const MslsimLaunch* L, char* err, size_t n) {
   g_entry = nullptr;
-  for (int i = 0; i < g_num_kernels; i++)
-    if (!strcmp(g_kernels[i].name, L->kernel)) g_entry = &g_kernels[i];
+  const char* env = getenv("MSLSIM_GPU_NUMERICS");
+  const int numerics = L->gpu_numerics || (env && *env && strcmp(env, "0"));
+  for (int i = 0; i < g_num_kernels[numerics]; i++)
+    if (!strcmp(g_kernels[numerics][i].name, L->kernel)) g_entry = &g_kernels[numerics][i];
   if (!g_entry) {
     int k = snprintf(err, n, "kernel '%s' not found in this library; it has:", L->kernel);
-    for (int i = 0; i < g_num_kernels && k < (int)n; i++) k += snprintf(err + k, n - k, " %s", g_kernels[i].name);
+    for (int i = 0; i < g_num_kernels[numerics] && k < (int)n; i++)
+      k += snprintf(err + k, n - k, " %s", g_kernels[numerics][i].name);
     return -1;
   }
   uint64_t threads = (uint64_t)L->threads[0] * L->threads[1] * L->threads[2];
@@ -982,8 +986,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
   return rc;
 }
 
-int mslsim_num_kernels(void) { return g_num_kernels; }
-const char* mslsim_kernel_name(int i) { return i >= 0 && i < g_num_kernels ? g_kernels[i].name : nullptr; }
+int mslsim_num_kernels(void) { return g_num_kernels[0]; }
+const char* mslsim_kernel_name(int i) { return i >= 0 && i < g_num_kernels[0] ? g_kernels[0][i].name : nullptr; }
 int mslsim_num_function_constants(void) { return g_num_constants; }
 int mslsim_function_constant(int i, int32_t* index, int32_t* type, const char** name) {
   if (i < 0 || i >= g_num_constants) return -1;

@@ -50,7 +50,8 @@ struct MslsimLaunch {
   int32_t workers;            // OS threads running threadgroups concurrently (0: one per core, max 2 here)
   int32_t schedule;           // MslsimSchedule
   uint32_t seed;              // for MSLSIM_RANDOM
-  int32_t check_threadgroup;  // 1: detect races and uninitialised reads on threadgroup memory
+  int32_t check_threadgroup;  // 1: detect races (threadgroup and device memory) and uninitialised threadgroup reads
+  int32_t gpu_numerics;       // 1: run the kernels' GPU-numerics twins (also chosen by MSLSIM_GPU_NUMERICS=1)
 };
 
 struct MslsimStats {
@@ -116,7 +117,7 @@ __attribute__((convergent)) void threadgroup_barrier(int mem_flags, const char* 
 __attribute__((convergent)) void simdgroup_barrier(int mem_flags, const char* file, unsigned line);
 __attribute__((convergent)) SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, unsigned line);
 
-int register_kernel(const char* name, void (*entry)());
+int register_kernel(const char* name, void (*entry)(), int gpu_numerics);
 int register_function_constant(int index, int type, void* value, bool* defined, const char* name);
 [[noreturn]] void function_constant_not_set(const char* name);
 uint64_t launch_serial();   // changes with every launch: per-pipeline values are recomputed per launch

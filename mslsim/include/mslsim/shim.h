@@ -144,25 +144,12 @@ template <class T> constexpr bool is_float = is_float_element<mslsim::element_t<
 template <class T> using if_float = std::enable_if_t<is_float<T>, T>;
 }  // namespace detail
 
-// Transcendentals are evaluated in fp32 libm and rounded to the argument type: at least as accurate as
-// Apple's (fast:: is documented at a few ulp; see mslsim/README.md).
+// Exact functions: evaluated in fp32 and rounded to the argument type.
 #define MSLSIM_UNARY(name, expr)                                               \
   template <class T> inline detail::if_float<T> name(T x) {                    \
     using E = mslsim::element_t<T>;                                            \
     return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x); \
   }
-MSLSIM_UNARY(exp, __builtin_expf(f))
-MSLSIM_UNARY(exp2, __builtin_exp2f(f))
-MSLSIM_UNARY(exp10, __builtin_exp10f(f))
-MSLSIM_UNARY(log, __builtin_logf(f))
-MSLSIM_UNARY(log2, __builtin_log2f(f))
-MSLSIM_UNARY(log10, __builtin_log10f(f))
-MSLSIM_UNARY(sqrt, __builtin_sqrtf(f))
-MSLSIM_UNARY(rsqrt, 1.0f / __builtin_sqrtf(f))
-MSLSIM_UNARY(sin, __builtin_sinf(f))
-MSLSIM_UNARY(cos, __builtin_cosf(f))
-MSLSIM_UNARY(tan, __builtin_tanf(f))
-MSLSIM_UNARY(tanh, __builtin_tanhf(f))
 MSLSIM_UNARY(fabs, __builtin_fabsf(f))
 MSLSIM_UNARY(floor, __builtin_floorf(f))
 MSLSIM_UNARY(ceil, __builtin_ceilf(f))
@@ -172,6 +159,63 @@ MSLSIM_UNARY(trunc, __builtin_truncf(f))
 MSLSIM_UNARY(fract, f - __builtin_floorf(f))
 MSLSIM_UNARY(saturate, f < 0.f ? 0.f : (f > 1.f ? 1.f : f))
 #undef MSLSIM_UNARY
+
+namespace detail {
+// Fast-math error model of the GPU-numerics mode: the fp32 libm result moved by the full error bound Apple
+// documents for fast math, in a direction hashed from the argument (deterministic, and not one uniform bias
+// that a normalisation such as softmax would cancel). `bound` is in ulps of the result, or absolute.
+inline float ulp_of(float r) {
+  float a = __builtin_fabsf(r);
+  return __builtin_nextafterf(a, __builtin_inff()) - a;
+}
+inline float fast_math(float arg, float exact, float absolute_error) {
+  if (!__builtin_isfinite(exact) || exact == 0.0f) return exact;
+  uint32_t h = __builtin_bit_cast(uint32_t, arg) * 0x9E3779B1u;
+  h ^= h >> 16;
+  return (h & 1) ? exact + absolute_error : exact - absolute_error;
+}
+}  // namespace detail
+// Transcendentals: precise:: is libm-accurate; metal:: and fast:: are fast math (Metal's default), which is
+// libm-accurate too unless the kernel runs with GPU numerics. Bounds (fast math, fp32), as modelled:
+// exp/exp2/exp10 3 + floor(|2x|) ulp; log/log2/log10 2^-21 absolute on [0.5, 2], else 3 ulp; rsqrt 2 ulp;
+// sqrt 3 ulp; tanh 5 ulp; sin/cos 2^-11 absolute.
+#ifdef MSLSIM_GPU_NUMERICS
+#define MSLSIM_FAST_ERROR(bound) detail::fast_math(f, r, bound)
+#else
+#define MSLSIM_FAST_ERROR(bound) r
+#endif
+#define MSLSIM_TRANSCENDENTAL(name, expr, bound)                                                           \
+  namespace precise {                                                                                      \
+  template <class T> inline detail::if_float<T> name(T x) {                                                \
+    using E = mslsim::element_t<T>;                                                                        \
+    return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x);                             \
+  }                                                                                                        \
+  }                                                                                                        \
+  template <class T> inline detail::if_float<T> name(T x) {                                                \
+    using E = mslsim::element_t<T>;                                                                        \
+    return detail::map([](E v) { float f = (float)v, r = (expr); (void)f; return (E)(MSLSIM_FAST_ERROR(bound)); }, x); \
+  }                                                                                                        \
+  namespace fast { template <class T> inline detail::if_float<T> name(T x) { return metal::name(x); } }
+#define MSLSIM_ULPS(n) ((n) * detail::ulp_of(r))
+#define MSLSIM_EXP_ULPS MSLSIM_ULPS(3.0f + __builtin_floorf(__builtin_fabsf(2.0f * f)))
+#define MSLSIM_LOG_ERROR (f >= 0.5f && f <= 2.0f ? 0x1p-21f : MSLSIM_ULPS(3.0f))
+MSLSIM_TRANSCENDENTAL(exp, __builtin_expf(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(exp2, __builtin_exp2f(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(exp10, __builtin_exp10f(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(log, __builtin_logf(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(log2, __builtin_log2f(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(log10, __builtin_log10f(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(sqrt, __builtin_sqrtf(f), MSLSIM_ULPS(3.0f))
+MSLSIM_TRANSCENDENTAL(rsqrt, 1.0f / __builtin_sqrtf(f), MSLSIM_ULPS(2.0f))
+MSLSIM_TRANSCENDENTAL(tanh, __builtin_tanhf(f), MSLSIM_ULPS(5.0f))
+MSLSIM_TRANSCENDENTAL(sin, __builtin_sinf(f), 0x1p-11f)
+MSLSIM_TRANSCENDENTAL(cos, __builtin_cosf(f), 0x1p-11f)
+MSLSIM_TRANSCENDENTAL(tan, __builtin_tanf(f), MSLSIM_ULPS(5.0f))
+#undef MSLSIM_LOG_ERROR
+#undef MSLSIM_EXP_ULPS
+#undef MSLSIM_ULPS
+#undef MSLSIM_TRANSCENDENTAL
+#undef MSLSIM_FAST_ERROR
 
 template <class T> inline T abs(T x) {
   return detail::map([](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; }, x);
@@ -200,6 +244,7 @@ template <class T> inline detail::if_float<T> pow(T a, T b) {
   return detail::map([](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); }, a, b);
 }
 template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
+// Fast-math division is within 2.5 ulp; GPU numerics compile `/` with -freciprocal-math (a * (1 / b)).
 template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
 template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
 
@@ -242,15 +287,13 @@ template <class T, class U> inline T as_type(U u) {
   return __builtin_bit_cast(T, u);
 }
 
-// fast:: and precise:: share the implementation above (see README: accuracy).
+// The other fast:: and precise:: functions share the implementation above.
 #define MSLSIM_FORWARD(ns, name) \
   namespace ns { template <class... A> inline auto name(A... a) { return metal::name(a...); } }
 #define MSLSIM_FORWARD_ALL(ns)                                                                              \
-  MSLSIM_FORWARD(ns, exp) MSLSIM_FORWARD(ns, exp2) MSLSIM_FORWARD(ns, exp10) MSLSIM_FORWARD(ns, log)       \
-  MSLSIM_FORWARD(ns, log2) MSLSIM_FORWARD(ns, sqrt) MSLSIM_FORWARD(ns, rsqrt) MSLSIM_FORWARD(ns, tanh)     \
   MSLSIM_FORWARD(ns, max) MSLSIM_FORWARD(ns, min) MSLSIM_FORWARD(ns, fmax) MSLSIM_FORWARD(ns, fmin)       \
-  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, sin) MSLSIM_FORWARD(ns, cos)         \
-  MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide) MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
+  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide)    \
+  MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
 MSLSIM_FORWARD_ALL(fast)
 MSLSIM_FORWARD_ALL(precise)
 #undef MSLSIM_FORWARD_ALL
@@ -603,11 +646,16 @@ template <class T> inline bool is_defined(const FunctionConstant<T>& c) { return
   T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
 #define MSLSIM_CAT_(a, b) a##b
 #define MSLSIM_CAT(a, b) MSLSIM_CAT_(a, b)
+#ifdef MSLSIM_GPU_NUMERICS
+#define MSLSIM_NUMERICS 1
+#else
+#define MSLSIM_NUMERICS 0
+#endif
 // Appended by the build step after the kernel source.
 #define MSLSIM_EXPORT_KERNEL_AS(host_name_, ...) MSLSIM_EXPORT_(host_name_, MSLSIM_CAT(mslsim_entry_, __COUNTER__), __VA_ARGS__)
 #define MSLSIM_EXPORT_(host_name_, entry, ...) \
   static void entry() { __VA_ARGS__(); }      \
-  static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry);
+  static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry, MSLSIM_NUMERICS);
 // Work-counter hook for kernels (see metal-flash-sdpa/work_counters.h): named, summed over the launch.
 #define mslsim_work_count(name, amount)                                               \
   do {                                                                                \

@@ -144,3 +144,16 @@ kernel void copy_records(device const Record* records [[buffer(0)]], constant Re
     r.first += e.first;
     out[i] = r;
 }
+
+// Numerics the GPU-numerics twin changes: contraction of a*b+c, fast-math transcendentals.
+kernel void numerics_probe(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                           device const float* c [[buffer(2)]], device float* out [[buffer(3)]],
+                           uint i [[thread_position_in_grid]]) {
+    device float* o = out + i * 6;
+    o[0] = a[i] * b[i] + c[i];
+    o[1] = exp(a[i]);
+    o[2] = fast::exp2(a[i]);
+    o[3] = precise::exp(a[i]);
+    o[4] = log(b[i]);
+    o[5] = precise::log(b[i]);
+}
