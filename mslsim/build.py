@@ -110,6 +110,11 @@ _NAME_AND_DIMS = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\
 _FUNCTION_CONSTANT = re.compile(
     r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*"
     r"\[\[\s*function_constant\s*\((?P<index>[^\]]*?)\)\s*\]\]\s*;")
+_CONDITIONAL_BUFFER = re.compile(  # [[buffer(n), function_constant(c)]] in either order
+    r"\[\[\s*(?:buffer\s*\((?P<n1>[^()]*)\)\s*,\s*function_constant\s*\((?P<c1>[^()]*)\)"
+    r"|function_constant\s*\((?P<c2>[^()]*)\)\s*,\s*buffer\s*\((?P<n2>[^()]*)\))\s*\]\]")
+_PROGRAM_CONSTANT = re.compile(
+    r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<init>[^;{}]*);")
 _KERNEL = re.compile(r"(?:\[\[\s*kernel\b[^\]]*\]\]|\bkernel)\s+void\s+(?P<name>[A-Za-z_]\w*)\s*\(")
 _INSTANTIATION = re.compile(
     r"template\s*(?P<attrs>\[\[\s*host_name\s*\(\s*(?P<host>(?:\"[^\"]*\"\s*)+)\)\s*\]\]\s*\[\[\s*kernel\s*\]\])"
@@ -138,9 +143,19 @@ def prepass(src: str) -> Prepassed:
             text += (f"using mslsim_type_{name} = threadgroup {m.group('type')}{dims}; "
                      f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name}); ")
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+    for m in _CONDITIONAL_BUFFER.finditer(masked):
+        n, c = m.group("n1") or m.group("n2"), m.group("c1") or m.group("c2")
+        edits.append((m.start(), m.end(), same_lines(f"[[mslsim_conditional_buffer({n}, {c})]]", m.group(0))))
+    derived = set()   # function constants, and program-scope constants computed from them
     for m in _FUNCTION_CONSTANT.finditer(masked):
         text = f"MSLSIM_FUNCTION_CONSTANT({m.group('type')}, {m.group('name')}, {m.group('index')});"
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+        derived.add(m.group("name"))
+    for m in _PROGRAM_CONSTANT.finditer(masked):
+        if derived & set(re.findall(r"[A-Za-z_]\w*", m.group("init"))):
+            derived.add(m.group("name"))
+            text = f"MSLSIM_DERIVED_CONSTANT({m.group('type')}, {m.group('name')}, {src[m.start('init'):m.end('init')]});"
+            edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
     kernels = []
     for m in _KERNEL.finditer(masked):
         if not masked[:m.start()].rstrip().endswith(">"):  # templated kernels export through instantiations

@@ -241,3 +241,29 @@ def test_aliasing_buffers_share_memory(features):
         expected = a * expected + b
     features.dispatch("mul_add_chain_float", 2, 256, {0: a, 1: b, 2: a, 3: struct.pack("I", 3)})
     np.testing.assert_array_equal(a, expected)
+
+
+@pytest.mark.parametrize("use_big_tiles", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_atomics_ballots_rotations_and_function_constant_arguments(features, has_bias, use_big_tiles):
+    n = 64
+    total, counter, out = np.zeros(1, np.float32), np.zeros(1, np.uint32), np.zeros((n, 5), np.float32)
+    bias = np.arange(n, dtype=np.float32)
+    buffers = {0: total, 1: counter, 2: out, **({3: bias} if has_bias else {})}   # no buffer 3 when absent
+    features.dispatch("more_features", 1, n, buffers, constants={10: has_bias, 11: use_big_tiles})
+    lane = np.arange(n) % 32
+    assert total[0] == 1.5 * n and counter[0] == 2 * n
+    assert (out[:, 0] == sum(1 << i for i in range(0, 32, 3))).all()
+    np.testing.assert_array_equal(out[:, 1], (lane + 5) % 32)
+    np.testing.assert_array_equal(out[:, 2], (lane - 5) % 32)
+    np.testing.assert_array_equal(out[:, 3], (bias if has_bias else 0) + (32 if use_big_tiles else 16))
+    assert (out[:, 4] == 0.5 * n).all()
+
+
+def test_derived_constant_needs_its_function_constant(features):
+    with pytest.raises(mslsim.SimulationError, match="function constant 'use_big_tiles' is used but no value was set"):
+        features.dispatch("more_features", 1, 32, {0: np.zeros(1, np.float32), 1: np.zeros(1, np.uint32),
+                                                   2: np.zeros(32 * 5, np.float32)}, constants={10: False})
+    with pytest.raises(mslsim.SimulationError, match=r"no buffer was bound at index 3"):
+        features.dispatch("more_features", 1, 32, {0: np.zeros(1, np.float32), 1: np.zeros(1, np.uint32),
+                                                   2: np.zeros(32 * 5, np.float32)}, constants={10: True, 11: True})

@@ -522,6 +522,7 @@ MSLSIM_SYNC void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgro
 // Implemented out of line and untraced: the runtime is told about each access (initialises threadgroup
 // memory for the race checker, bounds-checks device memory).
 template <class T> struct mslsim_atomic { T value; };
+template <class T> using atomic = mslsim_atomic<T>;
 typedef mslsim_atomic<int> atomic_int;
 typedef mslsim_atomic<uint> atomic_uint;
 typedef mslsim_atomic<float> atomic_float;
@@ -531,10 +532,23 @@ template <class A, class F> MSLSIM_ATOMIC auto atomic_update(A* a, F f) {
   using T = atomic_value_t<A>;
   mslsim::rt::note_atomic((const void*)a, sizeof(T));
   T* p = (T*)&a->value;
-  T old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
+  T old, next;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);   // the generic builtins: float atomics too
   do next = f(old);
   while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
+}
+// On failure *expected receives the current value (Metal, like C++); weak never fails spuriously here.
+template <class A, class U> MSLSIM_ATOMIC bool atomic_compare_exchange_weak_explicit(A* a, atomic_value_t<A>* expected, U desired,
+                                                                              memory_order, memory_order) {
+  using T = atomic_value_t<A>;
+  mslsim::rt::note_atomic((const void*)a, sizeof(T));
+  T next = (T)desired;
+  return __atomic_compare_exchange((T*)&a->value, expected, &next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+template <class A, class U> inline bool atomic_compare_exchange_strong_explicit(A* a, atomic_value_t<A>* expected, U desired,
+                                                                         memory_order success, memory_order failure) {
+  return atomic_compare_exchange_weak_explicit(a, expected, desired, success, failure);
 }
 template <class A, class U> inline auto atomic_fetch_add_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o + v); }); }
 template <class A, class U> inline auto atomic_fetch_sub_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o - v); }); }
@@ -602,6 +616,18 @@ struct BufferArg {
 };
 struct BufferTable { constexpr BufferArg operator[](int i) const { return {i}; } };
 constexpr BufferTable buffer_arg{};
+// `[[buffer(n), function_constant(c)]]`: the argument exists only when c is true; otherwise it is null and
+// need not be bound (rewritten by the prepass).
+struct ConditionalBufferArg {
+  int i;
+  bool exists;
+  template <class T> operator T*() const { return exists ? (T*)BufferArg{i} : nullptr; }
+};
+struct ConditionalBufferTable {
+  bool exists;
+  constexpr ConditionalBufferArg operator[](int i) const { return {i, exists}; }
+};
+inline ConditionalBufferTable conditional_buffer_arg(bool exists) { return {exists}; }
 struct ThreadgroupArg { int i; template <class T> operator T*() const { return (T*)rt::bind_threadgroup_arg(i); } };
 struct ThreadgroupArgTable { constexpr ThreadgroupArg operator[](int i) const { return {i}; } };
 constexpr ThreadgroupArgTable threadgroup_arg{};
@@ -638,9 +664,28 @@ template <class T> struct FunctionConstant {
   }
 };
 template <class T> inline bool is_defined(const FunctionConstant<T>& c) { return c.defined; }
+
+// `constant T name = <expression using function constants>;` (rewritten by the prepass): evaluated per
+// launch (a pipeline's constants), not once when the library loads.
+template <class T, class F> struct DerivedConstant {
+  F init;
+  mutable T value{};
+  mutable uint64_t serial = 0;
+  explicit DerivedConstant(F f) : init(f) {}
+  operator T() const {
+    const uint64_t now = rt::launch_serial();
+    if (__atomic_load_n(&serial, __ATOMIC_ACQUIRE) != now) {   // workers may race here: same value
+      value = init();
+      __atomic_store_n(&serial, now, __ATOMIC_RELEASE);
+    }
+    return value;
+  }
+};
 }  // namespace mslsim
 
 #define MSLSIM_FUNCTION_CONSTANT(T, name, idx) static mslsim::FunctionConstant<T> name((idx), #name)
+#define MSLSIM_DERIVED_CONSTANT(T, name, ...) \
+  static const mslsim::DerivedConstant<T, T (*)()> name([]() -> T { return (__VA_ARGS__); })
 #define MSLSIM_THREADGROUP_VARIABLE(T, name)                                                   \
   static char mslsim_key_##name;                                                               \
   T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
@@ -683,6 +728,7 @@ using namespace metal;
 #define is_function_constant_defined(x) (mslsim::is_defined(x))
 #define buffer(n) ]] = mslsim::buffer_arg[mslsim::index[n
 #define mslsim_threadgroup_arg(n) ]] = mslsim::threadgroup_arg[mslsim::index[n
+#define mslsim_conditional_buffer(n, c) ]] = mslsim::conditional_buffer_arg(c)[mslsim::index[n
 #define thread_position_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPITG
 #define thread_index_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TIITG
 #define threadgroup_position_in_grid ]] = mslsim::builtin[mslsim::index[mslsim::TGPIG

@@ -157,3 +157,32 @@ kernel void numerics_probe(device const float* a [[buffer(0)]], device const flo
     o[4] = log(b[i]);
     o[5] = precise::log(b[i]);
 }
+
+// Atomics on floats, compare-exchange, ballots, rotations, and a buffer that exists only when a function
+// constant says so; `tile` is a program-scope constant computed from a function constant, per launch.
+constant bool bias_bound [[function_constant(10)]];
+constant bool use_big_tiles [[function_constant(11)]];
+constant int tile = use_big_tiles ? 64 : 32;
+constant int half_tile = tile / 2;
+
+kernel void more_features(device atomic_float* total [[buffer(0)]], device atomic_uint* counter [[buffer(1)]],
+                          device float* out [[buffer(2)]],
+                          device const float* bias [[buffer(3), function_constant(bias_bound)]],
+                          uint tid [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup atomic_float local_total;
+    if (tid == 0) atomic_store_explicit(&local_total, 0.0f, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    atomic_fetch_add_explicit(&local_total, 0.5f, memory_order_relaxed);
+    atomic_fetch_add_explicit(total, 1.5f, memory_order_relaxed);
+    uint expected = atomic_load_explicit(counter, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(counter, &expected, expected + 2, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    device float* o = out + tid * 5;
+    o[0] = float(uint(simd_vote::vote_t(simd_ballot(lane % 3 == 0))));
+    o[1] = simd_shuffle_rotate_down(float(lane), ushort(5));
+    o[2] = simd_shuffle_rotate_up(float(lane), ushort(5));
+    o[3] = (bias_bound ? bias[tid] : 0.0f) + float(half_tile);
+    o[4] = atomic_load_explicit(&local_total, memory_order_relaxed);
+}
