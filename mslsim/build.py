@@ -219,14 +219,20 @@ def preprocess(source: Path, cxx: str, include_dirs=(), defines=()) -> str:
                  *[f"-I{Path(d).resolve()}" for d in include_dirs], str(source)], f"preprocessing {source}").stdout
 
 
+def translation_unit(preprocessed: str) -> str:
+    """The C++ that a preprocessed .metal file compiles as: the prepassed source, then one exported entry per
+    kernel (which calls it, instantiating its argument bindings)."""
+    pp = prepass(preprocessed)
+    exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
+    return f"{pp.source}\n{exports}"
+
+
 def metal_object(source, defines=(), include_dirs=()) -> Path:
     """Compile one .metal file (prepass, shim, tracing) into a cached object file; returns its path.
     The object registers its kernels with the runtime when loaded, so it can be linked into any library."""
     cxx = compiler()
     source = Path(source).resolve()
-    pp = prepass(preprocess(source, cxx, include_dirs, defines))
-    exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
-    text = f"{pp.source}\n{exports}"
+    text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
     key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),

@@ -577,9 +577,16 @@ template <class T> inline T builtin_value(rt::uint3_ u) {
     return (T)u.x;
   }
 }
+// Metal accepts built-in attributes (positions, indices, counts) only as uint / ushort and their 2- and
+// 3-vectors.
+template <class T> constexpr bool is_builtin_type =
+    std::is_same_v<T, uint> || std::is_same_v<T, ushort> || std::is_same_v<T, metal::vec<uint, 2>> ||
+    std::is_same_v<T, metal::vec<uint, 3>> || std::is_same_v<T, metal::vec<ushort, 2>> || std::is_same_v<T, metal::vec<ushort, 3>>;
 struct BuiltinArg {
   int which;
   template <class T> operator T() const {
+    static_assert(is_builtin_type<T>, "a built-in attribute ([[thread_position_in_grid]], ...) must be declared as "
+                                      "uint, ushort or one of their 2- and 3-vectors");
     const rt::ThreadContext* c = rt::current;
     rt::uint3_ u = {0, 0, 0};
     switch (which) {
