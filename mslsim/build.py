@@ -26,15 +26,31 @@ CACHE_DIR = Path(os.environ.get("MSLSIM_CACHE", REPO_ROOT / "build" / "mslsim"))
 SHIM_FLAGS = [
     "-std=c++17", "-fPIC", "-fvisibility=hidden",
     f"-I{INCLUDE_DIR}", "-include", "mslsim/shim.h",
-    # GPU numerics: every half/bfloat operation rounds to its type (no wider intermediates).
+    # every half/bfloat operation rounds to its type (no wider intermediates)
     "-Xclang", "-ffloat16-excess-precision=none", "-Xclang", "-fbfloat16-excess-precision=none",
-    "-ffp-contract=off",
+    # the runtime tells barriers apart by their call path: a frame-pointer chain with no tail calls
+    "-fno-omit-frame-pointer", "-fno-optimize-sibling-calls",
     "-Wno-unknown-attributes", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
 ]
+# Every object carries each kernel twice: with exact numerics (fp32 stays fp32, no contraction, libm-accurate
+# transcendentals) and with GPU numerics, as Apple's compiler builds by default with fast math: `a*b+c`
+# may fuse into an FMA, division may use a reciprocal, and transcendentals err by the fast-math bounds
+# (shim.h). A launch picks the GPU twin when asked (MSLSIM_GPU_NUMERICS=1, or gpu_numerics=True).
+EXACT_NUMERICS_FLAGS = ["-ffp-contract=off"]
+GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1"]   # -mfma: contraction needs the instruction
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
 # -fno-builtin keeps loops from becoming untraced memcpy calls.
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
 OPT_FLAGS = ["-O2"]
+# Code generation of kernel code: no tail merging, which would fold two calls of one barrier from different
+# branches into one call (the runtime tells them apart by return address).
+CODEGEN_FLAGS = ["-fPIC", *OPT_FLAGS, "-mllvm", "-enable-tail-merge=false"]
+RUNTIME_FLAGS = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-omit-frame-pointer", *OPT_FLAGS]
+# Memory intrinsics (whole-struct copies, array fills) escape the load/store tracing: the kernel's LLVM IR
+# is rewritten to call the runtime's traced versions instead.
+_MEMORY_INTRINSIC = re.compile(r"@llvm\.(memcpy|memmove|memset)(?:\.inline)?\.[\w.]+")
+_TRACED_INTRINSICS = ("declare void @mslsim_memcpy(ptr, ptr, i64, i1)\n"
+                      "declare void @mslsim_memset(ptr, i8, i64, i1)\n")
 
 
 class MetalCompileError(RuntimeError):
@@ -86,12 +102,19 @@ def mask_comments_and_strings(src: str) -> str:
 
 
 _THREADGROUP_ARG = re.compile(r"\[\[\s*threadgroup\s*\(")
-_THREADGROUP_VAR = re.compile(
+_DECLARATOR = r"[A-Za-z_]\w*\s*(?:\[[^\]\n]*\]\s*)*"
+_THREADGROUP_VAR = re.compile(  # `threadgroup T a[4], b;`: one threadgroup array per declarator
     r"\bthreadgroup\s+(?P<type>(?:const\s+|volatile\s+)*[A-Za-z_][\w:]*(?:\s*<[^;{}()]*?>)?)\s+"
-    r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\s*)*);")
+    rf"(?P<declarators>{_DECLARATOR}(?:,\s*{_DECLARATOR})*);")
+_NAME_AND_DIMS = re.compile(r"(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]\n]*\]\s*)*)")
 _FUNCTION_CONSTANT = re.compile(
     r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*"
     r"\[\[\s*function_constant\s*\((?P<index>[^\]]*?)\)\s*\]\]\s*;")
+_CONDITIONAL_BUFFER = re.compile(  # [[buffer(n), function_constant(c)]] in either order
+    r"\[\[\s*(?:buffer\s*\((?P<n1>[^()]*)\)\s*,\s*function_constant\s*\((?P<c1>[^()]*)\)"
+    r"|function_constant\s*\((?P<c2>[^()]*)\)\s*,\s*buffer\s*\((?P<n2>[^()]*)\))\s*\]\]")
+_PROGRAM_CONSTANT = re.compile(
+    r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<init>[^;{}]*);")
 _KERNEL = re.compile(r"(?:\[\[\s*kernel\b[^\]]*\]\]|\bkernel)\s+void\s+(?P<name>[A-Za-z_]\w*)\s*\(")
 _INSTANTIATION = re.compile(
     r"template\s*(?P<attrs>\[\[\s*host_name\s*\(\s*(?P<host>(?:\"[^\"]*\"\s*)+)\)\s*\]\]\s*\[\[\s*kernel\s*\]\])"
@@ -114,13 +137,25 @@ def prepass(src: str) -> Prepassed:
     for m in _THREADGROUP_ARG.finditer(masked):
         edits.append((m.start(), m.end(), "[[mslsim_threadgroup_arg("))
     for m in _THREADGROUP_VAR.finditer(masked):
-        t, name, dims = m.group("type"), m.group("name"), re.sub(r"\s+", "", m.group("dims"))
-        text = (f"using mslsim_type_{name} = threadgroup {t}{dims}; "
-                f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name});")
+        text = ""
+        for d in _NAME_AND_DIMS.finditer(m.group("declarators")):
+            name, dims = d.group("name"), re.sub(r"\s+", "", d.group("dims"))
+            text += (f"using mslsim_type_{name} = threadgroup {m.group('type')}{dims}; "
+                     f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name}); ")
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+    for m in _CONDITIONAL_BUFFER.finditer(masked):
+        n, c = m.group("n1") or m.group("n2"), m.group("c1") or m.group("c2")
+        edits.append((m.start(), m.end(), same_lines(f"[[mslsim_conditional_buffer({n}, {c})]]", m.group(0))))
+    derived = set()   # function constants, and program-scope constants computed from them
     for m in _FUNCTION_CONSTANT.finditer(masked):
         text = f"MSLSIM_FUNCTION_CONSTANT({m.group('type')}, {m.group('name')}, {m.group('index')});"
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+        derived.add(m.group("name"))
+    for m in _PROGRAM_CONSTANT.finditer(masked):
+        if derived & set(re.findall(r"[A-Za-z_]\w*", m.group("init"))):
+            derived.add(m.group("name"))
+            text = f"MSLSIM_DERIVED_CONSTANT({m.group('type')}, {m.group('name')}, {src[m.start('init'):m.end('init')]});"
+            edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
     kernels = []
     for m in _KERNEL.finditer(masked):
         if not masked[:m.start()].rstrip().endswith(">"):  # templated kernels export through instantiations
@@ -154,7 +189,7 @@ def _run(cmd, what):
 
 
 def _toolchain_key(cxx: str) -> str:
-    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + OPT_FLAGS)]
+    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS), _TRACED_INTRINSICS]
     for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE]:
         if p.is_file():
             parts.append(p.name + _sha(p.read_bytes()))
@@ -170,8 +205,8 @@ def runtime_object(cxx: str) -> Path:
     if not obj.exists():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        _run([cxx, "-std=c++17", "-fPIC", "-fvisibility=hidden", *OPT_FLAGS, f"-I{INCLUDE_DIR}", "-c",
-              str(RUNTIME_SOURCE), "-o", str(tmp)], "compiling the mslsim runtime")
+        _run([cxx, *RUNTIME_FLAGS, f"-I{INCLUDE_DIR}", "-c", str(RUNTIME_SOURCE), "-o", str(tmp)],
+             "compiling the mslsim runtime")
         os.replace(tmp, obj)
     return obj
 
@@ -184,17 +219,24 @@ def preprocess(source: Path, cxx: str, include_dirs=(), defines=()) -> str:
                  *[f"-I{Path(d).resolve()}" for d in include_dirs], str(source)], f"preprocessing {source}").stdout
 
 
+def translation_unit(preprocessed: str) -> str:
+    """The C++ that a preprocessed .metal file compiles as: the prepassed source, then one exported entry per
+    kernel (which calls it, instantiating its argument bindings)."""
+    pp = prepass(preprocessed)
+    exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
+    return f"{pp.source}\n{exports}"
+
+
 def metal_object(source, defines=(), include_dirs=()) -> Path:
     """Compile one .metal file (prepass, shim, tracing) into a cached object file; returns its path.
     The object registers its kernels with the runtime when loaded, so it can be linked into any library."""
     cxx = compiler()
     source = Path(source).resolve()
-    pp = prepass(preprocess(source, cxx, include_dirs, defines))
-    exports = "".join(f'MSLSIM_EXPORT_KERNEL_AS("{host}", {fn})\n' for host, fn in pp.kernels)
-    text = f"{pp.source}\n{exports}"
+    text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    key = _sha("\n".join([toolchain, " ".join(flags), str(source), text]).encode())[:20]
+    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
+                          text]).encode())[:20]
     obj = CACHE_DIR / f"{source.stem}-{key}.o"
     if obj.exists():
         return obj
@@ -202,10 +244,36 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
         cpp = Path(tmp) / f"{source.stem}.cpp"
         cpp.write_text(text)
-        out = Path(tmp) / "out.o"
-        _run([cxx, *flags, "-c", "-x", "c++", str(cpp), "-o", str(out)], f"compiling {source}")
-        os.replace(out, obj)
+        twins = []
+        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
+            ir, out = Path(tmp) / f"{name}.ll", Path(tmp) / f"{name}.o"
+            _run([cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", str(ir)],
+                 f"compiling {source}" + (" (GPU numerics)" if name == "gpu" else ""))
+            code = trace_memory_intrinsics(ir.read_text())
+            ir.write_text(internalize(code) if name == "gpu" else code)
+            _run([cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir), "-o", str(out)], f"compiling {source} ({name} IR)")
+            twins.append(str(out))
+        _run([cxx, "-r", "-nostdlib", *twins, "-o", str(Path(tmp) / "both.o")], f"combining {source}")
+        os.replace(Path(tmp) / "both.o", obj)
     return obj
+
+
+_COMDAT = re.compile(r"^\$.* = comdat \w+\n", re.M)
+_COMDAT_USE = re.compile(r",? comdat(?:\(\$[^)]*\))?(?=[ ,\n])")
+_HIDDEN_DEFINITION = re.compile(r"^(define|@[^\s=]+ =)\s+(?:(?:linkonce_odr|weak_odr)\s+)?hidden\b", re.M)
+
+
+def internalize(ir: str) -> str:
+    """Make every definition of a module internal (and drop its comdats), so the GPU-numerics twin of a
+    kernel never merges with the exact one at link time (templates and static locals would otherwise)."""
+    return _HIDDEN_DEFINITION.sub(r"\1 internal", _COMDAT_USE.sub("", _COMDAT.sub("", ir)))
+
+
+def trace_memory_intrinsics(ir: str) -> str:
+    """Point the IR's memcpy/memmove/memset intrinsics at the runtime's traced versions (same arguments)."""
+    ir = re.sub(r"^declare .*@llvm\.(?:memcpy|memmove|memset)\..*$", "", ir, flags=re.M)
+    ir = _MEMORY_INTRINSIC.sub(lambda m: "@mslsim_memset" if m.group(1) == "memset" else "@mslsim_memcpy", ir)
+    return ir + _TRACED_INTRINSICS
 
 
 def build_sources(sources, name: str | None = None, defines=(), include_dirs=()) -> Path:

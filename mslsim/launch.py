@@ -32,7 +32,7 @@ class _Launch(ctypes.Structure):
                 ("buffers", _Buffer * MAX_BUFFERS), ("threadgroup_memory", ctypes.c_uint32 * MAX_BUFFERS),
                 ("constants", ctypes.POINTER(_Constant)), ("num_constants", ctypes.c_int32),
                 ("workers", ctypes.c_int32), ("schedule", ctypes.c_int32), ("seed", ctypes.c_uint32),
-                ("check_threadgroup", ctypes.c_int32)]
+                ("check_threadgroup", ctypes.c_int32), ("gpu_numerics", ctypes.c_int32)]
 
 
 class _Stats(ctypes.Structure):
@@ -143,13 +143,15 @@ class Library:
 
     def dispatch(self, kernel: str, threadgroups, threads, buffers: dict, constants: dict | None = None,
                  threadgroup_memory: dict | None = None, workers: int = 0, schedule: str = "forward",
-                 seed: int = 0, check_threadgroup: bool = True) -> LaunchStats:
+                 seed: int = 0, check_threadgroup: bool = True, gpu_numerics: bool = False) -> LaunchStats:
         """Run `kernel` over a grid of `threadgroups` of `threads` each (dispatchThreadgroups).
 
         buffers: {index: array/tensor/bytes}; outputs are written back in place.
         constants: {function constant index: value}; threadgroup_memory: {index: bytes}.
         schedule: fiber order between synchronisation points ("forward", "reverse", "random") to expose
-        missing barriers; check_threadgroup: detect threadgroup-memory races and uninitialised reads.
+        missing barriers; check_threadgroup: detect races (threadgroup and device memory inside a threadgroup)
+        and uninitialised threadgroup reads; gpu_numerics: run the GPU-numerics twins (FMA contraction, fast-math
+        error bounds; also chosen for every launch by the environment variable MSLSIM_GPU_NUMERICS=1).
         """
         if kernel not in self.kernels:
             raise ValueError(f"kernel '{kernel}' is not in {self.path}; it has {self.kernels}")
@@ -174,6 +176,7 @@ class Library:
         consts = self._encode_constants(constants or {})
         L.constants, L.num_constants = consts, len(constants or {})
         L.workers, L.schedule, L.seed, L.check_threadgroup = workers, SCHEDULES[schedule], seed, int(check_threadgroup)
+        L.gpu_numerics = int(gpu_numerics)
         stats, err = _Stats(), ctypes.create_string_buffer(2048)
         if self._lib.mslsim_dispatch(ctypes.byref(L), ctypes.byref(stats), err, len(err)):
             raise SimulationError(err.value.decode(errors="replace"))

@@ -5,13 +5,15 @@
 // and SIMD-group collectives, so code between two synchronisation points runs uninterrupted, like a
 // warp between two barriers.
 //
-// Memory model. Device buffers are copied into one guarded "device window" for the launch (each buffer
-// page-aligned, surrounded by inaccessible gaps) and copied back afterwards. Kernel code is compiled
-// with clang's load/store tracing (-fsanitize-coverage=trace-loads,trace-stores), so every memory access
-// the kernel makes passes through on_access(): accesses inside the window but outside a buffer are
-// out-of-bounds errors (exact to the byte), and bytes read/written are counted per buffer. Threadgroup
-// memory lives in a per-worker arena with a shadow that can flag uninitialised reads and unordered
-// accesses by different threads (races).
+// Memory model. Every device buffer (aliasing views of one allocation share one) and every threadgroup
+// array gets its own "slot": a 64 GiB stretch of reserved, inaccessible address space with the data at its
+// centre. Kernel code is compiled with clang's load/store tracing (-fsanitize-coverage=trace-loads,
+// trace-stores; aggregate copies are rerouted through traced memcpy, see build.py), so every access passes
+// through on_access(): an address inside a slot but outside its data is an out-of-bounds access of exactly
+// that buffer or array, however far off (up to +-32 GiB; beyond, the address is unmapped and faults). Bytes
+// read/written are counted per buffer. Threadgroup arrays and buffers the kernel may write have a shadow
+// that flags uninitialised threadgroup reads and accesses by two threads of a threadgroup that no barrier
+// orders (races), honouring the barrier's mem_flags.
 //
 // Errors. fail() records a message naming the kernel, threadgroup and thread, and leaves the fiber for
 // good; the launch returns the message. A SIGSEGV/SIGBUS inside kernel code (wild pointer, fiber stack
@@ -59,15 +61,16 @@ __asm__(
 // Filled by static initialisers of the kernel translation units: plain zero-initialised arrays.
 struct KernelEntry { const char* name; void (*entry)(); };
 struct ConstantEntry { int index, type; void* value; bool* defined; const char* name; };
-static KernelEntry g_kernels[256];
-static int g_num_kernels;
+static KernelEntry g_kernels[2][256];   // [0]: exact numerics, [1]: GPU-numerics twins
+static int g_num_kernels[2];
 static ConstantEntry g_constants[256];
 static int g_num_constants;
 static const char* g_counter_names[MSLSIM_MAX_COUNTERS];
 static int g_num_counters;
 
-int register_kernel(const char* name, void (*entry)()) {
-  if (g_num_kernels < 256) g_kernels[g_num_kernels++] = {name, entry};
+int register_kernel(const char* name, void (*entry)(), int gpu_numerics) {
+  int& count = g_num_kernels[gpu_numerics];
+  if (count < 256) g_kernels[gpu_numerics][count++] = {name, entry};
   return 0;
 }
 int register_function_constant(int index, int type, void* value, bool* defined, const char* name) {
@@ -83,35 +86,61 @@ int work_counter(const char* name) {
 }
 
 // ------------------------------------------------------------------------------------------ launch state
-struct Region {              // one group of (possibly aliasing) bound buffers inside the device window
+// Slots: each buffer group and each threadgroup array owns 2^kSlotBits bytes of reserved address space with
+// its data at the centre, so the slot an address falls in says which buffer / array the access was meant
+// for, however far out of bounds it is.
+static const int kSlotBits = 36;
+static const uintptr_t kSlot = uintptr_t(1) << kSlotBits;
+static const size_t kPage = 4096;
+struct ShadowByte;
+struct Region {              // one group of (possibly aliasing) bound buffers, alone in its slot
   uintptr_t lo, hi;          // accessible bytes [lo, hi)
   unsigned char* host;       // where they came from
-  int first_index;           // buffer index the bytes are counted against
+  int first_index;           // buffer index the bytes are counted against and errors name
+  ShadowByte* shadow;        // race-checker state per byte (reserved, touched only if `writable`)
+  size_t shadow_len;
+  volatile bool writable;    // bound to a non-const pointer or reference: may be written, so race-checked
 };
-struct Binding { unsigned char* sim; uint64_t size; };
+struct Binding { unsigned char* sim; uint64_t size; int region; };
 
 static pthread_mutex_t g_dispatch_lock = PTHREAD_MUTEX_INITIALIZER;
 static const MslsimLaunch* g_launch;
+static uint64_t g_launch_serial;
 static Binding g_bindings[MSLSIM_MAX_BUFFERS];
 static Region g_regions[MSLSIM_MAX_BUFFERS];
 static int g_num_regions;
-static uintptr_t g_window_lo, g_window_span;
+static uintptr_t g_window_lo, g_window_span;   // the device slots
 static unsigned char* g_window;
-static size_t g_window_len;
 static volatile int g_abort;     // set by the first failing worker so the others stop early
 
 // ------------------------------------------------------------------------------------------ workers
 struct Fiber { void* sp; ThreadContext ctx; bool done; };
+// Memory kinds the race checker orders separately (a barrier's mem_flags say which it orders).
+enum MemoryKind { THREADGROUP_MEMORY = 0, DEVICE_MEMORY = 1 };
 struct SimdGroup {
-  int live_lanes, arrived;
-  unsigned generation;         // bumps when a collective / simdgroup barrier completes
-  uint32_t epoch;              // ordering interval for the race checker (bumps at simdgroup barriers)
-  const char* file; unsigned line; const char* what;
-  SimdExchange* pending;
-  SimdExchange buf[2];         // alternate so a fast lane cannot overwrite values a slow lane still reads
+  uint32_t live;               // lanes that have not returned
+  int running;                 // live lanes not waiting at a SIMD-group function or barrier
+  uint32_t waiting;            // lanes waiting at a SIMD-group function / simdgroup_barrier
+  uint32_t barrier_lanes;      // those of them at a simdgroup_barrier
+  unsigned generation;         // bumps when the waiting lanes are released
+  unsigned round;              // buffer the waiting lanes deposit into: buf[round & 1]
+  uint32_t epoch[2];           // ordering interval per MemoryKind for the race checker
+  uint64_t path[MSLSIM_SIMD_WIDTH];   // call path of each waiting lane's call
+  int flags[MSLSIM_SIMD_WIDTH];       // mem_flags of each lane's simdgroup_barrier
+  // A released lane reads buf[r & 1] while faster lanes deposit for round r + 1 into the other buffer;
+  // round r + 2 cannot start before every lane of round r has run again, so two buffers suffice.
+  SimdExchange buf[2];
 };
-struct ThreadgroupVar { const void* key; size_t offset, size; const char* name; };
-// Shadow of one threadgroup-memory byte for the race / uninitialised-read checker.
+// A kernel-scope threadgroup array (or [[threadgroup(i)]] allocation) in its slot.
+struct ThreadgroupArray {
+  const void* key;             // identity of the declaration (null for [[threadgroup(i)]])
+  uintptr_t base;              // first byte (centre of the slot)
+  size_t size, packed;         // bytes; offset in the packed 32 KiB budget (and the shadow)
+  const char* name;            // null: slot unused in this threadgroup
+};
+static const int kMaxArrays = 64;                                    // kernel-scope arrays: slots 0..63
+static const int kThreadgroupSlots = kMaxArrays + MSLSIM_MAX_BUFFERS;  // then [[threadgroup(i)]]
+// Race-checker state of one byte.
 struct ShadowByte {
   uint32_t write_epoch, write_simd_epoch, read_epoch, read_simd_epoch;   // read_epoch 0: not read yet
   uint16_t writer, reader;         // thread indices; reader == kManyReaders: several threads read it
@@ -136,20 +165,21 @@ struct alignas(64) Worker {
   // threadgroup barrier
   int tg_arrived = 0;
   unsigned tg_generation = 0;
-  uint32_t tg_epoch = 0;
+  uint64_t tg_path = 0;
+  int tg_flags = 0;
   const char* tg_file = nullptr;
   unsigned tg_line = 0;
   long spins = 0;
+  uint32_t epoch[2] = {};      // ordering interval per MemoryKind (device stamps are unique per worker)
+  uint32_t device_intervals = 0;
   SimdGroup* simdgroups = nullptr;
   int num_simdgroups = 0, simdgroup_capacity = 0;
   // threadgroup memory
-  unsigned char* arena = nullptr;
-  uintptr_t arena_lo = 0;
-  size_t arena_used = 0;
-  ThreadgroupVar vars[64];
+  unsigned char* tg_window = nullptr;   // kThreadgroupSlots slots
+  size_t packed_used = 0;               // bytes of the 32 KiB budget in use
+  ThreadgroupArray arrays[kThreadgroupSlots];
   int num_vars = 0;
-  unsigned char* tg_args[MSLSIM_MAX_BUFFERS] = {};
-  ShadowByte* shadow = nullptr;
+  ShadowByte* shadow = nullptr;         // by packed offset
   bool check = false;
   // results
   bool failed = false;
@@ -157,7 +187,7 @@ struct alignas(64) Worker {
   MslsimStats stats;
 };
 static __thread Worker* g_worker __attribute__((tls_model("initial-exec")));
-static const size_t kStackSize = 256 * 1024, kPage = 4096;
+static const size_t kStackSize = 256 * 1024;
 static const size_t kArenaSize = MSLSIM_MAX_THREADGROUP_MEMORY;
 
 static void describe_thread(char* out, size_t n) {
@@ -204,15 +234,24 @@ static inline int next_alive(Worker* w) {
 static void wait_for(Worker* w, unsigned* generation, unsigned seen, const char* what, const char* file, unsigned line) {
   while (*generation == seen) {
     if (++w->spins > 2L * w->alive + 4)
-      fail("deadlock at %s (%s:%u): the threads of this threadgroup wait for each other forever. "
-           "Every live thread must reach the same barrier / SIMD-group function; one is in divergent control flow",
-           what, file, line);
+      fail("deadlock at %s (%s:%u): the threads of this threadgroup wait for each other forever", what, file, line);
     int j = next_alive(w);
     if (j != w->current) switch_to(w, j);
   }
 }
-static bool same_site(const char* f1, unsigned l1, const char* f2, unsigned l2) {
-  return l1 == l2 && (f1 == f2 || !strcmp(f1, f2));
+// The dynamic call path of a barrier or SIMD-group call: its source line and the return addresses of
+// every call from the kernel entry down to the runtime. A barrier in a helper called (or inlined) in two
+// branches is then two different barriers, as on the GPU. Kernel code and the runtime keep frame pointers
+// (build.py), the runtime entry points are `convergent` so the compiler does not duplicate or merge their
+// calls, and the chain ends at the fiber's first frame (rbp = 0).
+static inline __attribute__((always_inline)) uint64_t call_path(const char* file, unsigned line) {
+  Worker* w = g_worker;
+  const uintptr_t lo = (uintptr_t)w->stacks + (kStackSize + kPage) * w->current, hi = lo + kStackSize + kPage;
+  uint64_t h = (uintptr_t)file * 0x9E3779B97F4A7C15ull ^ line;
+  for (const uintptr_t* fp = (const uintptr_t*)__builtin_frame_address(0); (uintptr_t)fp - lo < hi - lo;
+       fp = (const uintptr_t*)fp[0])
+    h = (h ^ fp[1]) * 0x100000001B3ull;
+  return h;
 }
 static void check_no_thread_exited(Worker* w, const char* file, unsigned line) {
   if (w->alive < w->count)
@@ -220,21 +259,64 @@ static void check_no_thread_exited(Worker* w, const char* file, unsigned line) {
          "threadgroup must reach each threadgroup_barrier (undefined behaviour on Metal)",
          file, line, w->count - w->alive, w->count);
 }
+static uint32_t popcount(uint32_t x) { return (uint32_t)__builtin_popcount(x); }
+static void new_device_interval(Worker* w) { w->epoch[DEVICE_MEMORY] = ++w->device_intervals * 2 + w->id; }
+// The waiting lanes of a simdgroup are released once every live lane waits somewhere (a SIMD-group call,
+// a barrier) or has returned: lanes at the same call (same call path) form one set of active lanes, as
+// when the GPU runs the branches of divergent code one after the other.
+static void release_waiting(SimdGroup& g) {
+  SimdExchange& x = g.buf[g.round & 1];
+  for (uint32_t pending = g.waiting; pending;) {
+    const int first = __builtin_ctz(pending);
+    uint32_t set = 0;
+    int flags = ~0;
+    for (uint32_t m = pending; m; m &= m - 1) {
+      const int lane = __builtin_ctz(m);
+      if (g.path[lane] == g.path[first]) {
+        set |= 1u << lane;
+        flags &= g.flags[lane];
+      }
+    }
+    for (uint32_t m = set; m; m &= m - 1) x.participants[__builtin_ctz(m)] = set;
+    // A simdgroup_barrier orders memory for the lanes of its simdgroup only when all of them take part.
+    if ((set & g.barrier_lanes) && set == g.live) {
+      if (flags & MEM_THREADGROUP) g.epoch[THREADGROUP_MEMORY]++;
+      if (flags & MEM_DEVICE) g.epoch[DEVICE_MEMORY]++;
+    }
+    pending &= ~set;
+  }
+  x.has_result = 0;
+  g.running += (int)popcount(g.waiting);
+  g.waiting = g.barrier_lanes = 0;
+  g.round++;
+  g.generation++;
+}
+// A live lane stopped (waits or returned): release the simdgroup's waiting lanes if it was the last one.
+static void lane_stopped(SimdGroup& g) {
+  if (--g.running == 0 && g.waiting) release_waiting(g);
+}
 static void complete_threadgroup_barrier(Worker* w) {
   w->tg_arrived = 0;
   w->tg_generation++;
-  w->tg_epoch++;
+  if (w->tg_flags & MEM_THREADGROUP) w->epoch[THREADGROUP_MEMORY]++;
+  if (w->tg_flags & MEM_DEVICE) new_device_interval(w);
+  for (int s = 0; s < w->num_simdgroups; s++) w->simdgroups[s].running = (int)popcount(w->simdgroups[s].live);
 }
-void threadgroup_barrier(const char* file, unsigned line) {
+void threadgroup_barrier(int mem_flags, const char* file, unsigned line) {
   Worker* w = g_worker;
+  const uint64_t path = call_path(file, line);
   w->stats.threadgroup_barriers++;
   if (w->tg_arrived == 0) {
+    w->tg_path = path;
     w->tg_file = file;
     w->tg_line = line;
-  } else if (!same_site(file, line, w->tg_file, w->tg_line)) {
-    fail("divergent threadgroup_barrier: this thread is at %s:%u while other threads wait at %s:%u", file, line,
-         w->tg_file, w->tg_line);
+    w->tg_flags = mem_flags;
+  } else if (path != w->tg_path) {
+    fail("divergent threadgroup_barrier: this thread is at %s:%u while other threads wait at %s:%u%s", file, line,
+         w->tg_file, w->tg_line, line == w->tg_line && !strcmp(file, w->tg_file)
+             ? " (the same barrier reached through different calls: a helper with a barrier called from divergent code)" : "");
   }
+  w->tg_flags &= mem_flags;   // memory is ordered only as far as every thread's barrier promises
   unsigned seen = w->tg_generation;
   w->spins = 0;
   if (++w->tg_arrived >= w->alive) {
@@ -242,89 +324,79 @@ void threadgroup_barrier(const char* file, unsigned line) {
     complete_threadgroup_barrier(w);
     return;
   }
+  lane_stopped(w->simdgroups[current->simdgroup]);
   wait_for(w, &w->tg_generation, seen, "threadgroup_barrier", file, line);
 }
-static void complete_simd(SimdGroup& g, bool is_barrier) {
-  g.pending->participants = g.pending->arriving;   // freeze: lanes may exit before the others read
-  g.pending->arriving = 0;
-  g.pending->has_result = 0;
-  g.arrived = 0;
-  g.generation++;
-  if (is_barrier) g.epoch++;
-}
-static SimdExchange* simd_sync(const char* what, const char* file, unsigned line, bool is_barrier) {
+static SimdExchange* simd_sync(uint64_t path, int flags, bool is_barrier, const char* what, const char* file,
+                               unsigned line) {
   Worker* w = g_worker;
   ThreadContext* c = current;
   SimdGroup& g = w->simdgroups[c->simdgroup];
-  SimdExchange* b = &g.buf[c->collective_sequence++ & 1];
-  if (g.arrived == 0) {
-    b->arriving = 0;
-    g.file = file;
-    g.line = line;
-    g.what = what;
-  } else if (!same_site(file, line, g.file, g.line)) {
-    fail("divergent SIMD-group operation: this lane is at %s (%s:%u) while other lanes of its simdgroup are at %s "
-         "(%s:%u). Call SIMD-group functions in uniform control flow (the simulator does not model partial-lane "
-         "collectives)", what, file, line, g.what, g.file, g.line);
-  }
-  b->arriving |= 1u << c->lane;
-  g.pending = b;
+  SimdExchange* x = &g.buf[g.round & 1];
+  g.path[c->lane] = path;
+  g.flags[c->lane] = flags;
+  g.waiting |= 1u << c->lane;
+  if (is_barrier) g.barrier_lanes |= 1u << c->lane;
   unsigned seen = g.generation;
   w->spins = 0;
-  if (++g.arrived >= g.live_lanes) {
-    complete_simd(g, is_barrier);
-    return b;
-  }
+  lane_stopped(g);
   wait_for(w, &g.generation, seen, what, file, line);
-  return b;
+  return x;
 }
-void simdgroup_barrier(const char* file, unsigned line) { simd_sync("simdgroup_barrier", file, line, true); }
+void simdgroup_barrier(int mem_flags, const char* file, unsigned line) {
+  simd_sync(call_path(file, line), mem_flags, true, "simdgroup_barrier", file, line);
+}
 SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, unsigned line) {
   Worker* w = g_worker;
   ThreadContext* c = current;
   w->stats.simd_collectives++;
-  SimdExchange* b = &w->simdgroups[c->simdgroup].buf[c->collective_sequence & 1];
-  memcpy(b->slot[c->lane], value, bytes);
-  return simd_sync("a SIMD-group function", file, line, false);
+  SimdGroup& g = w->simdgroups[c->simdgroup];
+  memcpy(g.buf[g.round & 1].slot[c->lane], value, bytes);
+  return simd_sync(call_path(file, line), 0, false, "a SIMD-group function", file, line);
 }
 
 // ------------------------------------------------------------------------------------------ bindings
-void* bind_buffer(int index, size_t bytes_needed, bool is_reference) {
+void* bind_buffer(int index, size_t bytes_needed, bool is_reference, bool writable) {
   if (index < 0 || index >= MSLSIM_MAX_BUFFERS) fail("[[buffer(%d)]] is out of range 0..30", index);
   const Binding& b = g_bindings[index];
   if (!b.sim) fail("the kernel takes [[buffer(%d)]] but no buffer was bound at index %d", index, index);
   if (is_reference && bytes_needed > b.size)
     fail("[[buffer(%d)]] is bound to %llu bytes but the kernel reads a %zu-byte object from it", index,
          (unsigned long long)b.size, bytes_needed);
+  if (writable && !g_regions[b.region].writable) g_regions[b.region].writable = true;
   return b.sim;
 }
-void* bind_threadgroup_arg(int index) {
-  if (index < 0 || index >= MSLSIM_MAX_BUFFERS || !g_worker->tg_args[index])
-    fail("the kernel takes [[threadgroup(%d)]] memory but no threadgroup memory length was set at index %d", index,
-         index);
-  return g_worker->tg_args[index];
-}
-static size_t arena_alloc(Worker* w, size_t size, size_t align, const char* name) {
-  size_t offset = (w->arena_used + align - 1) & ~(align - 1);
-  if (offset + size > kArenaSize) {
+// Place an array in threadgroup slot `slot`: poisoned (0xFF: an unwritten float reads as NaN), shadow
+// cleared, counted against the 32 KiB budget.
+static unsigned char* place_array(Worker* w, int slot, const void* key, size_t size, size_t align, const char* name) {
+  size_t packed = (w->packed_used + align - 1) & ~(align - 1);
+  if (packed + size > kArenaSize) {
     char list[512] = "";
     size_t k = 0;
-    for (int i = 0; i < w->num_vars && k < sizeof list; i++)
-      k += snprintf(list + k, sizeof list - k, "%s %zu B, ", w->vars[i].name, w->vars[i].size);
+    for (int i = 0; i < kThreadgroupSlots && k < sizeof list; i++)
+      if (w->arrays[i].name) k += snprintf(list + k, sizeof list - k, "%s %zu B, ", w->arrays[i].name, w->arrays[i].size);
     fail("threadgroup memory exceeds the %d-byte Metal limit: %s%s %zu B need %zu bytes", MSLSIM_MAX_THREADGROUP_MEMORY,
-         list, name, size, offset + size);
+         list, name, size, packed + size);
   }
-  w->arena_used = offset + size;
-  return offset;
+  w->packed_used = packed + size;
+  unsigned char* base = w->tg_window + slot * kSlot + kSlot / 2;
+  w->arrays[slot] = {key, (uintptr_t)base, size, packed, name};
+  memset(base, 0xFF, size);
+  if (w->check) memset(w->shadow + packed, 0, size * sizeof(ShadowByte));
+  return base;
+}
+void* bind_threadgroup_arg(int index) {
+  if (index < 0 || index >= MSLSIM_MAX_BUFFERS || !g_worker->arrays[kMaxArrays + index].name)
+    fail("the kernel takes [[threadgroup(%d)]] memory but no threadgroup memory length was set at index %d", index,
+         index);
+  return (void*)g_worker->arrays[kMaxArrays + index].base;
 }
 void* threadgroup_variable(const void* key, size_t size, size_t align, const char* name) {
   Worker* w = g_worker;
   for (int i = 0; i < w->num_vars; i++)
-    if (w->vars[i].key == key) return w->arena + w->vars[i].offset;
-  if (w->num_vars == 64) fail("more than 64 threadgroup variables");
-  size_t offset = arena_alloc(w, size, align < 16 ? 16 : align, name);
-  w->vars[w->num_vars++] = {key, offset, size, name};
-  return w->arena + offset;
+    if (w->arrays[i].key == key) return (void*)w->arrays[i].base;
+  if (w->num_vars == kMaxArrays) fail("more than %d threadgroup variables", kMaxArrays);
+  return place_array(w, w->num_vars++, key, size, align < 16 ? 16 : align, name);
 }
 
 // ------------------------------------------------------------------------------------------ function constants
@@ -365,69 +437,71 @@ static int set_function_constants(const MslsimLaunch* L, char* err, size_t n) {
 }
 
 // ------------------------------------------------------------------------------------------ memory checks
-static const Region* region_for(uintptr_t a) {
-  for (int i = 0; i < g_num_regions; i++)
-    if (a >= g_regions[i].lo && a < g_regions[i].hi) return &g_regions[i];
-  return nullptr;
+static const char* access_verb(bool store) { return store ? "writes" : "reads"; }
+[[noreturn]] static void device_out_of_bounds(const Region& r, uintptr_t a, size_t n, bool store) {
+  if (a < r.lo)
+    fail("out-of-bounds device access: %s %zu bytes at byte offset -%llu of [[buffer(%d)]] (before its start)",
+         access_verb(store), n, (unsigned long long)(r.lo - a), r.first_index);
+  fail("out-of-bounds device access: %s %zu bytes at byte offset %llu of [[buffer(%d)]], which is %llu bytes long",
+       access_verb(store), n, (unsigned long long)(a - r.lo), r.first_index, (unsigned long long)(r.hi - r.lo));
 }
-static void out_of_bounds(uintptr_t a, unsigned n, bool store) {
-  // Name the nearest buffer: the last one starting at or below the address (overrun) or else the first
-  // one above it (underrun).
-  const char* op = store ? "writes" : "reads";
-  int below = -1, above = -1;
-  for (int i = 0; i < g_num_regions; i++) {
-    if (g_regions[i].lo <= a && (below < 0 || g_regions[i].lo > g_regions[below].lo)) below = i;
-    if (g_regions[i].lo > a && (above < 0 || g_regions[i].lo < g_regions[above].lo)) above = i;
-  }
-  if (below >= 0 && (above < 0 || a - g_regions[below].hi < g_regions[above].lo - a)) {
-    const Region& r = g_regions[below];
-    fail("out-of-bounds device access: %s %u bytes at byte offset %llu of [[buffer(%d)]], which is %llu bytes long",
-         op, n, (unsigned long long)(a - r.lo), r.first_index, (unsigned long long)(r.hi - r.lo));
-  }
-  const Region& r = g_regions[above];
-  fail("out-of-bounds device access: %s %u bytes at byte offset -%llu of [[buffer(%d)]] (before its start)", op, n,
-       (unsigned long long)(r.lo - a), r.first_index);
+[[noreturn]] static void threadgroup_out_of_bounds(const ThreadgroupArray& t, uintptr_t a, size_t n, bool store) {
+  if (!t.name)
+    fail("out-of-bounds threadgroup access: %s %zu bytes that belong to no threadgroup array", access_verb(store), n);
+  fail("out-of-bounds threadgroup access: %s %zu bytes at byte offset %lld of threadgroup array '%s', which is %zu "
+       "bytes long", access_verb(store), n, (long long)(a - t.base), t.name, t.size);
 }
-// Is an earlier access, made by a thread of `simdgroup` in barrier interval `epoch` and simdgroup interval
-// `simd_epoch`, ordered before the current thread's access? Only barriers order threads: a
-// threadgroup_barrier orders everyone, a simdgroup_barrier the lanes of one simdgroup.
-static inline bool happened_before(const Worker* w, const ThreadContext* c, unsigned simdgroup, uint32_t epoch,
-                                   uint32_t simd_epoch) {
-  if (epoch != w->tg_epoch) return true;
-  return simdgroup == c->simdgroup && simd_epoch != w->simdgroups[c->simdgroup].epoch;
+// Is an earlier access, made by a thread of `simdgroup` in interval `epoch` and simdgroup interval
+// `simd_epoch`, ordered before the current thread's access? Only barriers whose mem_flags cover the memory
+// kind order threads: a threadgroup_barrier orders everyone, a simdgroup_barrier the lanes of one simdgroup.
+static inline bool happened_before(const Worker* w, const ThreadContext* c, int kind, unsigned simdgroup,
+                                   uint32_t epoch, uint32_t simd_epoch) {
+  if (epoch != w->epoch[kind]) return true;
+  return simdgroup == c->simdgroup && simd_epoch != w->simdgroups[c->simdgroup].epoch[kind];
 }
-static void threadgroup_access(Worker* w, uintptr_t a, unsigned n, bool store) {
-  if (store) w->stats.threadgroup_bytes_written += n;
-  else w->stats.threadgroup_bytes_read += n;
-  if (!w->check) return;
+// Race (and, for threadgroup memory, uninitialised-read) check of bytes [off, off + n) of one array or
+// buffer whose shadow is `shadow`; name(buffer) writes its name for messages (only when one fails).
+template <class Name>
+static void check_order(Worker* w, ShadowByte* shadow, int kind, size_t off, size_t n, bool store, Name name) {
   const ThreadContext* c = current;
+  char what[96];
   const uint16_t me = (uint16_t)c->thread_index_in_threadgroup;
-  const uint32_t simd_epoch = w->simdgroups[c->simdgroup].epoch;
-  const size_t off = a - w->arena_lo;
-  for (unsigned i = 0; i < n; i++) {
-    ShadowByte& s = w->shadow[off + i];
+  const uint32_t epoch = w->epoch[kind], simd_epoch = w->simdgroups[c->simdgroup].epoch[kind];
+  const char* space = kind == THREADGROUP_MEMORY ? "threadgroup" : "device";
+  const char* fix = kind == THREADGROUP_MEMORY ? "mem_threadgroup" : "mem_device";
+  for (size_t i = 0; i < n; i++) {
+    ShadowByte& s = shadow[off + i];
     const bool other_writer = s.initialized && s.writer != me &&
-                              !happened_before(w, c, s.writer / MSLSIM_SIMD_WIDTH, s.write_epoch, s.write_simd_epoch);
+                              !happened_before(w, c, kind, s.writer / MSLSIM_SIMD_WIDTH, s.write_epoch, s.write_simd_epoch);
     if (store) {
-      if (other_writer)
-        fail("threadgroup memory race: threads %u and %u write threadgroup byte %zu with no barrier in between",
-             s.writer, me, off + i);
-      if (s.read_epoch == w->tg_epoch && s.reader != me &&
-          !happened_before(w, c, s.reader_simdgroup, s.read_epoch, s.read_simd_epoch))
-        fail("threadgroup memory race: thread %u writes threadgroup byte %zu that %s read with no barrier in between",
-             me, off + i, s.reader == kManyReaders ? "other threads" : "another thread");
+      if (other_writer) {
+        name(what, sizeof what);
+        fail("%s memory race: threads %u and %u write byte %zu of %s with no barrier (%s) in between", space, s.writer,
+             me, off + i, what, fix);
+      }
+      if (s.read_epoch == epoch && s.reader != me &&
+          !happened_before(w, c, kind, s.reader_simdgroup, s.read_epoch, s.read_simd_epoch)) {
+        name(what, sizeof what);
+        fail("%s memory race: thread %u writes byte %zu of %s that %s read with no barrier (%s) in between", space, me,
+             off + i, what, s.reader == kManyReaders ? "other threads" : "another thread", fix);
+      }
       s.initialized = 1;
       s.writer = me;
-      s.write_epoch = w->tg_epoch;
+      s.write_epoch = epoch;
       s.write_simd_epoch = simd_epoch;
     } else {
-      if (!s.initialized)
-        fail("read of uninitialised threadgroup memory: byte %zu was never written by this threadgroup", off + i);
-      if (other_writer)
-        fail("threadgroup memory race: thread %u reads threadgroup byte %zu written by thread %u with no barrier in "
-             "between", me, off + i, s.writer);
-      if (s.read_epoch != w->tg_epoch) {
-        s.read_epoch = w->tg_epoch;
+      if (!s.initialized && kind == THREADGROUP_MEMORY) {
+        name(what, sizeof what);
+        fail("read of uninitialised threadgroup memory: byte %zu of %s was never written by this threadgroup", off + i,
+             what);
+      }
+      if (other_writer) {
+        name(what, sizeof what);
+        fail("%s memory race: thread %u reads byte %zu of %s written by thread %u with no barrier (%s) in between",
+             space, me, off + i, what, s.writer, fix);
+      }
+      if (s.read_epoch != epoch) {
+        s.read_epoch = epoch;
         s.reader = me;
         s.reader_simdgroup = (uint16_t)c->simdgroup;
       } else if (s.reader != me) {
@@ -438,36 +512,52 @@ static void threadgroup_access(Worker* w, uintptr_t a, unsigned n, bool store) {
     }
   }
 }
-static void mark_shadow_written(Worker* w, size_t offset, size_t size) {
+static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
+  const ThreadgroupArray& t = w->arrays[(a - (uintptr_t)w->tg_window) >> kSlotBits];
+  if (!t.name || a < t.base || a + n > t.base + t.size) threadgroup_out_of_bounds(t, a, n, store);
+  if (store) w->stats.threadgroup_bytes_written += n;
+  else w->stats.threadgroup_bytes_read += n;
   if (!w->check) return;
-  for (size_t i = 0; i < size; i++) {
-    ShadowByte& s = w->shadow[offset + i];
-    s = ShadowByte{};
-    s.initialized = 1;
-    s.writer = (uint16_t)current->thread_index_in_threadgroup;
-    s.write_epoch = w->tg_epoch - 1;   // atomics are ordered with everything: pretend an earlier interval
-  }
+  check_order(w, w->shadow + t.packed, THREADGROUP_MEMORY, a - t.base, n, store,
+              [&](char* out, size_t len) { snprintf(out, len, "threadgroup array '%s'", t.name); });
 }
-static inline void on_access(uintptr_t a, unsigned n, bool store) {
+static void device_access(Worker* w, uintptr_t a, size_t n, bool store) {
+  const Region& r = g_regions[(a - g_window_lo) >> kSlotBits];
+  if (a < r.lo || a + n > r.hi) device_out_of_bounds(r, a, n, store);
+  (store ? w->stats.device_bytes_written : w->stats.device_bytes_read)[r.first_index] += n;
+  if (!w->check || !r.writable) return;
+  check_order(w, r.shadow, DEVICE_MEMORY, a - r.lo, n, store,
+              [&](char* out, size_t len) { snprintf(out, len, "[[buffer(%d)]]", r.first_index); });
+}
+static inline void on_access(uintptr_t a, size_t n, bool store) {
   Worker* w = g_worker;
   if (__builtin_expect(!w || !w->in_kernel, 0)) return;
-  if (a - w->arena_lo < kArenaSize) return threadgroup_access(w, a, n, store);
-  if (a - g_window_lo >= g_window_span) return;     // thread-private memory (stack, registers spilled)
-  const Region* r = region_for(a);
-  if (!r || a + n > r->hi) return out_of_bounds(a, n, store);
-  (store ? w->stats.device_bytes_written : w->stats.device_bytes_read)[r->first_index] += n;
+  if (a - (uintptr_t)w->tg_window < kThreadgroupSlots * kSlot) return threadgroup_access(w, a, n, store);
+  if (a - g_window_lo < g_window_span) return device_access(w, a, n, store);
+  // anything else is thread-private memory (stack, spilled registers) or the simulator's own state
 }
-// Atomics are compiled without tracing (see shim.h); they report here so the checker treats them as
-// initialising and race-free.
+// Atomics are compiled without tracing (see shim.h); they report here: bounds-checked, and treated by the
+// race checker as initialising and ordered with everything.
 void note_atomic(const void* p, size_t n) {
   Worker* w = g_worker;
   uintptr_t a = (uintptr_t)p;
-  if (w && a - w->arena_lo < kArenaSize) mark_shadow_written(w, a - w->arena_lo, n);
-  else if (a - g_window_lo < g_window_span) {
-    const Region* r = region_for(a);
-    if (!r || a + n > r->hi) out_of_bounds(a, (unsigned)n, true);
+  if (a - (uintptr_t)w->tg_window < kThreadgroupSlots * kSlot) {
+    const ThreadgroupArray& t = w->arrays[(a - (uintptr_t)w->tg_window) >> kSlotBits];
+    if (!t.name || a < t.base || a + n > t.base + t.size) threadgroup_out_of_bounds(t, a, n, true);
+    if (!w->check) return;
+    for (size_t i = 0; i < n; i++) {
+      ShadowByte& s = w->shadow[t.packed + (a - t.base) + i];
+      s = ShadowByte{};
+      s.initialized = 1;
+      s.writer = (uint16_t)current->thread_index_in_threadgroup;
+      s.write_epoch = w->epoch[THREADGROUP_MEMORY] - 1;   // an earlier interval: ordered with everything
+    }
+  } else if (a - g_window_lo < g_window_span) {
+    const Region& r = g_regions[(a - g_window_lo) >> kSlotBits];
+    if (a < r.lo || a + n > r.hi) device_out_of_bounds(r, a, n, true);
   }
 }
+uint64_t launch_serial() { return g_launch_serial; }
 
 void work_count(int counter, uint64_t amount) {
   if (counter < 0) fail("more than %d distinct work counters", MSLSIM_MAX_COUNTERS);
@@ -490,6 +580,20 @@ MSLSIM_TRACE(2)
 MSLSIM_TRACE(4)
 MSLSIM_TRACE(8)
 MSLSIM_TRACE(16)
+
+// Aggregate copies and fills (a struct copied whole, an array zeroed) are memory intrinsics, which the
+// tracing above does not see; build.py reroutes them here.
+extern "C" __attribute__((visibility("hidden"))) void mslsim_memcpy(void* dst, const void* src, size_t n, bool) {
+  if (n) {
+    mslsim::rt::on_access((uintptr_t)src, n, false);
+    mslsim::rt::on_access((uintptr_t)dst, n, true);
+  }
+  memmove(dst, src, n);
+}
+extern "C" __attribute__((visibility("hidden"))) void mslsim_memset(void* dst, uint8_t value, size_t n, bool) {
+  if (n) mslsim::rt::on_access((uintptr_t)dst, n, true);
+  memset(dst, value, n);
+}
 
 namespace mslsim {
 namespace rt {
@@ -567,9 +671,15 @@ static int worker_setup(Worker* w, int threads, char* err, size_t n) {
     w->simdgroup_capacity = nsg;
   }
   w->num_simdgroups = nsg;
-  if (!w->arena) {
-    w->arena = (unsigned char*)aligned_alloc(64, kArenaSize);
-    w->arena_lo = (uintptr_t)w->arena;
+  if (!w->tg_window) {   // reserved once per worker; the centre of each slot is usable memory
+    void* window = mmap(nullptr, kThreadgroupSlots * kSlot, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (window == MAP_FAILED) {
+      snprintf(err, n, "cannot reserve address space for threadgroup memory");
+      return -1;
+    }
+    w->tg_window = (unsigned char*)window;
+    for (int i = 0; i < kThreadgroupSlots; i++)
+      mprotect(w->tg_window + i * kSlot + kSlot / 2, kArenaSize, PROT_READ | PROT_WRITE);
     w->shadow = (ShadowByte*)calloc(kArenaSize, sizeof(ShadowByte));
   }
   return 0;
@@ -580,28 +690,31 @@ static void run_threadgroup(Worker* w, uint3_ tg) {
   const int n = w->count, W = MSLSIM_SIMD_WIDTH;
   w->alive = n;
   w->tg_arrived = 0;
-  w->tg_epoch = 1;
+  w->epoch[THREADGROUP_MEMORY] = 1;
+  new_device_interval(w);   // accesses of earlier threadgroups count as ordered (races between threadgroups are not modelled)
   w->spins = 0;
-  w->num_vars = 0;
-  w->arena_used = 0;
   for (int s = 0; s < w->num_simdgroups; s++) {
     SimdGroup& g = w->simdgroups[s];
-    g.arrived = 0;
-    g.generation = 0;
-    g.epoch = 0;
-    g.pending = &g.buf[0];
-    g.live_lanes = (s + 1) * W <= n ? W : n - s * W;
+    const int lanes = (s + 1) * W <= n ? W : n - s * W;
+    g.live = lanes == 32 ? ~0u : (1u << lanes) - 1;
+    g.running = lanes;
+    g.waiting = g.barrier_lanes = 0;
+    g.generation = g.round = 0;
+    g.epoch[0] = g.epoch[1] = 0;
   }
-  memset(w->arena, 0xFF, kArenaSize);   // poison: an unwritten float reads as NaN
-  if (w->check) memset(w->shadow, 0, kArenaSize * sizeof(ShadowByte));
-  for (int i = 0; i < MSLSIM_MAX_BUFFERS; i++) {
-    w->tg_args[i] = nullptr;
-    if (L.threadgroup_memory[i]) {
-      size_t off = (w->arena_used + 15) & ~(size_t)15;
-      w->arena_used = off + L.threadgroup_memory[i];   // sizes were checked against the limit at launch
-      w->tg_args[i] = w->arena + off;
-    }
-  }
+  w->num_vars = 0;
+  w->packed_used = 0;
+  for (int i = 0; i < kThreadgroupSlots; i++) w->arrays[i].name = nullptr;
+  static const char* const arg_names[MSLSIM_MAX_BUFFERS] = {
+      "[[threadgroup(0)]]", "[[threadgroup(1)]]", "[[threadgroup(2)]]", "[[threadgroup(3)]]", "[[threadgroup(4)]]",
+      "[[threadgroup(5)]]", "[[threadgroup(6)]]", "[[threadgroup(7)]]", "[[threadgroup(8)]]", "[[threadgroup(9)]]",
+      "[[threadgroup(10)]]", "[[threadgroup(11)]]", "[[threadgroup(12)]]", "[[threadgroup(13)]]", "[[threadgroup(14)]]",
+      "[[threadgroup(15)]]", "[[threadgroup(16)]]", "[[threadgroup(17)]]", "[[threadgroup(18)]]", "[[threadgroup(19)]]",
+      "[[threadgroup(20)]]", "[[threadgroup(21)]]", "[[threadgroup(22)]]", "[[threadgroup(23)]]", "[[threadgroup(24)]]",
+      "[[threadgroup(25)]]", "[[threadgroup(26)]]", "[[threadgroup(27)]]", "[[threadgroup(28)]]", "[[threadgroup(29)]]",
+      "[[threadgroup(30)]]"};
+  for (int i = 0; i < MSLSIM_MAX_BUFFERS; i++)   // sizes were checked against the limit at launch
+    if (L.threadgroup_memory[i]) place_array(w, kMaxArrays + i, nullptr, L.threadgroup_memory[i], 16, arg_names[i]);
   for (int i = 0; i < n; i++) w->order[i] = L.schedule == MSLSIM_REVERSE ? n - 1 - i : i;
   if (L.schedule == MSLSIM_RANDOM)
     for (int i = n - 1; i > 0; i--) {   // Fisher-Yates with xorshift64
@@ -630,7 +743,6 @@ static void run_threadgroup(Worker* w, uint3_ tg) {
     c.lane = i % W;
     c.simdgroup = i / W;
     c.simdgroups_per_threadgroup = w->num_simdgroups;
-    c.collective_sequence = 0;
     // initial frame consumed by mslsim_switch: control words, r15..rbp, return into the trampoline
     uint64_t* sp = (uint64_t*)(((uintptr_t)(w->stacks + per * (i + 1)) & ~(uintptr_t)15) - 64);
     uint32_t mxcsr = 0x1F80;   // round-to-nearest-even, no flush-to-zero: IEEE like the GPU's fp32 path
@@ -653,7 +765,7 @@ static void run_threadgroup(Worker* w, uint3_ tg) {
   w->in_kernel = true;
   if (sigsetjmp(w->escape, 0) == 0) mslsim_switch(&w->main_sp, w->fibers[first].sp);
   w->in_kernel = false;
-  uint32_t used = (uint32_t)w->arena_used;
+  uint32_t used = (uint32_t)w->packed_used;
   if (used > w->stats.threadgroup_memory_peak) w->stats.threadgroup_memory_peak = used;
   w->stats.threadgroups++;
 }
@@ -666,8 +778,8 @@ static void fiber_main(Fiber* f) {
   f->done = true;
   w->alive--;
   SimdGroup& g = w->simdgroups[f->ctx.simdgroup];
-  g.live_lanes--;
-  if (g.arrived > 0 && g.arrived >= g.live_lanes) complete_simd(g, false);
+  g.live &= ~(1u << f->ctx.lane);
+  lane_stopped(g);
   if (w->tg_arrived > 0 && w->tg_arrived >= w->alive) {
     check_no_thread_exited(w, w->tg_file, w->tg_line);
   }
@@ -693,7 +805,6 @@ static void* worker_main(void* p) {
     uint3_ tg = {(uint32_t)(t % L.threadgroups[0]), (uint32_t)((t / L.threadgroups[0]) % L.threadgroups[1]),
                  (uint32_t)(t / ((uint64_t)L.threadgroups[0] * L.threadgroups[1]))};
     run_threadgroup(w, tg);
-    if (w->failed) break;
   }
   sigaltstack(&old_alt, nullptr);
   free(alt.ss_sp);
@@ -714,7 +825,6 @@ static int map_window(const MslsimLaunch* L, char* err, size_t n) {
     for (int j = i; j > 0 && L->buffers[idx[j]].data < L->buffers[idx[j - 1]].data; j--) {
       int t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t;
     }
-  const size_t gap = 1 << 20;
   struct Group { uintptr_t lo, hi; int first; } groups[MSLSIM_MAX_BUFFERS];
   int ng = 0;
   for (int k = 0; k < m; k++) {
@@ -727,42 +837,48 @@ static int map_window(const MslsimLaunch* L, char* err, size_t n) {
       groups[ng++] = {lo, hi, idx[k]};
     }
   }
-  size_t len = gap;
-  for (int g = 0; g < ng; g++) len += ((groups[g].hi - groups[g].lo + kPage - 1) & ~(kPage - 1)) + gap;
-  g_window_len = len;
-  g_window = (unsigned char*)mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  g_num_regions = 0;
+  if (ng == 0) return 0;
+  g_window = (unsigned char*)mmap(nullptr, ng * kSlot, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (g_window == MAP_FAILED) {
     g_window = nullptr;
-    snprintf(err, n, "cannot map %zu bytes of simulated device memory", len);
+    snprintf(err, n, "cannot reserve address space for simulated device memory");
     return -1;
   }
   g_window_lo = (uintptr_t)g_window;
-  g_window_span = len;
-  size_t pos = gap;
-  g_num_regions = ng;
+  g_window_span = ng * kSlot;
   for (int g = 0; g < ng; g++) {
     size_t bytes = groups[g].hi - groups[g].lo, pages = (bytes + kPage - 1) & ~(kPage - 1);
-    unsigned char* sim = g_window + pos;
+    unsigned char* sim = g_window + g * kSlot + kSlot / 2;
     if (pages && mprotect(sim, pages, PROT_READ | PROT_WRITE)) {
       snprintf(err, n, "cannot map %zu bytes of simulated device memory", pages);
       return -1;
     }
     memcpy(sim, (void*)groups[g].lo, bytes);
-    g_regions[g] = {(uintptr_t)sim, (uintptr_t)sim + bytes, (unsigned char*)groups[g].lo, groups[g].first};
+    // The race checker's shadow is reserved for every buffer but touched only for those the kernel may write.
+    size_t shadow_len = ((bytes * sizeof(ShadowByte)) + kPage - 1) & ~(kPage - 1);
+    void* shadow = shadow_len ? mmap(nullptr, shadow_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0) : nullptr;
+    if (shadow == MAP_FAILED) {
+      snprintf(err, n, "cannot map the race checker's shadow of %zu bytes of device memory", bytes);
+      return -1;
+    }
+    g_regions[g] = {(uintptr_t)sim, (uintptr_t)sim + bytes, (unsigned char*)groups[g].lo, groups[g].first,
+                    (ShadowByte*)shadow, shadow_len, false};
+    g_num_regions = g + 1;
     for (int k = 0; k < m; k++) {
       uintptr_t lo = (uintptr_t)L->buffers[idx[k]].data;
       if (lo >= groups[g].lo && lo < groups[g].hi + (groups[g].hi == groups[g].lo))
-        g_bindings[idx[k]] = {sim + (lo - groups[g].lo), L->buffers[idx[k]].size};
+        g_bindings[idx[k]] = {sim + (lo - groups[g].lo), L->buffers[idx[k]].size, g};
     }
-    pos += pages + gap;
   }
   return 0;
 }
 static void unmap_window(bool copy_back) {
-  if (copy_back)
-    for (int g = 0; g < g_num_regions; g++)
-      memcpy(g_regions[g].host, (void*)g_regions[g].lo, g_regions[g].hi - g_regions[g].lo);
-  if (g_window) munmap(g_window, g_window_len);
+  for (int g = 0; g < g_num_regions; g++) {
+    if (copy_back) memcpy(g_regions[g].host, (void*)g_regions[g].lo, g_regions[g].hi - g_regions[g].lo);
+    if (g_regions[g].shadow) munmap(g_regions[g].shadow, g_regions[g].shadow_len);
+  }
+  if (g_window) munmap(g_window, g_window_span);
   g_window = nullptr;
   g_window_lo = g_window_span = 0;
   g_num_regions = 0;
@@ -772,11 +888,14 @@ static Worker g_workers[2];
 
 static int validate(const MslsimLaunch* L, char* err, size_t n) {
   g_entry = nullptr;
-  for (int i = 0; i < g_num_kernels; i++)
-    if (!strcmp(g_kernels[i].name, L->kernel)) g_entry = &g_kernels[i];
+  const char* env = getenv("MSLSIM_GPU_NUMERICS");
+  const int numerics = L->gpu_numerics || (env && *env && strcmp(env, "0"));
+  for (int i = 0; i < g_num_kernels[numerics]; i++)
+    if (!strcmp(g_kernels[numerics][i].name, L->kernel)) g_entry = &g_kernels[numerics][i];
   if (!g_entry) {
     int k = snprintf(err, n, "kernel '%s' not found in this library; it has:", L->kernel);
-    for (int i = 0; i < g_num_kernels && k < (int)n; i++) k += snprintf(err + k, n - k, " %s", g_kernels[i].name);
+    for (int i = 0; i < g_num_kernels[numerics] && k < (int)n; i++)
+      k += snprintf(err + k, n - k, " %s", g_kernels[numerics][i].name);
     return -1;
   }
   uint64_t threads = (uint64_t)L->threads[0] * L->threads[1] * L->threads[2];
@@ -805,6 +924,7 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
   err[0] = 0;
   memset(stats, 0, sizeof *stats);
   g_launch = L;
+  g_launch_serial++;
   int rc = validate(L, err, n);
   if (!rc) rc = set_function_constants(L, err, n);
   uint64_t total = (uint64_t)L->threadgroups[0] * L->threadgroups[1] * L->threadgroups[2];
@@ -866,8 +986,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
   return rc;
 }
 
-int mslsim_num_kernels(void) { return g_num_kernels; }
-const char* mslsim_kernel_name(int i) { return i >= 0 && i < g_num_kernels ? g_kernels[i].name : nullptr; }
+int mslsim_num_kernels(void) { return g_num_kernels[0]; }
+const char* mslsim_kernel_name(int i) { return i >= 0 && i < g_num_kernels[0] ? g_kernels[0][i].name : nullptr; }
 int mslsim_num_function_constants(void) { return g_num_constants; }
 int mslsim_function_constant(int i, int32_t* index, int32_t* type, const char** name) {
   if (i < 0 || i >= g_num_constants) return -1;

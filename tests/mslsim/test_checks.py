@@ -24,15 +24,21 @@ def run(lib, kernel, threads=128, buffers=None, **kw):
 
 @pytest.mark.parametrize("kernel, threads, message", [
     ("divergent_barrier", 128, r"divergent threadgroup_barrier: this thread is at .*bugs.metal:\d+ while other threads wait at .*bugs.metal:\d+"),
+    ("barrier_in_helper_from_divergent_code", 128,
+     r"divergent threadgroup_barrier: .*\(the same barrier reached through different calls"),
     ("barrier_after_return", 128, r"threadgroup_barrier at .*bugs.metal:\d+ completed with 28 of 128 threads already returned"),
-    ("barrier_versus_collective", 32, r"deadlock at .*bugs.metal:\d+"),
-    ("divergent_collective", 32, r"divergent SIMD-group operation"),
+    ("barrier_versus_collective", 32, r"threadgroup_barrier at .*bugs.metal:\d+ completed with 16 of 32 threads already returned"),
+    ("shuffle_from_returned_lane", 32, r"simd_shuffle reads lane 16, which is not active"),
+    ("mma_after_return", 32, r"simdgroup_multiply_accumulate with active lanes 0x0000ffff"),
     ("too_much_threadgroup_memory", 128, r"threadgroup memory exceeds the 32768-byte Metal limit: keys 16384 B, values 16400 B need 32784 bytes"),
     ("uses_unset_constant", 32, r"function constant 'needs_value' is used but no value was set"),
     ("reads_params", 32, r"no buffer was bound at index 1"),
-    ("missing_barrier", 128, r"threadgroup memory race: thread \d+ reads threadgroup byte \d+ written by thread \d+"),
-    ("write_after_read", 128, r"threadgroup memory race: thread \d+ writes threadgroup byte \d+ that another thread read"),
-    ("uninitialised_read", 128, r"read of uninitialised threadgroup memory"),
+    ("missing_barrier", 128, r"threadgroup memory race: thread \d+ reads byte \d+ of threadgroup array 'shared_values' written by thread \d+"),
+    ("mem_none_barrier", 128, r"threadgroup memory race: thread \d+ reads byte \d+ of threadgroup array 'shared_values' written by thread \d+ with no barrier \(mem_threadgroup\)"),
+    ("write_after_read", 128, r"threadgroup memory race: thread \d+ writes byte \d+ of threadgroup array 'shared_values' that another thread read"),
+    ("device_same_output", 128, r"device memory race: threads 0 and 1 write byte 0 of \[\[buffer\(0\)\]\] with no barrier \(mem_device\)"),
+    ("uninitialised_read", 128, r"read of uninitialised threadgroup memory: byte \d+ of threadgroup array 'shared_values'"),
+    ("threadgroup_declarator_list", 64, r"thread 63 .*out-of-bounds threadgroup access: reads 4 bytes at byte offset 256 of threadgroup array 'a', which is 256 bytes long"),
     ("huge_thread_array", 32, r"stack overflow"),
 ])
 def test_seeded_bug_is_reported(bugs, kernel, threads, message):
@@ -49,7 +55,42 @@ def test_out_of_bounds_accesses_name_buffer_and_offset(bugs):
         bugs.dispatch("write_past_end", 1, 64, {0: np.zeros(64, np.float32)})
     with pytest.raises(SimulationError, match=r"thread 0 .*reads 4 bytes at byte offset -12 of \[\[buffer\(0\)\]\] \(before its start\)"):
         bugs.dispatch("read_before_start", 1, 64, {0: x, 1: out})
+    with pytest.raises(SimulationError, match=r"thread 63 .*reads 8 bytes at byte offset 252 of \[\[buffer\(0\)\]\], which is 256 bytes long"):
+        bugs.dispatch("straddle_end", 1, 64, {0: x, 1: np.zeros(128, np.float32)})
     assert not out.any()   # a failed launch writes nothing back
+
+
+@pytest.mark.parametrize("elements", [1 << 10, 1 << 20, 1 << 28, (1 << 32) - 64])
+def test_out_of_bounds_at_any_distance_names_the_buffer(bugs, elements):
+    """Far past the end of buffer 0 there is no other buffer's data to read by accident: still buffer 0."""
+    x, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    with pytest.raises(SimulationError, match=rf"thread 0 .*reads 4 bytes at byte offset {4 * elements} of \[\[buffer\(0\)\]\]"):
+        bugs.dispatch("read_far_past_end", 1, 64, {0: x, 1: out, 2: struct.pack("I", elements)})
+
+
+def test_threadgroup_arrays_have_their_own_bounds(bugs):
+    out = np.zeros(64, np.float32)
+    bugs.dispatch("threadgroup_overflow", 1, 64, {0: out, 1: struct.pack("I", 1)})
+    np.testing.assert_array_equal(out, 2 * np.arange(64, dtype=np.float32))
+    # stride 2: threads 32..63 read past `tile` (in a packed layout: into block_of)
+    with pytest.raises(SimulationError, match=r"reads 4 bytes at byte offset \d+ of threadgroup array 'tile', which is 256 bytes long"):
+        bugs.dispatch("threadgroup_overflow", 1, 64, {0: out, 1: struct.pack("I", 2)})
+    with pytest.raises(SimulationError, match=r"at byte offset \d{6,} of threadgroup array 'tile'"):
+        bugs.dispatch("threadgroup_overflow", 1, 64, {0: out, 1: struct.pack("I", 100000)})
+
+
+def test_struct_copy_is_bounds_checked(bugs):
+    tiles, out = np.zeros((4, 31), np.float32), np.zeros((4, 31), np.float32)
+    with pytest.raises(SimulationError, match=r"thread 3 .*reads 124 bytes at byte offset 496 of \[\[buffer\(0\)\]\], which is 496 bytes long"):
+        bugs.dispatch("copy_struct_past_end", 1, 4, {0: tiles, 1: out})
+
+
+def test_device_memory_needs_a_mem_device_barrier(bugs):
+    data = np.zeros(256, np.float32)
+    with pytest.raises(SimulationError, match=r"device memory race: thread \d+ reads byte \d+ of \[\[buffer\(0\)\]\] written by thread \d+"):
+        bugs.dispatch("device_exchange", 1, 128, {0: data, 1: struct.pack("I", 0)})
+    bugs.dispatch("device_exchange", 1, 128, {0: data, 1: struct.pack("I", 1)})
+    np.testing.assert_array_equal(data[128:], np.arange(128, dtype=np.float32).reshape(-1, 2)[:, ::-1].ravel())
 
 
 def test_short_constant_buffer(bugs):

@@ -20,6 +20,11 @@ PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
     ("vla", ["variable length arrays"]),
     ("recursion", ["recursion is not supported in MSL: is_"]),
     ("unqualified_buffer", ["unqualified_buffer.metal:3:22: error: no viable conversion from 'BufferArg' to 'float *'"]),
+    ("goto", ["goto.metal:6: 'goto' is not supported in MSL"]),
+    ("non_void_kernel", ["non_void_kernel.metal:3: a kernel function must return void"]),
+    ("address_space_cast", ["address_space_cast.metal:7: explicit cast between address spaces"]),
+    ("builtin_type", ["must be declared as uint, ushort or one of their 2- and 3-vectors"]),
+    ("std_header", ["std_header.metal:2: C/C++ standard headers are not available in MSL (/usr/"]),
 ])
 def test_forbidden_construct_is_rejected(name, expected):
     problems = "\n".join(check(KERNELS / "static" / f"{name}.metal"))
@@ -37,3 +42,9 @@ def test_address_space_mistakes_are_rejected():
                          ids=lambda p: p.name)
 def test_valid_kernels_pass(path):
     assert check(path, include_dirs=[PROJECT_SHADERS / "common"]) == []
+
+
+def test_rules_fire_only_where_seeded():
+    """One problem per seeded mistake: the valid cast and the standard header's clashes are not reported."""
+    assert len(check(KERNELS / "static" / "address_space_cast.metal")) == 1
+    assert len(check(KERNELS / "static" / "std_header.metal")) == 1

@@ -50,7 +50,8 @@ struct MslsimLaunch {
   int32_t workers;            // OS threads running threadgroups concurrently (0: one per core, max 2 here)
   int32_t schedule;           // MslsimSchedule
   uint32_t seed;              // for MSLSIM_RANDOM
-  int32_t check_threadgroup;  // 1: detect races and uninitialised reads on threadgroup memory
+  int32_t check_threadgroup;  // 1: detect races (threadgroup and device memory) and uninitialised threadgroup reads
+  int32_t gpu_numerics;       // 1: run the kernels' GPU-numerics twins (also chosen by MSLSIM_GPU_NUMERICS=1)
 };
 
 struct MslsimStats {
@@ -88,30 +89,38 @@ struct ThreadContext {
   uint3_ thread_position_in_threadgroup, threadgroup_position_in_grid, thread_position_in_grid;
   uint3_ threads_per_threadgroup, threadgroups_per_grid;
   uint32_t thread_index_in_threadgroup, lane, simdgroup, simdgroups_per_threadgroup;
-  uint32_t collective_sequence;   // which of the simdgroup's two exchange buffers this lane uses next
 };
 extern __thread ThreadContext* current __attribute__((tls_model("initial-exec")));
 
-// Result of one SIMD-group collective: every participating lane's value, the participant mask frozen
-// when the last lane arrived, and a cache so reductions are computed once per collective.
+// Result of one round of SIMD-group functions: every waiting lane's value, and for each lane the set of
+// lanes that executed the same call with it (Metal's active lanes: lanes in other branches of divergent
+// code form their own set, lanes that returned are in none). Reductions are computed once per set and
+// cached under the set's lowest lane.
 struct SimdExchange {
   alignas(64) unsigned char slot[MSLSIM_SIMD_WIDTH][32];
-  uint32_t participants, arriving, has_result, pad_;
-  alignas(16) unsigned char result[32];
+  unsigned char result[MSLSIM_SIMD_WIDTH][32];
+  uint32_t participants[MSLSIM_SIMD_WIDTH];
+  uint32_t has_result;   // bit l: result[l] holds the reduction of the set whose lowest lane is l
 };
+
+// mem_flags bits as the shim passes them (metal::mem_flags values).
+enum MemFlags : int { MEM_DEVICE = 1, MEM_THREADGROUP = 2 };
 
 [[noreturn]] __attribute__((format(printf, 1, 2))) void fail(const char* fmt, ...);
 
-void* bind_buffer(int index, size_t bytes_needed, bool is_reference);
+void* bind_buffer(int index, size_t bytes_needed, bool is_reference, bool writable);
 void* bind_threadgroup_arg(int index);
 void* threadgroup_variable(const void* key, size_t size, size_t align, const char* name);
-void threadgroup_barrier(const char* file, unsigned line);
-void simdgroup_barrier(const char* file, unsigned line);
-SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, unsigned line);
+// Synchronisation points: `convergent` (like GPU barriers) so the optimiser never duplicates or merges
+// their calls; the runtime tells calls apart by call path.
+__attribute__((convergent)) void threadgroup_barrier(int mem_flags, const char* file, unsigned line);
+__attribute__((convergent)) void simdgroup_barrier(int mem_flags, const char* file, unsigned line);
+__attribute__((convergent)) SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, unsigned line);
 
-int register_kernel(const char* name, void (*entry)());
+int register_kernel(const char* name, void (*entry)(), int gpu_numerics);
 int register_function_constant(int index, int type, void* value, bool* defined, const char* name);
 [[noreturn]] void function_constant_not_set(const char* name);
+uint64_t launch_serial();   // changes with every launch: per-pipeline values are recomputed per launch
 void note_atomic(const void* address, size_t bytes);   // atomics are untraced; they report here
 int work_counter(const char* name);
 void work_count(int counter, uint64_t amount);

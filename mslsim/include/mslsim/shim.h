@@ -144,25 +144,12 @@ template <class T> constexpr bool is_float = is_float_element<mslsim::element_t<
 template <class T> using if_float = std::enable_if_t<is_float<T>, T>;
 }  // namespace detail
 
-// Transcendentals are evaluated in fp32 libm and rounded to the argument type: at least as accurate as
-// Apple's (fast:: is documented at a few ulp; see mslsim/README.md).
+// Exact functions: evaluated in fp32 and rounded to the argument type.
 #define MSLSIM_UNARY(name, expr)                                               \
   template <class T> inline detail::if_float<T> name(T x) {                    \
     using E = mslsim::element_t<T>;                                            \
     return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x); \
   }
-MSLSIM_UNARY(exp, __builtin_expf(f))
-MSLSIM_UNARY(exp2, __builtin_exp2f(f))
-MSLSIM_UNARY(exp10, __builtin_exp10f(f))
-MSLSIM_UNARY(log, __builtin_logf(f))
-MSLSIM_UNARY(log2, __builtin_log2f(f))
-MSLSIM_UNARY(log10, __builtin_log10f(f))
-MSLSIM_UNARY(sqrt, __builtin_sqrtf(f))
-MSLSIM_UNARY(rsqrt, 1.0f / __builtin_sqrtf(f))
-MSLSIM_UNARY(sin, __builtin_sinf(f))
-MSLSIM_UNARY(cos, __builtin_cosf(f))
-MSLSIM_UNARY(tan, __builtin_tanf(f))
-MSLSIM_UNARY(tanh, __builtin_tanhf(f))
 MSLSIM_UNARY(fabs, __builtin_fabsf(f))
 MSLSIM_UNARY(floor, __builtin_floorf(f))
 MSLSIM_UNARY(ceil, __builtin_ceilf(f))
@@ -172,6 +159,63 @@ MSLSIM_UNARY(trunc, __builtin_truncf(f))
 MSLSIM_UNARY(fract, f - __builtin_floorf(f))
 MSLSIM_UNARY(saturate, f < 0.f ? 0.f : (f > 1.f ? 1.f : f))
 #undef MSLSIM_UNARY
+
+namespace detail {
+// Fast-math error model of the GPU-numerics mode: the fp32 libm result moved by the full error bound Apple
+// documents for fast math, in a direction hashed from the argument (deterministic, and not one uniform bias
+// that a normalisation such as softmax would cancel). `bound` is in ulps of the result, or absolute.
+inline float ulp_of(float r) {
+  float a = __builtin_fabsf(r);
+  return __builtin_nextafterf(a, __builtin_inff()) - a;
+}
+inline float fast_math(float arg, float exact, float absolute_error) {
+  if (!__builtin_isfinite(exact) || exact == 0.0f) return exact;
+  uint32_t h = __builtin_bit_cast(uint32_t, arg) * 0x9E3779B1u;
+  h ^= h >> 16;
+  return (h & 1) ? exact + absolute_error : exact - absolute_error;
+}
+}  // namespace detail
+// Transcendentals: precise:: is libm-accurate; metal:: and fast:: are fast math (Metal's default), which is
+// libm-accurate too unless the kernel runs with GPU numerics. Bounds (fast math, fp32), as modelled:
+// exp/exp2/exp10 3 + floor(|2x|) ulp; log/log2/log10 2^-21 absolute on [0.5, 2], else 3 ulp; rsqrt 2 ulp;
+// sqrt 3 ulp; tanh 5 ulp; sin/cos 2^-11 absolute.
+#ifdef MSLSIM_GPU_NUMERICS
+#define MSLSIM_FAST_ERROR(bound) detail::fast_math(f, r, bound)
+#else
+#define MSLSIM_FAST_ERROR(bound) r
+#endif
+#define MSLSIM_TRANSCENDENTAL(name, expr, bound)                                                           \
+  namespace precise {                                                                                      \
+  template <class T> inline detail::if_float<T> name(T x) {                                                \
+    using E = mslsim::element_t<T>;                                                                        \
+    return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x);                             \
+  }                                                                                                        \
+  }                                                                                                        \
+  template <class T> inline detail::if_float<T> name(T x) {                                                \
+    using E = mslsim::element_t<T>;                                                                        \
+    return detail::map([](E v) { float f = (float)v, r = (expr); (void)f; return (E)(MSLSIM_FAST_ERROR(bound)); }, x); \
+  }                                                                                                        \
+  namespace fast { template <class T> inline detail::if_float<T> name(T x) { return metal::name(x); } }
+#define MSLSIM_ULPS(n) ((n) * detail::ulp_of(r))
+#define MSLSIM_EXP_ULPS MSLSIM_ULPS(3.0f + __builtin_floorf(__builtin_fabsf(2.0f * f)))
+#define MSLSIM_LOG_ERROR (f >= 0.5f && f <= 2.0f ? 0x1p-21f : MSLSIM_ULPS(3.0f))
+MSLSIM_TRANSCENDENTAL(exp, __builtin_expf(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(exp2, __builtin_exp2f(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(exp10, __builtin_exp10f(f), MSLSIM_EXP_ULPS)
+MSLSIM_TRANSCENDENTAL(log, __builtin_logf(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(log2, __builtin_log2f(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(log10, __builtin_log10f(f), MSLSIM_LOG_ERROR)
+MSLSIM_TRANSCENDENTAL(sqrt, __builtin_sqrtf(f), MSLSIM_ULPS(3.0f))
+MSLSIM_TRANSCENDENTAL(rsqrt, 1.0f / __builtin_sqrtf(f), MSLSIM_ULPS(2.0f))
+MSLSIM_TRANSCENDENTAL(tanh, __builtin_tanhf(f), MSLSIM_ULPS(5.0f))
+MSLSIM_TRANSCENDENTAL(sin, __builtin_sinf(f), 0x1p-11f)
+MSLSIM_TRANSCENDENTAL(cos, __builtin_cosf(f), 0x1p-11f)
+MSLSIM_TRANSCENDENTAL(tan, __builtin_tanf(f), MSLSIM_ULPS(5.0f))
+#undef MSLSIM_LOG_ERROR
+#undef MSLSIM_EXP_ULPS
+#undef MSLSIM_ULPS
+#undef MSLSIM_TRANSCENDENTAL
+#undef MSLSIM_FAST_ERROR
 
 template <class T> inline T abs(T x) {
   return detail::map([](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; }, x);
@@ -200,6 +244,7 @@ template <class T> inline detail::if_float<T> pow(T a, T b) {
   return detail::map([](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); }, a, b);
 }
 template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
+// Fast-math division is within 2.5 ulp; GPU numerics compile `/` with -freciprocal-math (a * (1 / b)).
 template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
 template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
 
@@ -242,15 +287,13 @@ template <class T, class U> inline T as_type(U u) {
   return __builtin_bit_cast(T, u);
 }
 
-// fast:: and precise:: share the implementation above (see README: accuracy).
+// The other fast:: and precise:: functions share the implementation above.
 #define MSLSIM_FORWARD(ns, name) \
   namespace ns { template <class... A> inline auto name(A... a) { return metal::name(a...); } }
 #define MSLSIM_FORWARD_ALL(ns)                                                                              \
-  MSLSIM_FORWARD(ns, exp) MSLSIM_FORWARD(ns, exp2) MSLSIM_FORWARD(ns, exp10) MSLSIM_FORWARD(ns, log)       \
-  MSLSIM_FORWARD(ns, log2) MSLSIM_FORWARD(ns, sqrt) MSLSIM_FORWARD(ns, rsqrt) MSLSIM_FORWARD(ns, tanh)     \
   MSLSIM_FORWARD(ns, max) MSLSIM_FORWARD(ns, min) MSLSIM_FORWARD(ns, fmax) MSLSIM_FORWARD(ns, fmin)       \
-  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, sin) MSLSIM_FORWARD(ns, cos)         \
-  MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide) MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
+  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide)    \
+  MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
 MSLSIM_FORWARD_ALL(fast)
 MSLSIM_FORWARD_ALL(precise)
 #undef MSLSIM_FORWARD_ALL
@@ -273,17 +316,18 @@ MSLSIM_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0)
 #undef MSLSIM_LIMITS
 
 // ============================================================================ synchronisation
-// file/line default arguments let the runtime name the two sites of a divergent barrier.
-inline void threadgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
-  mslsim::rt::threadgroup_barrier(file, line);
-}
-inline void simdgroup_barrier(mem_flags = mem_flags::mem_none, const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()) {
-  mslsim::rt::simdgroup_barrier(file, line);
-}
+// Functions that reach the runtime's barriers and SIMD-group exchange are always inlined: the runtime
+// identifies a call by its file:line and the out-of-line calls above it (see call_path in runtime.cpp).
+#define MSLSIM_SYNC inline __attribute__((always_inline))
+#define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
+MSLSIM_SYNC void threadgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::threadgroup_barrier((int)flags, file, line); }
+MSLSIM_SYNC void simdgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::simdgroup_barrier((int)flags, file, line); }
 
 // ============================================================================ SIMD-group functions
-// Each is a collective: every live lane of the simdgroup deposits its value, the last to arrive releases
-// the others, then each lane computes its result from the frozen exchange.
+// Each is a collective over the lanes that execute the call together (Metal's active lanes): every such
+// lane deposits its value, and once every live lane of the simdgroup waits somewhere the runtime releases
+// them with the set of lanes that made the same call. Reading a lane outside that set (it returned, or it
+// is in another branch) is undefined on the GPU and an error here.
 namespace detail {
 using Exchange = mslsim::rt::SimdExchange;
 template <class T> inline T lane_value(const Exchange* x, int lane) {
@@ -291,27 +335,29 @@ template <class T> inline T lane_value(const Exchange* x, int lane) {
   __builtin_memcpy(&v, x->slot[lane], sizeof(T));
   return v;
 }
-template <class T> inline Exchange* exchange(const T& v, const char* file, unsigned line) {
+template <class T> MSLSIM_SYNC Exchange* exchange(const T& v, const char* file, unsigned line) {
   static_assert(sizeof(T) <= sizeof(Exchange::slot[0]), "SIMD-group function on a value larger than 32 bytes");
   return mslsim::rt::simd_exchange(&v, sizeof(T), file, line);
 }
 inline int my_lane() { return (int)mslsim::rt::current->lane; }
-inline bool participates(const Exchange* x, int lane) { return lane >= 0 && lane < 32 && (x->participants >> lane & 1); }
-// Pairwise tree over the participating lanes in lane order; computed once, shared by all lanes.
+inline uint32_t active(const Exchange* x) { return x->participants[my_lane()]; }
+inline bool participates(const Exchange* x, int lane) { return active(x) >> lane & 1; }
+// Pairwise tree over the active lanes in lane order; computed once per set of lanes, shared by them.
 template <class T, class F> inline T reduce(Exchange* x, F f) {
-  if (x->has_result) {
+  const uint32_t lanes = active(x), leader = __builtin_ctz(lanes);
+  if (x->has_result >> leader & 1) {
     T r;
-    __builtin_memcpy(&r, x->result, sizeof(T));
+    __builtin_memcpy(&r, x->result[leader], sizeof(T));
     return r;
   }
   T v[32];
   int n = 0;
   for (int i = 0; i < 32; i++)
-    if (participates(x, i)) v[n++] = lane_value<T>(x, i);
+    if (lanes >> i & 1) v[n++] = lane_value<T>(x, i);
   for (int width = 1; width < n; width *= 2)
     for (int i = 0; i + width < n; i += 2 * width) v[i] = f(v[i], v[i + width]);
-  __builtin_memcpy(x->result, &v[0], sizeof(T));
-  x->has_result = 1;
+  __builtin_memcpy(x->result[leader], &v[0], sizeof(T));
+  x->has_result |= 1u << leader;
   return v[0];
 }
 template <class T, class F> inline T scan(const Exchange* x, bool inclusive, T identity, F f) {
@@ -320,14 +366,19 @@ template <class T, class F> inline T scan(const Exchange* x, bool inclusive, T i
     if (participates(x, i)) s = f(s, lane_value<T>(x, i));
   return s;
 }
-template <class T> inline T from_lane(const Exchange* x, int source, T self) {
-  return participates(x, source) ? lane_value<T>(x, source) : self;
+// A source outside the simdgroup (shuffle_down/up past its edge) keeps the lane's own value, as Metal
+// defines; a source lane that is not active is an error.
+template <class T> inline T from_lane(const Exchange* x, int source, T self, const char* what) {
+  if (source < 0 || source >= 32) return self;
+  if (!participates(x, source))
+    mslsim::rt::fail("%s reads lane %d, which is not active (it returned, or runs another branch of divergent code): "
+                     "undefined on the GPU", what, source);
+  return lane_value<T>(x, source);
 }
 }  // namespace detail
 
-#define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
 #define MSLSIM_REDUCTION(name, op) \
-  template <class T> inline T name(T x, MSLSIM_SITE) { return detail::reduce<T>(detail::exchange(x, file, line), [](T a, T b) { return op; }); }
+  template <class T> MSLSIM_SYNC T name(T x, MSLSIM_SITE) { return detail::reduce<T>(detail::exchange(x, file, line), [](T a, T b) { return op; }); }
 MSLSIM_REDUCTION(simd_sum, a + b)
 MSLSIM_REDUCTION(simd_product, a * b)
 MSLSIM_REDUCTION(simd_max, max(a, b))
@@ -336,25 +387,43 @@ MSLSIM_REDUCTION(simd_and, a & b)
 MSLSIM_REDUCTION(simd_or, a | b)
 MSLSIM_REDUCTION(simd_xor, a ^ b)
 #undef MSLSIM_REDUCTION
-template <class T> inline T simd_prefix_inclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(0), [](T a, T b) { return a + b; }); }
-template <class T> inline T simd_prefix_exclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(0), [](T a, T b) { return a + b; }); }
-template <class T> inline T simd_prefix_inclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(1), [](T a, T b) { return a * b; }); }
-template <class T> inline T simd_prefix_exclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(1), [](T a, T b) { return a * b; }); }
-template <class T> inline T simd_shuffle(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
-template <class T> inline T simd_broadcast(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x); }
-template <class T> inline T simd_shuffle_xor(T x, ushort mask, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() ^ mask, x); }
-// Lanes whose source is outside the simdgroup keep their own value (Metal's definition).
-template <class T> inline T simd_shuffle_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() + delta, x); }
-template <class T> inline T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() - delta, x); }
-template <class T> inline T simd_broadcast_first(T x, MSLSIM_SITE) {
+template <class T> MSLSIM_SYNC T simd_prefix_inclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(0), [](T a, T b) { return a + b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_exclusive_sum(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(0), [](T a, T b) { return a + b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_inclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), true, T(1), [](T a, T b) { return a * b; }); }
+template <class T> MSLSIM_SYNC T simd_prefix_exclusive_product(T x, MSLSIM_SITE) { return detail::scan(detail::exchange(x, file, line), false, T(1), [](T a, T b) { return a * b; }); }
+template <class T> MSLSIM_SYNC T simd_shuffle(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x, "simd_shuffle"); }
+template <class T> MSLSIM_SYNC T simd_broadcast(T x, ushort lane, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (int)lane, x, "simd_broadcast"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_xor(T x, ushort mask, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() ^ mask, x, "simd_shuffle_xor"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() + delta, x, "simd_shuffle_down"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), detail::my_lane() - delta, x, "simd_shuffle_up"); }
+// Rotations wrap around the 32 lanes.
+template <class T> MSLSIM_SYNC T simd_shuffle_rotate_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() + delta) & 31, x, "simd_shuffle_rotate_down"); }
+template <class T> MSLSIM_SYNC T simd_shuffle_rotate_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() - delta) & 31, x, "simd_shuffle_rotate_up"); }
+template <class T> MSLSIM_SYNC T simd_broadcast_first(T x, MSLSIM_SITE) {
   const detail::Exchange* e = detail::exchange(x, file, line);
-  return detail::lane_value<T>(e, __builtin_ctz(e->participants));
+  return detail::lane_value<T>(e, __builtin_ctz(detail::active(e)));
 }
-inline bool simd_all(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a && b; }); }
-inline bool simd_any(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a || b; }); }
-inline bool simd_is_first(MSLSIM_SITE) {
+MSLSIM_SYNC bool simd_all(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a && b; }); }
+MSLSIM_SYNC bool simd_any(bool x, MSLSIM_SITE) { return detail::reduce<bool>(detail::exchange(x, file, line), [](bool a, bool b) { return a || b; }); }
+MSLSIM_SYNC bool simd_is_first(MSLSIM_SITE) {
   const detail::Exchange* e = detail::exchange(true, file, line);
-  return __builtin_ctz(e->participants) == detail::my_lane();
+  return __builtin_ctz(detail::active(e)) == detail::my_lane();
+}
+// simd_ballot: one bit per active lane whose predicate holds.
+struct simd_vote {
+  typedef ulong vote_t;
+  vote_t v;
+  explicit constexpr simd_vote(vote_t value = 0) : v(value) {}
+  explicit constexpr operator vote_t() const { return v; }
+  constexpr bool all() const { return v == ~0ul; }
+  constexpr bool any() const { return v != 0; }
+};
+MSLSIM_SYNC simd_vote simd_ballot(bool x, MSLSIM_SITE) {
+  const detail::Exchange* e = detail::exchange(x, file, line);
+  ulong bits = 0;
+  for (int i = 0; i < 32; i++)
+    if (detail::participates(e, i) && detail::lane_value<bool>(e, i)) bits |= 1ul << i;
+  return simd_vote(bits);
 }
 
 // ============================================================================ simdgroup_matrix
@@ -413,11 +482,14 @@ inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong el
   }
 }
 template <class TD, class TA, class TB, class TC>
-inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+MSLSIM_SYNC void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                           const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
                                           MSLSIM_SITE) {
   struct Operands { float a0, a1, b0, b1; } mine = {(float)a.elements[0], (float)a.elements[1], (float)b.elements[0], (float)b.elements[1]};
   const detail::Exchange* x = detail::exchange(mine, file, line);
+  if (detail::active(x) != ~0u)
+    mslsim::rt::fail("simdgroup_multiply_accumulate with active lanes 0x%08x: all 32 lanes of the simdgroup must "
+                     "execute it (a lane returned, or runs another branch of divergent code)", detail::active(x));
   float A[8][8], B[8][8];
   for (int lane = 0; lane < 32; lane++) {
     int r, col;
@@ -439,16 +511,18 @@ inline void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const s
   d.elements = out;
 }
 template <class TD, class TA, class TB>
-inline void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
+MSLSIM_SYNC void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                const simdgroup_matrix<TB, 8, 8>& b, MSLSIM_SITE) {
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>((TD)0), file, line);
 }
 #undef MSLSIM_SITE
+#undef MSLSIM_SYNC
 
 // ============================================================================ atomics
 // Implemented out of line and untraced: the runtime is told about each access (initialises threadgroup
 // memory for the race checker, bounds-checks device memory).
 template <class T> struct mslsim_atomic { T value; };
+template <class T> using atomic = mslsim_atomic<T>;
 typedef mslsim_atomic<int> atomic_int;
 typedef mslsim_atomic<uint> atomic_uint;
 typedef mslsim_atomic<float> atomic_float;
@@ -458,10 +532,23 @@ template <class A, class F> MSLSIM_ATOMIC auto atomic_update(A* a, F f) {
   using T = atomic_value_t<A>;
   mslsim::rt::note_atomic((const void*)a, sizeof(T));
   T* p = (T*)&a->value;
-  T old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
+  T old, next;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);   // the generic builtins: float atomics too
   do next = f(old);
   while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
+}
+// On failure *expected receives the current value (Metal, like C++); weak never fails spuriously here.
+template <class A, class U> MSLSIM_ATOMIC bool atomic_compare_exchange_weak_explicit(A* a, atomic_value_t<A>* expected, U desired,
+                                                                              memory_order, memory_order) {
+  using T = atomic_value_t<A>;
+  mslsim::rt::note_atomic((const void*)a, sizeof(T));
+  T next = (T)desired;
+  return __atomic_compare_exchange((T*)&a->value, expected, &next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+template <class A, class U> inline bool atomic_compare_exchange_strong_explicit(A* a, atomic_value_t<A>* expected, U desired,
+                                                                         memory_order success, memory_order failure) {
+  return atomic_compare_exchange_weak_explicit(a, expected, desired, success, failure);
 }
 template <class A, class U> inline auto atomic_fetch_add_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o + v); }); }
 template <class A, class U> inline auto atomic_fetch_sub_explicit(A* a, U v, memory_order) { return atomic_update(a, [v](auto o) { return (decltype(o))(o - v); }); }
@@ -490,9 +577,16 @@ template <class T> inline T builtin_value(rt::uint3_ u) {
     return (T)u.x;
   }
 }
+// Metal accepts built-in attributes (positions, indices, counts) only as uint / ushort and their 2- and
+// 3-vectors.
+template <class T> constexpr bool is_builtin_type =
+    std::is_same_v<T, uint> || std::is_same_v<T, ushort> || std::is_same_v<T, metal::vec<uint, 2>> ||
+    std::is_same_v<T, metal::vec<uint, 3>> || std::is_same_v<T, metal::vec<ushort, 2>> || std::is_same_v<T, metal::vec<ushort, 3>>;
 struct BuiltinArg {
   int which;
   template <class T> operator T() const {
+    static_assert(is_builtin_type<T>, "a built-in attribute ([[thread_position_in_grid]], ...) must be declared as "
+                                      "uint, ushort or one of their 2- and 3-vectors");
     const rt::ThreadContext* c = rt::current;
     rt::uint3_ u = {0, 0, 0};
     switch (which) {
@@ -520,15 +614,27 @@ constexpr BuiltinTable builtin{};
 struct BufferArg {
   int i;
 #ifdef MSLSIM_CHECK_ADDRESS_SPACES   // a pointer without an address space converts to void*; device/constant ones do not
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
 #else
-  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false); }
-  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true); }
+  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
+  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
 #endif
 };
 struct BufferTable { constexpr BufferArg operator[](int i) const { return {i}; } };
 constexpr BufferTable buffer_arg{};
+// `[[buffer(n), function_constant(c)]]`: the argument exists only when c is true; otherwise it is null and
+// need not be bound (rewritten by the prepass).
+struct ConditionalBufferArg {
+  int i;
+  bool exists;
+  template <class T> operator T*() const { return exists ? (T*)BufferArg{i} : nullptr; }
+};
+struct ConditionalBufferTable {
+  bool exists;
+  constexpr ConditionalBufferArg operator[](int i) const { return {i, exists}; }
+};
+inline ConditionalBufferTable conditional_buffer_arg(bool exists) { return {exists}; }
 struct ThreadgroupArg { int i; template <class T> operator T*() const { return (T*)rt::bind_threadgroup_arg(i); } };
 struct ThreadgroupArgTable { constexpr ThreadgroupArg operator[](int i) const { return {i}; } };
 constexpr ThreadgroupArgTable threadgroup_arg{};
@@ -565,19 +671,43 @@ template <class T> struct FunctionConstant {
   }
 };
 template <class T> inline bool is_defined(const FunctionConstant<T>& c) { return c.defined; }
+
+// `constant T name = <expression using function constants>;` (rewritten by the prepass): evaluated per
+// launch (a pipeline's constants), not once when the library loads.
+template <class T, class F> struct DerivedConstant {
+  F init;
+  mutable T value{};
+  mutable uint64_t serial = 0;
+  explicit DerivedConstant(F f) : init(f) {}
+  operator T() const {
+    const uint64_t now = rt::launch_serial();
+    if (__atomic_load_n(&serial, __ATOMIC_ACQUIRE) != now) {   // workers may race here: same value
+      value = init();
+      __atomic_store_n(&serial, now, __ATOMIC_RELEASE);
+    }
+    return value;
+  }
+};
 }  // namespace mslsim
 
 #define MSLSIM_FUNCTION_CONSTANT(T, name, idx) static mslsim::FunctionConstant<T> name((idx), #name)
+#define MSLSIM_DERIVED_CONSTANT(T, name, ...) \
+  static const mslsim::DerivedConstant<T, T (*)()> name([]() -> T { return (__VA_ARGS__); })
 #define MSLSIM_THREADGROUP_VARIABLE(T, name)                                                   \
   static char mslsim_key_##name;                                                               \
   T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
 #define MSLSIM_CAT_(a, b) a##b
 #define MSLSIM_CAT(a, b) MSLSIM_CAT_(a, b)
+#ifdef MSLSIM_GPU_NUMERICS
+#define MSLSIM_NUMERICS 1
+#else
+#define MSLSIM_NUMERICS 0
+#endif
 // Appended by the build step after the kernel source.
 #define MSLSIM_EXPORT_KERNEL_AS(host_name_, ...) MSLSIM_EXPORT_(host_name_, MSLSIM_CAT(mslsim_entry_, __COUNTER__), __VA_ARGS__)
 #define MSLSIM_EXPORT_(host_name_, entry, ...) \
   static void entry() { __VA_ARGS__(); }      \
-  static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry);
+  static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry, MSLSIM_NUMERICS);
 // Work-counter hook for kernels (see metal-flash-sdpa/work_counters.h): named, summed over the launch.
 #define mslsim_work_count(name, amount)                                               \
   do {                                                                                \
@@ -605,6 +735,7 @@ using namespace metal;
 #define is_function_constant_defined(x) (mslsim::is_defined(x))
 #define buffer(n) ]] = mslsim::buffer_arg[mslsim::index[n
 #define mslsim_threadgroup_arg(n) ]] = mslsim::threadgroup_arg[mslsim::index[n
+#define mslsim_conditional_buffer(n, c) ]] = mslsim::conditional_buffer_arg(c)[mslsim::index[n
 #define thread_position_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPITG
 #define thread_index_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TIITG
 #define threadgroup_position_in_grid ]] = mslsim::builtin[mslsim::index[mslsim::TGPIG

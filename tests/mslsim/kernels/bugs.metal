@@ -18,6 +18,7 @@ kernel void barrier_after_return(device float* out [[buffer(0)]], uint tid [[thr
     out[tid] = 1.0f;
 }
 
+// Lanes < 16 reduce among themselves and return; the others wait at a barrier the first half never reaches.
 kernel void barrier_versus_collective(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
     float x = 1.0f;
     if (lane < 16) x = simd_sum(x);
@@ -25,11 +26,84 @@ kernel void barrier_versus_collective(device float* out [[buffer(0)]], ushort la
     out[lane] = x;
 }
 
-kernel void divergent_collective(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
-    float x = 1.0f;
-    if (lane < 16) x = simd_sum(x);
-    else x = simd_max(x);
-    out[lane] = x;
+// The same barrier, in a helper called from both branches: two different barriers on the GPU.
+void sync_threadgroup() {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+kernel void barrier_in_helper_from_divergent_code(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    if (tid < 64) {
+        out[tid] = 1.0f;
+        sync_threadgroup();
+    } else {
+        out[tid] = 2.0f;
+        sync_threadgroup();
+    }
+}
+
+// Class 5: lanes that returned are not there to read.
+kernel void shuffle_from_returned_lane(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
+    if (lane >= 16) return;
+    out[lane] = simd_shuffle(float(lane), ushort(lane + 16));
+}
+kernel void mma_after_return(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
+    if (lane >= 16) return;
+    simdgroup_float8x8 a = make_filled_simdgroup_matrix<float, 8, 8>(1.0f), c;
+    simdgroup_multiply(c, a, a);
+    simdgroup_store(c, out, 8);
+}
+
+// Class 1: threadgroup arrays have their own bounds.
+kernel void threadgroup_overflow(device float* out [[buffer(0)]], constant uint& stride [[buffer(1)]],
+                                 uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float tile[64];
+    threadgroup int block_of[64];
+    tile[tid] = float(tid);
+    block_of[tid] = int(tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid] = tile[tid * stride] + float(block_of[tid]);   // stride 1 is fine; stride 2 runs past `tile`
+}
+kernel void threadgroup_declarator_list(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float a[64], b[64];
+    a[tid] = 1.0f;
+    b[tid] = 2.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid] = a[tid + 1];   // thread 63 reads past `a`
+}
+
+// Class 2: device bounds at any distance, and a straddling access blames its own buffer.
+kernel void read_far_past_end(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                              constant uint& offset [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    out[i] = x[i + offset];
+}
+kernel void straddle_end(device const float* x [[buffer(0)]], device float2* out [[buffer(1)]],
+                         uint i [[thread_position_in_grid]]) {
+    out[i] = *(device const float2*)(x + i);   // the last thread's 8 bytes straddle the end of x
+}
+
+// Class 3: a whole-struct copy is traced like any other access.
+struct Tile { float values[30]; int first; };   // large enough to be copied with memcpy
+kernel void copy_struct_past_end(device const Tile* tiles [[buffer(0)]], device Tile* out [[buffer(1)]],
+                                 uint i [[thread_position_in_grid]]) {
+    Tile t = tiles[i + 1];
+    out[i] = t;
+}
+
+// Class 4: mem_flags decide what a barrier orders.
+kernel void mem_none_barrier(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float shared_values[128];
+    shared_values[tid] = float(tid);
+    threadgroup_barrier(mem_flags::mem_none);   // an execution barrier only: threadgroup memory is not ordered
+    out[tid] = shared_values[(tid + 1) % 128];
+}
+kernel void device_exchange(device float* data [[buffer(0)]], constant uint& flags [[buffer(1)]],
+                            uint tid [[thread_index_in_threadgroup]]) {
+    data[tid] = float(tid);
+    if (flags == 0) threadgroup_barrier(mem_flags::mem_threadgroup);   // does not order device memory
+    else threadgroup_barrier(mem_flags::mem_device);
+    data[128 + tid] = data[tid ^ 1];
+}
+kernel void device_same_output(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    out[0] = float(tid);   // every thread writes one output: a write-write race
 }
 
 kernel void too_much_threadgroup_memory(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {

@@ -37,11 +37,13 @@ kernel void simd_functions(device const float* x [[buffer(0)]], device const int
     o[8] = simd_prefix_exclusive_sum(v);
     o[9] = simd_prefix_inclusive_product(v);
     o[10] = simd_prefix_exclusive_product(v);
-    o[11] = simd_shuffle(v, (lane * 7 + 3) % 32);
-    o[12] = simd_broadcast(v, 5);
-    o[13] = simd_shuffle_xor(v, 6);
-    o[14] = simd_shuffle_down(v, 3);
-    o[15] = simd_shuffle_up(v, 2);
+    if (active == 32) {   // a shuffle from a lane that returned is undefined: only in full simdgroups
+        o[11] = simd_shuffle(v, (lane * 7 + 3) % 32);
+        o[12] = simd_broadcast(v, 5);
+        o[13] = simd_shuffle_xor(v, 6);
+        o[14] = simd_shuffle_down(v, 3);
+        o[15] = simd_shuffle_up(v, 2);
+    }
     o[16] = simd_broadcast_first(v);
     o[17] = float(simd_all(v > -3.0f)) + 2.0f * float(simd_any(v > 1.5f));
     o[18] = float(simd_is_first());
@@ -114,4 +116,73 @@ kernel void dynamic_and_atomics(device float* out [[buffer(0)]], threadgroup flo
     threadgroup_barrier(mem_flags::mem_threadgroup);
     out[tid * 2] = largest;
     out[tid * 2 + 1] = float(atomic_load_explicit(&arrivals, memory_order_relaxed));
+}
+
+// A SIMD reduction in divergent code reduces the lanes that run its branch (Metal's active lanes).
+kernel void divergent_reductions(device float* out [[buffer(0)]], ushort lane [[thread_index_in_simdgroup]]) {
+    float x = float(lane);
+    if (lane < 12) x = simd_sum(x);
+    else x = simd_max(x);
+    out[lane] = x + 1000.0f * float(simd_sum(1));   // uniform again: all 32 lanes
+}
+
+// Several threadgroup arrays in one declaration, each with its own storage and bounds.
+kernel void declarator_list(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+    threadgroup float a[64], b[64];
+    a[tid] = float(tid);
+    b[tid] = 2.0f * float(tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid] = a[63 - tid] + b[tid];
+}
+
+// Whole-struct copies from device and constant memory (traced: bounds-checked and counted).
+struct Record { float values[6]; int first; };
+kernel void copy_records(device const Record* records [[buffer(0)]], constant Record& extra [[buffer(1)]],
+                         device Record* out [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+    Record r = records[i];
+    const Record e = extra;
+    r.first += e.first;
+    out[i] = r;
+}
+
+// Numerics the GPU-numerics twin changes: contraction of a*b+c, fast-math transcendentals.
+kernel void numerics_probe(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                           device const float* c [[buffer(2)]], device float* out [[buffer(3)]],
+                           uint i [[thread_position_in_grid]]) {
+    device float* o = out + i * 6;
+    o[0] = a[i] * b[i] + c[i];
+    o[1] = exp(a[i]);
+    o[2] = fast::exp2(a[i]);
+    o[3] = precise::exp(a[i]);
+    o[4] = log(b[i]);
+    o[5] = precise::log(b[i]);
+}
+
+// Atomics on floats, compare-exchange, ballots, rotations, and a buffer that exists only when a function
+// constant says so; `tile` is a program-scope constant computed from a function constant, per launch.
+constant bool bias_bound [[function_constant(10)]];
+constant bool use_big_tiles [[function_constant(11)]];
+constant int tile = use_big_tiles ? 64 : 32;
+constant int half_tile = tile / 2;
+
+kernel void more_features(device atomic_float* total [[buffer(0)]], device atomic_uint* counter [[buffer(1)]],
+                          device float* out [[buffer(2)]],
+                          device const float* bias [[buffer(3), function_constant(bias_bound)]],
+                          uint tid [[thread_position_in_grid]], ushort lane [[thread_index_in_simdgroup]]) {
+    threadgroup atomic_float local_total;
+    if (tid == 0) atomic_store_explicit(&local_total, 0.0f, memory_order_relaxed);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    atomic_fetch_add_explicit(&local_total, 0.5f, memory_order_relaxed);
+    atomic_fetch_add_explicit(total, 1.5f, memory_order_relaxed);
+    uint expected = atomic_load_explicit(counter, memory_order_relaxed);
+    while (!atomic_compare_exchange_weak_explicit(counter, &expected, expected + 2, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    device float* o = out + tid * 5;
+    o[0] = float(uint(simd_vote::vote_t(simd_ballot(lane % 3 == 0))));
+    o[1] = simd_shuffle_rotate_down(float(lane), ushort(5));
+    o[2] = simd_shuffle_rotate_up(float(lane), ushort(5));
+    o[3] = (bias_bound ? bias[tid] : 0.0f) + float(half_tile);
+    o[4] = atomic_load_explicit(&local_total, memory_order_relaxed);
 }
