@@ -18,7 +18,7 @@ PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
 
 @pytest.fixture(scope="module")
 def features():
-    return mslsim.load(KERNELS / "features.metal", include_dirs=[PROJECT_SHADERS])
+    return mslsim.load(KERNELS / "features.metal", include_dirs=[PROJECT_SHADERS / "common"])
 
 
 def probe(features, a, b, c, gpu_numerics):
