@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "dispatch.h"
+#include "index_checks.h"
 #include "mslsim/runtime.h"
 #include "simulator_counters.h"
 
@@ -95,6 +96,7 @@ void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buff
 std::map<std::string, int64_t> simulator_counters(bool reset) {
   std::lock_guard<std::mutex> lock(g_counters_mutex);
   std::map<std::string, int64_t> snapshot = g_counters;
+  snapshot["host_index_reads"] = reset ? host_index_reads().exchange(0) : host_index_reads().load();
   if (reset) g_counters.clear();
   return snapshot;
 }

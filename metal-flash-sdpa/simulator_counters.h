@@ -1,5 +1,6 @@
 // Work done by simulated launches (CPU build only): launches, threadgroups, device bytes read/written
-// (total and per [[buffer(i)]]) and the shaders' WORK_COUNT counters, summed since the last reset.
+// (total and per [[buffer(i)]]) and the shaders' WORK_COUNT counters, summed since the last reset; plus
+// host_index_reads, the ops' host reads of index data (host_ints in index_checks.h).
 #pragma once
 #include <stdint.h>
 

@@ -116,7 +116,7 @@ def test_kv_cache_write_rejects_slots_outside_the_table(fa):
 def test_adversarial_indices_never_leave_the_cache(fa, monkeypatch):
     """With the host-side data checks off, garbage block tables, lengths and leftpads reach the kernels:
     the simulator (which fails any out-of-bounds access) must see none, and no output is NaN."""
-    monkeypatch.setenv("METAL_FLASH_SDPA_SKIP_DATA_CHECKS", "1")
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
     g = torch.Generator().manual_seed(4)
     for trial in range(6):
         args = cache_and_inputs()
@@ -139,12 +139,12 @@ def test_opcheck_decode_and_kv_write(fa):
     ops = fa._ops.ops
     args = cache_and_inputs()
     torch.library.opcheck(ops.flash_attn_decode.default,
-                          (args["q"], args["k_cache"], args["v_cache"], None, None, args["block_table"],
+                          (args["q"], args["k_cache"], args["v_cache"], None, None, args["block_table"], None,
                            args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, torch.randn(4, device=DEVICE)))
     new = torch.randn(2, 1, 2, 64, device=DEVICE).half()   # with the in-place append
     torch.library.opcheck(ops.flash_attn_decode.default,
-                          (args["q"], args["k_cache"], args["v_cache"], new, new, args["block_table"],
-                           args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, None))
+                          (args["q"], args["k_cache"], args["v_cache"], new, new, args["block_table"], None,
+                           args["cache_seqlens"], None, 0, None, True, 15, -1, 0.0, None, None))
     k = torch.randn(2, 3, 2, 64, device=DEVICE).half()
     torch.library.opcheck(ops.kv_cache_write.default,
                           (k, k, args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"]))
