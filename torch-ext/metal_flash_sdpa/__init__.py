@@ -257,9 +257,11 @@ def _decode_autograd(*args):
 # Inputs that require grad must not make backward() silently drop attention's gradient: the forward works (as
 # transformers sometimes runs inference with grad enabled) and backward() through these ops raises.
 # register_autograd takes functional ops only; the decode op mutates the caches, so it gets an Autograd kernel.
-torch.library.register_autograd(add_op_namespace_prefix("flash_attn_varlen"), _varlen_backward)
-_autograd_lib = torch.library.Library(add_op_namespace_prefix("x").split("::")[0], "IMPL")
-_autograd_lib.impl("flash_attn_decode", _decode_autograd, "Autograd")
+# Registered once per process (the compat sub-folder executes this module a second time).
+if not torch._C._dispatch_has_kernel_for_dispatch_key(add_op_namespace_prefix("flash_attn_decode"), "Autograd"):
+    torch.library.register_autograd(add_op_namespace_prefix("flash_attn_varlen"), _varlen_backward)
+    _autograd_lib = torch.library.Library(add_op_namespace_prefix("x").split("::")[0], "IMPL")
+    _autograd_lib.impl("flash_attn_decode", _decode_autograd, "Autograd")
 
 
 def simulator_counters(reset: bool = False) -> dict:
