@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEVICE, KERNEL, SIMULATED, PagedCache, queries
+from tests.helpers import DEVICE, REPO, SIMULATED, PagedCache, queries
 from tests.reference import assert_matches_reference
 
 INT32_MAX = 2**31 - 1
@@ -244,13 +244,14 @@ def test_scratch_is_bounded(fa):
     """The issue's case (B=64, H=64, D=128, 131k keys) asked 1 GiB per decode call; now at most 64 MiB, and the
     partition count at most DECODE_MAX_PARTITIONS, whatever num_splits or the (unread) lengths say."""
     scratch = fa._ops.ops.decode_scratch_bytes
-    budget = fa._ops.ops.kernel_constants()["decode_scratch_bytes"][0]
-    assert budget == 64 << 20
+    budget = fa.DECODE_SCRATCH_BYTES
+    assert budget == 64 << 20 and fa.DECODE_MAX_PARTITIONS == 64
     per_partition = 64 * 64 * 1 * (128 + 2) * 4
     for keys, splits in [(131072, 0), (131072, 10**9), (2**31 - 1, 0), (2**31 - 1, 2**63 - 1)]:
         used = scratch(64, 64, 1, 128, keys, splits)
         assert 0 < used <= budget and used % per_partition == 0
-    assert scratch(64, 64, 1, 128, 131072, 0) == 31 * per_partition   # 31 partitions: 63.0 MiB (was 1 GiB)
+    assert scratch(64, 64, 1, 128, 131072, 0) == 31 * per_partition == 66_027_520   # 63.0 MiB (was 1 GiB)
+    assert "66,027,520 bytes" in (REPO / "README.md").read_text()   # the figure the README states
     assert scratch(1, 32, 1, 128, 131072, 0) == 64 * 32 * 130 * 4     # small batch: the partition cap binds
     assert scratch(1, 32, 1, 128, 1000, 0) == 4 * 32 * 130 * 4        # short: 256-key partitions as before
     assert scratch(1, 32, 1, 128, 200, 0) == 0                        # one partition: no split, no scratch

@@ -135,6 +135,32 @@ def test_adversarial_indices_never_leave_the_cache(fa, monkeypatch):
     assert not torch.isnan(fa.flash_attn_varlen_func(q, q, q, bad, bad.flip(0), 3, 3)).any()
 
 
+@pytest.mark.skipif(not SIMULATED, reason="out-of-bounds detection needs the simulator")
+def test_unchecked_kv_write_drops_slots_outside_the_cache(fa, monkeypatch):
+    """Checks off: a token whose slot lies outside the table (past capacity, negative, int32 overflow of
+    cache_seqlens + i) or in a block outside the cache is dropped; the in-range tokens land where they belong."""
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
+    cache = PagedCache([64, 64, 64, 64], 2, 32, 16, torch.float32, seed=5, spare_blocks=0)
+    k_cache, v_cache, table = cache.on_device()
+    table[3, 1] = 99   # block outside the cache
+    starts = [62, -2, 2**31 - 2, 14]   # 2 in range + 2 past the end; 2 in range; int32 overflow; block 1 bad
+    k = torch.randn(4, 4, 2, 32, device=DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, start in enumerate(starts):
+        for i in range(4):
+            pos = start + i
+            if 0 <= pos < 64 and table[b, pos // 16] < k_cache.shape[0]:
+                expected_k[table[b, pos // 16], pos % 16] = k[b, i]
+                expected_v[table[b, pos // 16], pos % 16] = -k[b, i]
+    fa.kv_cache_write(k, -k, k_cache, v_cache, table, torch.tensor(starts, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    k_cache, v_cache, table = cache.on_device()
+    table[3, 1] = 99
+    out = fa.flash_attn_with_kvcache(k[:, :1].repeat(1, 1, 2, 1), k_cache, v_cache, k=k, v=-k, block_table=table,
+                                     cache_seqlens=torch.tensor(starts, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v) and not torch.isnan(out).any()
+
+
 def test_opcheck_decode_and_kv_write(fa):
     ops = fa._ops.ops
     args = cache_and_inputs()
