@@ -8,6 +8,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "tensor_checks.h"
 
@@ -66,6 +68,23 @@ struct CacheIndices {
   at::Tensor table, seqlens, kv_start;
 };
 
+// Two new tokens bound for one cache slot (sequences sharing a block) would race, one write silently lost.
+// cached / entries: host copies of cache_seqlens and the table, every slot already inside the cache.
+inline void check_distinct_write_slots(const int32_t* cached, const int32_t* entries, int64_t new_tokens,
+                                       const CacheGeometry& g) {
+  std::vector<std::pair<int64_t, int64_t>> slots;   // (cache slot, sequence)
+  for (int64_t seq = 0; seq < g.num_seqs && new_tokens > 0; ++seq) {
+    for (int64_t pos = cached[seq]; pos < cached[seq] + new_tokens; ++pos)
+      slots.push_back({entries[seq * g.blocks_per_seq + pos / g.block_size] * g.block_size + pos % g.block_size, seq});
+  }
+  std::sort(slots.begin(), slots.end());
+  for (size_t i = 1; i < slots.size(); ++i)
+    TORCH_CHECK_VALUE(slots[i].first != slots[i - 1].first, g.table_is_batch_idx ? "cache_batch_idx" : "block_table",
+                      ": sequences ", slots[i - 1].second, " and ", slots[i].second, " both append to block ",
+                      slots[i].first / g.block_size, ", slot ", slots[i].first % g.block_size,
+                      "; new tokens need distinct cache slots");
+}
+
 // Data checks with one host read of each index tensor: for every sequence, the new tokens' slots
 // [cache_seqlens, cache_seqlens + new_tokens) and, when `attends`, the keys [kv_start, cache_seqlens +
 // new_tokens) lie inside the sequence's table row and in blocks of the cache. Returns the longest key range.
@@ -93,6 +112,7 @@ inline int64_t check_cache_indices(const CacheIndices& idx, int64_t new_tokens, 
     }
     if (attends) longest = std::max(longest, end - start);
   }
+  check_distinct_write_slots(cached, entries, new_tokens, g);
   return longest;
 }
 

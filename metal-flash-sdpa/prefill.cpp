@@ -170,6 +170,12 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     lengths_k = check_cu_seqlens(g.cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
   }
   auto [out, lse] = empty_outputs(q_in, g);
+  if (lengths_q.longest < 0) {
+    // Unchecked cu_seqlens_q may leave tokens in no sequence, which no threadgroup writes: give them what a row
+    // without keys gets (0, LSE -inf), never uninitialised memory. One fill pass, only when lengths are unread.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
 
   const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);

@@ -143,6 +143,18 @@ def test_overstated_max_seqlen_unchecked(fa, counters, monkeypatch):
         assert counters(reset=True)["threadgroups"] == baseline
 
 
+def test_tokens_outside_every_sequence_unchecked(fa, monkeypatch):
+    """Unchecked cu_seqlens_q that leave tokens in no sequence: those rows are 0 with LSE -inf (what a row without
+    keys gets), never uninitialised memory (the fuzz suite found NaN there)."""
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
+    q, k, v, _, cu_k = varlen([4, 6], [5, 5])
+    cu_q = torch.tensor([2, 5, 7], dtype=torch.int32, device=DEVICE)   # tokens 0, 1 and 7..9 in no sequence
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5, return_attn_probs=True)
+    outside = torch.tensor([0, 1, 7, 8, 9])
+    assert torch.equal(out[outside], torch.zeros_like(out[outside]))
+    assert torch.equal(lse[:, outside], torch.full_like(lse[:, outside], -math.inf))
+
+
 def test_negative_max_seqlen_rejected(fa):
     q, k, v, cu_q, cu_k = varlen([3], [3])
     with pytest.raises(ValueError, match="max_seqlen_q"):

@@ -99,6 +99,24 @@ def test_decode_bad_input(fa, case):
         assert torch.equal(args["k_cache"], before)   # a rejected call writes nothing
 
 
+def test_appends_to_one_slot_from_two_sequences_are_rejected(fa):
+    """Sequences sharing a block may read it (prefix sharing), but two new tokens for one slot would race."""
+    args = cache_and_inputs()
+    shared = torch.tensor([[0, 1, -1, -1], [0, 1, 2, -1]], dtype=torch.int32, device=DEVICE)
+    before = args["k_cache"].clone()
+    k = torch.ones(2, 1, 2, 64, dtype=torch.float16, device=DEVICE)
+    lens = torch.tensor([20, 20], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table: sequences 0 and 1 both append to block 1, slot 4"):
+        fa.kv_cache_write(k, k, args["k_cache"], args["v_cache"], shared, lens)
+    with pytest.raises(ValueError, match="both append"):
+        fa.flash_attn_with_kvcache(args["q"], args["k_cache"], args["v_cache"], k=k, v=k, block_table=shared,
+                                   cache_seqlens=lens)
+    assert torch.equal(args["k_cache"], before)
+    out = fa.flash_attn_with_kvcache(args["q"], args["k_cache"], args["v_cache"], block_table=shared,
+                                     cache_seqlens=lens)   # reading a shared block is fine
+    assert not torch.isnan(out).any()
+
+
 def test_kv_cache_write_rejects_slots_outside_the_table(fa):
     args = cache_and_inputs()
     k = torch.ones(2, 2, 2, 64, dtype=torch.float16, device=DEVICE)
