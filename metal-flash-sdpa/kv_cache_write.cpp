@@ -65,9 +65,10 @@ CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   TORCH_CHECK_VALUE(table.dim() == 2, "block_table must be [batch, max_blocks_per_sequence], got shape ", table.sizes());
   CacheGeometry g{k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3), table.size(0), table.size(1),
                   table_is_batch_idx};
-  constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_NOT_IMPLEMENTED(g.capacity() <= int_max && g.num_blocks <= int_max && g.num_seqs <= int_max,
-                              "caches with more than 2^31 - 1 slots per sequence, blocks or sequences");
+  // Keys of a K tile (up to 32 past the last slot) stay within the decode shader's int32.
+  constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_slots = int_max - 32;
+  TORCH_CHECK_NOT_IMPLEMENTED(g.capacity() <= max_slots && g.num_blocks <= int_max && g.num_seqs <= int_max,
+                              "caches with more than 2^31 - 33 slots per sequence, or 2^31 - 1 blocks or sequences");
   return g;
 }
 

@@ -155,6 +155,24 @@ def test_tokens_outside_every_sequence_unchecked(fa, monkeypatch):
     assert torch.equal(lse[:, outside], torch.full_like(lse[:, outside], -math.inf))
 
 
+def test_size_limits(fa):
+    """Sizes the shaders' int32 rows cannot hold are refused up front (meta tensors: shapes only, no memory)."""
+    ops = fa._ops.ops
+    cu = torch.empty(2, dtype=torch.int32, device="meta")
+    varlen_op = lambda t: ops.flash_attn_varlen(t, t, t, cu, cu, -1, -1, None, False, -1, -1, 0.0, None, None)
+    tokens = torch.empty(2**31 - 32, 1, 32, device="meta")
+    with pytest.raises(NotImplementedError, match=r"2\^31 - 33 tokens"):
+        varlen_op(tokens)
+    varlen_op(tokens[1:])
+    q = torch.empty(1, 1, 1, 32, device="meta")
+    decode_op = lambda cache: ops.flash_attn_decode(q, cache, cache, None, None, None, None, None, None, 0, None,
+                                                    False, -1, -1, 0.0, None, None)
+    cache = torch.empty(1, 2**31 - 32, 1, 32, device="meta")
+    with pytest.raises(NotImplementedError, match=r"2\^31 - 33 slots"):
+        decode_op(cache)
+    decode_op(cache[:, 1:])
+
+
 def test_negative_max_seqlen_rejected(fa):
     q, k, v, cu_q, cu_k = varlen([3], [3])
     with pytest.raises(ValueError, match="max_seqlen_q"):
