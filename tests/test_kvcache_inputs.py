@@ -138,7 +138,9 @@ def test_adversarial_indices_never_leave_the_cache(fa, monkeypatch):
     g = torch.Generator().manual_seed(4)
     for trial in range(6):
         args = cache_and_inputs()
-        args["block_table"] = torch.randint(-5, 12, (2, 4), generator=g, dtype=torch.int32)
+        # Garbage entries (negative, past the 8 blocks), but no block twice: two sequences appending to one
+        # slot would be a write race, which the checks reject and an unchecked call leaves to chance.
+        args["block_table"] = (torch.randperm(16, generator=g)[:8] - 4).int().view(2, 4)
         args["cache_seqlens"] = torch.randint(-70, 140, (2,), generator=g, dtype=torch.int32)
         k = torch.randn(2, 3, 2, 64, generator=g).half()
         out = fa.flash_attn_with_kvcache(**args, k=k, v=k, causal=True, window_size=(7, 0), num_splits=trial % 3)
