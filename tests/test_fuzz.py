@@ -34,6 +34,9 @@ def randn(draw, shape, dtype, view):
     """A tensor of `shape` (head dim last) that is a non-contiguous view when `view` is drawn."""
     seed = draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
+    if view and len(shape) == 4 and draw(st.booleans()):   # [B, H, S, D].transpose(1, 2), as transformers passes
+        B, S, H, D = shape
+        return torch.randn(B, H, S, D, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
     if view and len(shape) >= 2:   # heads spaced out in a wider buffer: head stride 2 * D
         return torch.randn(*shape[:-1], 2 * shape[-1], generator=g).to(dtype)[..., :shape[-1]].to(DEVICE)
     return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
