@@ -217,6 +217,9 @@ def decode_cases(draw):
     k_cache = randn(draw, (num_blocks, block_size, Hkv, D), dtype, False)
     v_cache = randn(draw, (num_blocks, block_size, Hkv, D), dtype, False)
     seqlens = [draw(st.integers(0, capacity - new)) for _ in range(B)]
+    if paged and draw(st.booleans()):   # rows padded with -1 past their last block, as transformers pads them
+        table = [row[:-(-(n + new) // block_size)] + [-1] * (max_blocks + (-(n + new) // block_size))
+                 for row, n in zip(table, seqlens)]
     leftpad = [draw(st.integers(0, s + new)) for s in seqlens] if not paged and draw(st.booleans()) else None
     case = dict(paged=paged, write_only=write_only, block_size=block_size, table=table, rows=rows, seqlens=seqlens,
                 leftpad=leftpad, k_cache=k_cache, v_cache=v_cache, q=randn(draw, (B, Sq, H, D), dtype, draw(st.booleans())),
