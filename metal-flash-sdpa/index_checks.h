@@ -102,7 +102,8 @@ inline int64_t check_cache_indices(const CacheIndices& idx, int64_t new_tokens, 
     const int64_t start = starts.defined() ? starts.data_ptr<int32_t>()[seq] : 0;
     TORCH_CHECK_VALUE(start >= 0 && start <= end, "cache_leftpad[", seq, "] = ", start, " must be in [0, ", end, "]");
     const int64_t first = attends ? std::min<int64_t>(start, cached[seq]) : cached[seq];
-    for (int64_t b = first / g.block_size; first < end && b <= (end - 1) / g.block_size; ++b) {
+    for (int64_t b = first < end ? first / g.block_size : 1, last = first < end ? (end - 1) / g.block_size : 0;
+         b <= last; ++b) {   // no division when nothing is in use: a cache may have 0 slots per block
       const int32_t block = entries[seq * g.blocks_per_seq + b];
       if (g.table_is_batch_idx)
         TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "cache_batch_idx[", seq, "] = ", block,

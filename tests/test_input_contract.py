@@ -173,6 +173,15 @@ def test_size_limits(fa):
     decode_op(cache[:, 1:])
 
 
+@pytest.mark.parametrize("check_data", ["1", "0"], indirect=True)
+def test_cache_without_slots(fa, check_data):
+    """A [B, 0, Hkv, D] cache (0 slots per block) is valid: no keys, zeros out, LSE -inf, no division by 0."""
+    k_cache = torch.zeros(3, 0, 2, 64, device=DEVICE)
+    out, lse = fa.flash_attn_with_kvcache(queries(2, 1, 4, 64, torch.float32).to(DEVICE), k_cache, k_cache,
+                                         cache_seqlens=0, return_softmax_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.full_like(lse, -math.inf))
+
+
 def test_negative_max_seqlen_rejected(fa):
     q, k, v, cu_q, cu_k = varlen([3], [3])
     with pytest.raises(ValueError, match="max_seqlen_q"):
