@@ -12,16 +12,27 @@
 
 namespace metal_flash_sdpa {
 
+// A window edge as the shaders take it: flash-attn clamps a window that reaches past every key to -1
+// (unbounded); done here in 64-bit, before narrowing, with `reach` a bound the host knows (the longest
+// possible distance on that side), so (2^32 + 3, -1) is unbounded, never window 3.
+inline int64_t clamp_window(int64_t window, int64_t reach) { return window >= reach ? -1 : window; }
+
 // Checks of the mask and score arguments every attention op takes; returns them as the plan's options.
+// max_seqlen_q / max_seqlen_k bound the sequence lengths (the totals when nothing better is known): a key at
+// signed distance d = q_pos - k_pos has d < max_seqlen_k and -d < max_seqlen_q.
 inline AttentionOptions check_attention_options(const at::Tensor& q, int64_t num_seqs, int64_t num_heads,
-                                                double softmax_scale, bool causal, int64_t window_left,
-                                                int64_t window_right, double softcap,
+                                                int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                std::optional<double> softmax_scale, bool causal,
+                                                int64_t window_left, int64_t window_right, double softcap,
                                                 const std::optional<at::Tensor>& alibi_slopes,
                                                 const std::optional<at::Tensor>& s_aux) {
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1 (-1: unbounded), got (",
                     window_left, ", ", window_right, ")");
-  TORCH_CHECK_VALUE(softcap >= 0.0, "softcap must be >= 0 (0 disables it), got ", softcap);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  // The shaders compute in fp32: a value finite as a double can still overflow (1e39) or vanish (1e-46) there.
+  TORCH_CHECK_VALUE(softcap == 0.0 || (float(softcap) > 0.0f && std::isfinite(float(softcap))),
+                    "softcap must be >= 0 (0: off) and finite as a float32, got ", softcap);
+  const double scale = softmax_scale ? *softmax_scale : 1.0 / std::sqrt(double(head_dim));
+  TORCH_CHECK_VALUE(std::isfinite(float(scale)), "softmax_scale must be a finite float32, got ", scale);
   if (s_aux) {
     TORCH_CHECK_VALUE(s_aux->dim() == 1 && s_aux->size(0) == num_heads, "s_aux (sinks) must be [num_heads] = [",
                       num_heads, "], got shape ", s_aux->sizes());
@@ -38,8 +49,8 @@ inline AttentionOptions check_attention_options(const at::Tensor& q, int64_t num
                      alibi_slopes->scalar_type());
     check_same_device(*alibi_slopes, q, "alibi_slopes");
   }
-  return {float(softmax_scale), causal, window_left, window_right, float(softcap), s_aux.has_value(),
-          alibi_slopes.has_value(), per_seq_slopes ? num_heads : 0};
+  return {float(scale), causal, clamp_window(window_left, max_seqlen_k), clamp_window(window_right, max_seqlen_q),
+          float(softcap), s_aux.has_value(), alibi_slopes.has_value(), per_seq_slopes ? num_heads : 0};
 }
 
 // Sinks and ALiBi slopes as the shaders read them: contiguous fp32 (sinks may arrive in q's dtype).

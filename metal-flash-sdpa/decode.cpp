@@ -32,6 +32,7 @@ struct DecodeProblem {
   int64_t max_seqlen_k;             // longest key range, sizes the partitions (capacity when unknown)
   int64_t num_splits;               // 0: heuristic (DECODE_PARTITION_SIZE keys per partition)
   bool has_kv_start;
+  int64_t new_keys;                 // appended by this call, on top of the seqlens buffer
 };
 
 struct DecodePlan {
@@ -41,13 +42,24 @@ struct DecodePlan {
   int64_t num_partitions;
 };
 
+// Split-K scratch per partition: fp32 max, sum and D outputs for every (sequence, head, new token).
+int64_t scratch_bytes_per_partition(const AttentionTensors& t, int64_t seqlen_q) {
+  return t.num_seqs * t.num_heads * seqlen_q * (t.head_dim + 2) * int64_t(sizeof(float));
+}
+
 DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   const AttentionTensors& t = pb.tensors;
   const int64_t tile = KV_TILE_KEYS(t.head_dim);
   const int64_t max_keys = std::max<int64_t>(pb.max_seqlen_k, 1);
-  // Partition size: DECODE_PARTITION_SIZE keys, or max_keys / num_splits; always whole K tiles.
-  const int64_t partition =
-      ceil_div(pb.num_splits > 0 ? ceil_div(max_keys, pb.num_splits) : DECODE_PARTITION_SIZE, tile) * tile;
+  // At most kDecodeMaxPartitions partitions and kDecodeScratchBytes of scratch (fewer, longer partitions past
+  // that: the grid already holds many threadgroups when the scratch is large), whatever num_splits says.
+  const int64_t max_partitions = std::max<int64_t>(
+      1, std::min(kDecodeMaxPartitions, kDecodeScratchBytes / std::max<int64_t>(scratch_bytes_per_partition(t, pb.seqlen_q), 1)));
+  // Partition size: DECODE_PARTITION_SIZE keys, or max_keys / num_splits; always whole K tiles. num_splits is
+  // clamped first so the ceil-division cannot overflow (2^63 - 1 splits).
+  const int64_t splits = std::min(pb.num_splits, max_keys);
+  const int64_t wanted = splits > 0 ? ceil_div(max_keys, splits) : DECODE_PARTITION_SIZE;
+  const int64_t partition = ceil_div(std::max(wanted, ceil_div(max_keys, max_partitions)), tile) * tile;
   const int64_t partitions = ceil_div(max_keys, partition);
 
   *params = DecodeParams{};
@@ -60,6 +72,7 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   params->partition_size = int32_t(partition);
   params->num_partitions = int32_t(partitions);
   params->has_kv_start = pb.has_kv_start;
+  params->new_keys = int32_t(pb.new_keys);
 
   DecodePlan plan;
   plan.num_partitions = partitions;
@@ -87,35 +100,66 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   return plan;
 }
 
-struct DecodeGeometry {
+// What the checks learn about a decode call, and its index tensors as the kernels read them.
+struct DecodeArgs {
   CacheGeometry cache;
-  int64_t seqlen_q, num_heads;
+  CacheIndices indices;
+  int64_t seqlen_q, num_heads, new_tokens;
   AttentionOptions options;
 };
 
-DecodeGeometry check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                                 const at::Tensor& block_table, const at::Tensor& seqlens_k,
-                                 const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale,
-                                 bool causal, int64_t window_left, int64_t window_right, double softcap,
-                                 const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+// The block table: block_table (paged cache), else cache_batch_idx or rows 0..B-1 of a contiguous cache [B, S,
+// Hkv, D] as a one-block-per-sequence table [B, 1].
+at::Tensor decode_table(const at::Tensor& q, const at::Tensor& k_cache, const std::optional<at::Tensor>& block_table,
+                        const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& kv_start) {
+  const int64_t batch = q.size(0);
+  if (block_table) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!cache_batch_idx, "cache_batch_idx with a paged cache: index block_table instead");
+    TORCH_CHECK_NOT_IMPLEMENTED(!kv_start, "cache_leftpad with a paged cache: start block_table at the first block "
+                                "instead");
+    return index_tensor(*block_table, "block_table", q);
+  }
+  if (cache_batch_idx) {
+    TORCH_CHECK_VALUE(cache_batch_idx->dim() == 1 && cache_batch_idx->size(0) == batch,
+                      "cache_batch_idx must be [batch] = [", batch, "], got shape ", cache_batch_idx->sizes());
+    return index_tensor(*cache_batch_idx, "cache_batch_idx", q).view({batch, 1});
+  }
+  TORCH_CHECK_VALUE(k_cache.dim() != 4 || batch <= k_cache.size(0), "q has batch size ", batch, " but k_cache has ",
+                    k_cache.size(0), " rows; pass cache_batch_idx to pick the cache row of each sequence");
+  return at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+}
+
+DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
+                             const std::optional<at::Tensor>& block_table,
+                             const std::optional<at::Tensor>& cache_batch_idx,
+                             const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& kv_start,
+                             int64_t num_splits, std::optional<double> softmax_scale, bool causal, int64_t window_left,
+                             int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                             const std::optional<at::Tensor>& s_aux) {
   element_type(q, "q");
-  const CacheGeometry c = check_cache(k_cache, v_cache, block_table, q, "q");
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [batch, seqlen_q, heads, head_dim], got shape ", q.sizes());
+  const at::Tensor table = decode_table(q, k_cache, block_table, cache_batch_idx, kv_start);
+  const CacheGeometry c = check_cache(k_cache, v_cache, table, !block_table, q, "q");
   TORCH_CHECK_VALUE(q.size(0) == c.num_seqs, "q has batch size ", q.size(0), " but block_table has ", c.num_seqs,
                     " rows");
   TORCH_CHECK_VALUE(q.size(3) == c.head_dim, "q has head_dim ", q.size(3), " but the cache has ", c.head_dim);
   TORCH_CHECK_VALUE(q.size(1) >= 1, "q needs at least one new token per sequence, got seqlen_q = ", q.size(1));
+  TORCH_CHECK_NOT_IMPLEMENTED(q.size(1) <= std::numeric_limits<int32_t>::max(), "more than 2^31 - 1 queries");
   const int64_t H = q.size(2);
   check_heads(H, c.num_kv_heads, c.head_dim);
-  check_int32_per_sequence(seqlens_k, "cache_seqlens", c.num_seqs, q);
-  if (kv_start) check_int32_per_sequence(*kv_start, "cache_leftpad", c.num_seqs, q);
+  CacheIndices indices{table,
+                       cache_seqlens ? per_sequence_index(*cache_seqlens, "cache_seqlens", c.num_seqs, q)
+                                     : at::full({c.num_seqs}, c.capacity(), q.options().dtype(at::kInt)),
+                       kv_start ? per_sequence_index(*kv_start, "cache_leftpad", c.num_seqs, q) : at::Tensor()};
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
-  const AttentionOptions options = check_attention_options(q, c.num_seqs, H, softmax_scale, causal, window_left,
-                                                           window_right, softcap, alibi_slopes, s_aux);
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k and v (new tokens to append) or neither");
-  if (k_new) check_kv_write_args(*k_new, *v_new, k_cache, v_cache, block_table, seqlens_k);
-  return {c, q.size(1), H, options};
+  if (k_new) check_new_tokens(*k_new, *v_new, c);
+  // A sequence has at most capacity keys; the new queries are the last seqlen_q of them.
+  const AttentionOptions options = check_attention_options(q, c.num_seqs, H, c.head_dim, q.size(1), c.capacity(),
+                                                           softmax_scale, causal, window_left, window_right, softcap,
+                                                           alibi_slopes, s_aux);
+  return {c, indices, q.size(1), H, k_new ? k_new->size(1) : 0, options};
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
@@ -125,10 +169,26 @@ std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
 
 }  // namespace
 
-void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
-                int64_t max_keys, int64_t num_splits,
-                const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
+int64_t decode_scratch_bytes(int64_t batch, int64_t num_heads, int64_t seqlen_q, int64_t head_dim, int64_t max_keys,
+                             int64_t num_splits) {
+  TORCH_CHECK_VALUE(batch > 0 && num_heads > 0 && seqlen_q > 0 && is_supported_head_dim(head_dim) && num_splits >= 0,
+                    "decode_scratch_bytes: sizes must be positive, head_dim supported, num_splits >= 0");
+  DecodeProblem pb{};
+  pb.tensors.dtype = ElementType::Float32;
+  pb.tensors.num_seqs = batch;
+  pb.tensors.num_heads = pb.tensors.num_kv_heads = num_heads;
+  pb.tensors.head_dim = head_dim;
+  pb.seqlen_q = seqlen_q;
+  pb.max_seqlen_k = max_keys;
+  pb.num_splits = num_splits;
+  DecodeParams params;
+  const DecodePlan plan = plan_decode(pb, &params);
+  return plan.split ? scratch_bytes_per_partition(pb.tensors, seqlen_q) * plan.num_partitions : 0;
+}
+
+void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                const at::Tensor& seqlens_k, int64_t new_keys, const at::Tensor& kv_start, int64_t max_keys,
+                int64_t num_splits, const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse) {
   DecodeProblem pb{};
   pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
@@ -138,10 +198,11 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   pb.seqlen_q = q.size(1);
   pb.block_size = k_cache.size(1);
   pb.num_blocks = k_cache.size(0);
-  pb.blocks_per_seq = block_table.size(1);
+  pb.blocks_per_seq = table.size(1);
   pb.max_seqlen_k = max_keys;
   pb.num_splits = num_splits;
-  pb.has_kv_start = kv_start.has_value();
+  pb.has_kv_start = kv_start.defined();
+  pb.new_keys = new_keys;
 
   DecodeParams params;
   const DecodePlan plan = plan_decode(pb, &params);
@@ -152,7 +213,6 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   };
   const at::Tensor partial_max = partial(partials), partial_sum = partial(partials);
   const at::Tensor partial_out = partial(partials * q.size(3));
-  const at::Tensor no_tensor;
   std::vector<BufferBinding> shared = {
       bind_bytes(DECODE_BUFFER_PARAMS, params),
       bind_optional(DECODE_BUFFER_SINKS, extras.sinks),
@@ -167,9 +227,9 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       bind_tensor(DECODE_BUFFER_Q, q),
       bind_tensor(DECODE_BUFFER_K_CACHE, k_cache),
       bind_tensor(DECODE_BUFFER_V_CACHE, v_cache),
-      bind_tensor(DECODE_BUFFER_BLOCK_TABLE, block_table),
+      bind_tensor(DECODE_BUFFER_BLOCK_TABLE, table),
       bind_tensor(DECODE_BUFFER_SEQLENS_K, seqlens_k),
-      bind_optional(DECODE_BUFFER_KV_START, kv_start ? *kv_start : no_tensor),
+      bind_optional(DECODE_BUFFER_KV_START, kv_start),
       bind_optional(DECODE_BUFFER_ALIBI, extras.slopes),
   });
   dispatch(plan.attention, attention);
@@ -178,50 +238,35 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
     const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
   // Every check runs before the append, so a rejected call leaves the cache as it was.
-  const DecodeGeometry g = check_decode_args(q_in, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, kv_start,
-                                             num_splits, softmax_scale, causal, window_left, window_right, softcap,
-                                             alibi_slopes, s_aux);
-  const CacheGeometry& c = g.cache;
-  const int64_t new_tokens = k_new ? k_new->size(1) : 0;
-  const int64_t capacity = c.blocks_per_seq * c.block_size;
-  int64_t max_keys = capacity;   // when the lengths are not read, the partitions cover the whole table
-  if (data_checks_enabled()) {
-    if (k_new) check_write_slots(block_table, cache_seqlens, new_tokens, c);
-    const at::Tensor cached = host_ints(cache_seqlens), table = host_ints(block_table);
-    const at::Tensor starts = kv_start ? host_ints(*kv_start) : at::Tensor();
-    max_keys = 0;
-    for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
-      const int64_t end = cached.data_ptr<int32_t>()[seq] + new_tokens;
-      TORCH_CHECK_VALUE(end >= 0 && end <= capacity, "cache_seqlens[", seq, "] = ", end,
-                        " is outside the cache: a sequence has ", capacity, " slots (max_blocks x block_size)");
-      const int64_t start = kv_start ? starts.data_ptr<int32_t>()[seq] : 0;
-      TORCH_CHECK_VALUE(start >= 0 && start <= end, "cache_leftpad[", seq, "] = ", start, " must be in [0, ", end, "]");
-      check_blocks_in_use(table, seq, start, end, c);
-      max_keys = std::max(max_keys, end - start);
-    }
-  }
-  if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, block_table, cache_seqlens, c);
+  const DecodeArgs a = check_decode_args(q_in, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx,
+                                         cache_seqlens, kv_start, num_splits, softmax_scale, causal, window_left,
+                                         window_right, softcap, alibi_slopes, s_aux);
+  // Unread lengths: the partitions cover the whole table (their count and the scratch are capped anyway).
+  const int64_t max_keys = data_checks_enabled(q_in) ? check_cache_indices(a.indices, a.new_tokens, true, a.cache)
+                                                     : a.cache.capacity();
+  if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, a.indices, a.cache);
   auto [out, lse] = decode_outputs(q_in);
-  if (c.num_seqs == 0 || g.num_heads == 0) return {out, lse};
-  const at::Tensor seqlens_k = new_tokens ? cache_seqlens + new_tokens : cache_seqlens;
-  run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, block_table, seqlens_k, kv_start, max_keys, num_splits,
-             g.options, alibi_slopes, s_aux, out, lse);
+  if (a.cache.num_seqs == 0 || a.num_heads == 0) return {out, lse};
+  run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, a.indices.table, a.indices.seqlens, a.new_tokens,
+             a.indices.kv_start, max_keys, num_splits, a.options, alibi_slopes, s_aux, out, lse);
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_decode_meta(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
-  check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_seqlens, kv_start, num_splits, softmax_scale,
-                    causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, cache_seqlens, kv_start,
+                    num_splits, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   return decode_outputs(q);
 }
 

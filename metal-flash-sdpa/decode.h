@@ -12,12 +12,22 @@ namespace metal_flash_sdpa {
 // flash_attn_func calls with at most this many queries per sequence (decode steps) run the decode kernel.
 constexpr int64_t kDecodeMaxNewTokens = 4;
 
-// q [B, Sq, H, D] against keys [kv_start[b], seqlens_k[b]) of a paged cache read through block_table.
-// Indices must already be valid (checked, or built by the caller); writes out and lse.
-void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& block_table, const at::Tensor& seqlens_k, const std::optional<at::Tensor>& kv_start,
-                int64_t max_keys, int64_t num_splits,
-                const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
+// Split-K bounds: at most this many partitions per (sequence, KV head), and at most this much fp32 scratch
+// (partial max, sum and output of every (sequence, head, query, partition)) per call; past them partitions get
+// longer. Bounds the scratch whatever num_splits says or however long the (possibly unread) lengths are.
+constexpr int64_t kDecodeMaxPartitions = 64;
+constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
+
+// q [B, Sq, H, D] against keys [kv_start[b], seqlens_k[b] + new_keys) of a paged cache read through table
+// (index tensors from index_tensor(); kv_start undefined when absent). Values are clamped by the kernel; max_keys
+// bounds the key ranges and sizes the partitions. Writes out and lse.
+void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                const at::Tensor& seqlens_k, int64_t new_keys, const at::Tensor& kv_start, int64_t max_keys,
+                int64_t num_splits, const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse);
+
+// The split-K scratch a decode call of these sizes allocates (bytes; 0 without a split), <= kDecodeScratchBytes.
+int64_t decode_scratch_bytes(int64_t batch, int64_t num_heads, int64_t seqlen_q, int64_t head_dim, int64_t max_keys,
+                             int64_t num_splits);
 
 }  // namespace metal_flash_sdpa

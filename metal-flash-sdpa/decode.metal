@@ -29,8 +29,9 @@ struct SequenceKeys {
 
 METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device int* kv_start, int seq,
                                       constant DecodeParams& p) {
-    const int capacity = p.blocks_per_seq * p.block_size;
-    const int end = clamp(seqlens_k[seq], 0, capacity);
+    // 64-bit: cache_seqlens + the appended tokens can pass 2^31; the capacity itself fits (host check).
+    const int64_t capacity = int64_t(p.blocks_per_seq) * p.block_size;
+    const int end = int(clamp(int64_t(seqlens_k[seq]) + p.new_keys, int64_t(0), capacity));
     const int start = p.has_kv_start ? clamp(kv_start[seq], 0, end) : 0;
     return {start, end - start};
 }
@@ -84,8 +85,8 @@ template <typename T, int D>
 
     // Keys [lo, hi) of this partition that some query row can see.
     const KeyBand band = key_band(shift, p.seqlen_q - 1 + shift, keys.count, p.mask);
-    const int lo = max(band.begin, partition * p.partition_size);
-    const int hi = min(band.end, (partition + 1) * p.partition_size);
+    const int lo = int(max(int64_t(band.begin), int64_t(partition) * p.partition_size));
+    const int hi = int(min(int64_t(band.end), (int64_t(partition) + 1) * p.partition_size));
 
     const FragmentCoord fc = fragment_coord(lane);
     const int row = row_chunk * DECODE_MAX_ROWS + int(sg) * 8 + fc.row;

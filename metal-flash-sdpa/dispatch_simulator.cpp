@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "dispatch.h"
+#include "index_checks.h"
 #include "mslsim/runtime.h"
 
 namespace metal_flash_sdpa {
@@ -94,11 +95,12 @@ void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buff
 }
 
 // Launches, threadgroups, device bytes read/written (total and per [[buffer(i)]]) and the shaders'
-// WORK_COUNT counters, summed since the last reset.
+// WORK_COUNT counters, summed since the last reset; plus the host reads of index data (index_checks.h).
 c10::Dict<std::string, int64_t> simulator_counters(bool reset) {
   std::lock_guard<std::mutex> lock(g_counters_mutex);
   c10::Dict<std::string, int64_t> snapshot;
   for (const auto& [name, value] : g_counters) snapshot.insert(name, value);
+  snapshot.insert("host_index_reads", reset ? host_index_reads().exchange(0) : host_index_reads().load());
   if (reset) g_counters.clear();
   return snapshot;
 }

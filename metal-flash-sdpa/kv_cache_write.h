@@ -1,5 +1,5 @@
-// The paged cache as the KV write and the decode op see it: shape checks, the host checks of the slots new
-// tokens go to, and the write itself (kv_cache_write.cpp).
+// The paged cache as the KV write and the decode op see it: shape checks, and the write itself
+// (kv_cache_write.cpp); the checks of the index values are in index_checks.h.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,22 +8,17 @@
 
 namespace metal_flash_sdpa {
 
-// k_cache/v_cache [num_blocks, block_size, Hkv, D] (head dim contiguous) and block_table int32 [B, max_blocks],
-// of the dtype and device of `like` (named like_name in errors).
-CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_table,
-                          const at::Tensor& like, const char* like_name);
+// k_cache/v_cache [num_blocks, block_size, Hkv, D] (head dim contiguous) of the dtype and device of `like`
+// (named like_name in errors), read through `table` (from index_tensor(); [B, max_blocks], or cache_batch_idx
+// viewed as [B, 1] when table_is_batch_idx).
+CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
+                          bool table_is_batch_idx, const at::Tensor& like, const char* like_name);
 
-// Shape checks of the KV write, shared by the op, its meta kernel and the decode op's append.
-CacheGeometry check_kv_write_args(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& block_table,
-                                  const at::Tensor& cache_seqlens);
+// New tokens k/v [B, n, Hkv, D] for a cache of geometry g.
+void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const CacheGeometry& g);
 
-// Data check (host): the slots of the new tokens lie inside the table and in blocks of the cache.
-void check_write_slots(const at::Tensor& block_table, const at::Tensor& cache_seqlens, int64_t new_tokens,
-                       const CacheGeometry& g);
-
-// The write itself, after every check has passed.
+// The write itself, after every check has passed; slots outside the table or the cache are dropped.
 void write_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const at::Tensor& block_table, const at::Tensor& cache_seqlens, const CacheGeometry& g);
+                      const CacheIndices& indices, const CacheGeometry& g);
 
 }  // namespace metal_flash_sdpa

@@ -6,8 +6,9 @@
 #include "common/strided.h"
 using namespace metal;
 
-// Write new token i of sequence b at cache position cache_seqlens[b] + i: grid (Sq_new, Hkv, B). Slots
-// beyond the table or blocks outside the cache are never written (the host rejects them beforehand).
+// Write new token i of sequence b at cache position cache_seqlens[b] + i: grid (Sq_new, Hkv, B). cache_seqlens
+// and block_table are data (unchecked when the host checks are off): a position outside the table or a block
+// outside the cache is dropped, never written. Positions in 64-bit: cache_seqlens[b] + i can pass 2^31.
 template <typename T>
 [[kernel]] void kv_cache_write(
     const device T* k [[buffer(KV_WRITE_BUFFER_K)]],
@@ -20,11 +21,11 @@ template <typename T>
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]]) {
     const int token = int(tgid.x), kv_head = int(tgid.y), seq = int(tgid.z);
-    const int position = cache_seqlens[seq] + token;
-    if (position < 0 || position >= p.blocks_per_seq * p.block_size) return;
+    const int64_t position = int64_t(cache_seqlens[seq]) + token;
+    if (position < 0 || position >= int64_t(p.blocks_per_seq) * p.block_size) return;
     const int block = block_table[int64_t(seq) * p.blocks_per_seq + position / p.block_size];
     if (block < 0 || block >= p.num_blocks) return;
-    const int slot = position % p.block_size;
+    const int slot = int(position % p.block_size);
     const device T* k_src = k + element_offset(p.k_strides, seq, token, kv_head);
     const device T* v_src = v + element_offset(p.v_strides, seq, token, kv_head);
     device T* k_dst = k_cache + element_offset(p.k_cache_strides, block, slot, kv_head);

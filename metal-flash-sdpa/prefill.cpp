@@ -61,13 +61,14 @@ struct Geometry {
   bool varlen;
   int64_t num_seqs, num_heads, num_kv_heads, head_dim;
   int64_t total_q, total_k;   // tokens per batch entry (varlen: all tokens)
+  at::Tensor cu_seqlens_q, cu_seqlens_k;   // varlen: from index_tensor(), as the kernel reads them
   AttentionOptions options;
 };
 
 Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& cu_seqlens_q,
                             const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+                            int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
                             int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes,
                             const std::optional<at::Tensor>& s_aux) {
@@ -92,11 +93,10 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "k has head_dim ", k.size(-1), " but q has ", g.head_dim);
   check_heads(g.num_heads, g.num_kv_heads, g.head_dim);
   if (g.varlen) {
-    for (const auto& [cu, name] : {std::pair{&*cu_seqlens_q, "cu_seqlens_q"}, std::pair{&*cu_seqlens_k, "cu_seqlens_k"}}) {
-      TORCH_CHECK_TYPE(cu->scalar_type() == at::kInt, name, " must be torch.int32, got ", cu->scalar_type());
+    for (const auto& [cu, name] : {std::pair{&*cu_seqlens_q, "cu_seqlens_q"}, std::pair{&*cu_seqlens_k, "cu_seqlens_k"}})
       TORCH_CHECK_VALUE(cu->dim() == 1 && cu->size(0) >= 1, name, " must be 1-D [batch + 1], got shape ", cu->sizes());
-      check_same_device(*cu, q, name);
-    }
+    g.cu_seqlens_q = index_tensor(*cu_seqlens_q, "cu_seqlens_q", q);
+    g.cu_seqlens_k = index_tensor(*cu_seqlens_k, "cu_seqlens_k", q);
     TORCH_CHECK_VALUE(cu_seqlens_q->size(0) == cu_seqlens_k->size(0), "cu_seqlens_q has ", cu_seqlens_q->size(0),
                       " entries but cu_seqlens_k has ", cu_seqlens_k->size(0), "; both must be [batch + 1]");
     g.num_seqs = cu_seqlens_q->size(0) - 1;
@@ -108,12 +108,15 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
     g.total_q = q.size(1);
     g.total_k = k.size(1);
   }
-  constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= int_max && g.total_k <= int_max, "more than 2^31 - 1 tokens");
+  // Rows of a query block (up to PREFILL_BLOCK_Q past the last token) stay within the shaders' int32.
+  constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_tokens = int_max - PREFILL_BLOCK_Q;
+  TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= max_tokens && g.total_k <= max_tokens && g.num_seqs <= int_max &&
+                              g.num_heads <= int_max, "more than 2^31 - 33 tokens, or 2^31 - 1 sequences or heads");
   TORCH_CHECK_VALUE(max_seqlen_q >= -1 && max_seqlen_k >= -1, "max_seqlen_q / max_seqlen_k must be >= 0, got ",
                     max_seqlen_q, " / ", max_seqlen_k);
-  g.options = check_attention_options(q, g.num_seqs, g.num_heads, softmax_scale, causal, window_left, window_right,
-                                      softcap, alibi_slopes, s_aux);
+  // The totals bound every sequence's length whatever cu_seqlens hold (the kernel clamps them to the totals).
+  g.options = check_attention_options(q, g.num_seqs, g.num_heads, g.head_dim, g.total_q, g.total_k, softmax_scale,
+                                      causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   return g;
 }
 
@@ -122,11 +125,11 @@ struct Seqlens {
   int64_t gcd;   // of all lengths (0 when all are empty): lets the plan drop bounds checks
 };
 
-// cu_seqlens are data: read them once on the host (a B+1 copy) so bad values get an error, not a wrong
-// answer. The kernel clamps them as well, so nothing can index outside the tensors either way.
+// cu_seqlens are data: with data checks on, read them once on the host (a B+1 copy) so bad values get an
+// error, not a wrong answer. The kernel clamps them as well, so nothing can index outside the tensors either way.
 Seqlens check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t total, int64_t max_seqlen, const char* name,
                          const char* max_name) {
-  if (!data_checks_enabled()) return {-1, 1};   // unknown: the grid strides, no alignment assumed
+  if (!data_checks_enabled(cu_seqlens)) return {-1, 1};   // unknown: the grid strides, no alignment assumed
   const at::Tensor host = host_ints(cu_seqlens);
   const int32_t* cu = host.data_ptr<int32_t>();
   const int64_t entries = host.size(0);
@@ -157,17 +160,23 @@ std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q, const Geom
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
   const Geometry g = check_prefill_args(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                         softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   Seqlens lengths_q{g.total_q, g.total_q}, lengths_k{g.total_k, g.total_k};
   if (g.varlen) {
-    lengths_q = check_cu_seqlens(*cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
-    lengths_k = check_cu_seqlens(*cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
+    lengths_q = check_cu_seqlens(g.cu_seqlens_q, g.total_q, max_seqlen_q, "cu_seqlens_q", "max_seqlen_q");
+    lengths_k = check_cu_seqlens(g.cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
   }
   auto [out, lse] = empty_outputs(q_in, g);
+  if (lengths_q.longest < 0) {
+    // Unchecked cu_seqlens_q may leave tokens in no sequence, which no threadgroup writes: give them what a row
+    // without keys gets (0, LSE -inf), never uninitialised memory. One fill pass, only when lengths are unread.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
   if (g.num_seqs == 0 || g.num_heads == 0 || g.total_q == 0) return {out, lse};
 
   const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
@@ -177,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     // the device, and valid by construction: no host round trip.
     const auto ints = q.options().dtype(at::kInt);
     run_decode(q, k, v, at::arange(g.num_seqs, ints).view({g.num_seqs, 1}), at::full({g.num_seqs}, g.total_k, ints),
-               std::nullopt, g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
+               0, at::Tensor(), g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
     return {out, lse};
   }
   PrefillProblem pb{};
@@ -190,22 +199,23 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   pb.total_k = g.total_k;
   pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
   pb.uniform_seqlen_k = g.varlen ? -1 : g.total_k;
-  // Unknown lengths (data checks skipped): the caller's bound, else every token; the grid strides anyway.
-  pb.max_seqlen_q = lengths_q.longest >= 0 ? lengths_q.longest : max_seqlen_q >= 0 ? max_seqlen_q : g.total_q;
+  // Unknown lengths (data checks off): the caller's bound, else every token; never more than the tokens (an
+  // overstated bound would cost threadgroups, 2^40 would truncate the grid); the kernel grid-strides anyway.
+  pb.max_seqlen_q = lengths_q.longest >= 0 ? lengths_q.longest
+                                           : max_seqlen_q >= 0 ? std::min(max_seqlen_q, g.total_q) : g.total_q;
   pb.seqlen_q_gcd = lengths_q.gcd;
   pb.seqlen_k_gcd = lengths_k.gcd;
 
   PrefillParams params;
   const KernelLaunch launch = plan_prefill(pb, &params);
   const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
-  const at::Tensor no_tensor;
   dispatch(launch, {
       bind_tensor(PREFILL_BUFFER_Q, q),
       bind_tensor(PREFILL_BUFFER_K, k),
       bind_tensor(PREFILL_BUFFER_V, v),
       bind_tensor(PREFILL_BUFFER_OUT, out),
-      bind_optional(PREFILL_BUFFER_CU_SEQLENS_Q, g.varlen ? *cu_seqlens_q : no_tensor),
-      bind_optional(PREFILL_BUFFER_CU_SEQLENS_K, g.varlen ? *cu_seqlens_k : no_tensor),
+      bind_optional(PREFILL_BUFFER_CU_SEQLENS_Q, g.cu_seqlens_q),
+      bind_optional(PREFILL_BUFFER_CU_SEQLENS_K, g.cu_seqlens_k),
       bind_bytes(PREFILL_BUFFER_PARAMS, params),
       bind_optional(PREFILL_BUFFER_SINKS, extras.sinks),
       bind_optional(PREFILL_BUFFER_ALIBI, extras.slopes),
@@ -217,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_meta(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux) {
   const Geometry g = check_prefill_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

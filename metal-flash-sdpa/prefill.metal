@@ -74,9 +74,10 @@ template <typename T, int D>
     const FragmentCoord fc = fragment_coord(lane);
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
 
-    // Uniform over the threadgroup, so the barriers inside stay convergent.
-    for (int block_row0 = int(tgid.x) * PREFILL_BLOCK_Q; block_row0 < seqlen_q;
-         block_row0 += int(grid.x) * PREFILL_BLOCK_Q) {
+    // Uniform over the threadgroup, so the barriers inside stay convergent. The block counter is 64-bit: the
+    // next block's first row can pass 2^31 when seqlen_q is near it.
+    for (int64_t block = tgid.x; block * PREFILL_BLOCK_Q < seqlen_q; block += grid.x) {
+        const int block_row0 = int(block * PREFILL_BLOCK_Q);
         const int last_row = min(block_row0 + PREFILL_BLOCK_Q, seqlen_q) - 1;
         const KeyBand band = key_band(block_row0 + shift, last_row + shift, seqlen_k, p.mask);
         const int kb_begin = band.begin / BK;

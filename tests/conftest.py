@@ -1,4 +1,11 @@
+import os
+
 import pytest
+
+# The suite runs with the host data checks on (on MPS they are off by default, as they cost a device->host
+# sync); tests of the unchecked paths set METAL_FLASH_SDPA_CHECK_DATA=0 themselves (monkeypatch).
+os.environ.setdefault("METAL_FLASH_SDPA_CHECK_DATA", "1")
+
 
 from tests.helpers import KERNEL, SIMULATED
 

@@ -51,6 +51,8 @@ CASES = {
     "max_seqlen_q too small": (lambda a: dict(max_seqlen_q=5), ValueError, ["max_seqlen_q = 5", "longest", "(6)"]),
     "max_seqlen_k too small": (lambda a: dict(max_seqlen_k=3), ValueError, ["max_seqlen_k = 3"]),
     "max_seqlen float": (lambda a: dict(max_seqlen_q=6.0), TypeError, ["max_seqlen_q"]),
+    "max_seqlen past int64": (lambda a: dict(max_seqlen_k=2**70), ValueError, ["max_seqlen_k", "64-bit"]),
+    "q not a tensor": (lambda a: dict(q=a["q"].tolist()), TypeError, ["q must be a torch.Tensor"]),
     "window < -1": (lambda a: dict(window_size=(-2, 0)), ValueError, ["window_size", ">= -1"]),
     "window length": (lambda a: dict(window_size=(3,)), ValueError, ["window_size must be (left, right)"]),
     "s_aux shape": (lambda a: dict(s_aux=torch.zeros(3, device=DEVICE)), ValueError, ["s_aux", "[num_heads] = [4]"]),

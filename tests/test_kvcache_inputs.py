@@ -99,6 +99,24 @@ def test_decode_bad_input(fa, case):
         assert torch.equal(args["k_cache"], before)   # a rejected call writes nothing
 
 
+def test_appends_to_one_slot_from_two_sequences_are_rejected(fa):
+    """Sequences sharing a block may read it (prefix sharing), but two new tokens for one slot would race."""
+    args = cache_and_inputs()
+    shared = torch.tensor([[0, 1, -1, -1], [0, 1, 2, -1]], dtype=torch.int32, device=DEVICE)
+    before = args["k_cache"].clone()
+    k = torch.ones(2, 1, 2, 64, dtype=torch.float16, device=DEVICE)
+    lens = torch.tensor([20, 20], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="block_table: sequences 0 and 1 both append to block 1, slot 4"):
+        fa.kv_cache_write(k, k, args["k_cache"], args["v_cache"], shared, lens)
+    with pytest.raises(ValueError, match="both append"):
+        fa.flash_attn_with_kvcache(args["q"], args["k_cache"], args["v_cache"], k=k, v=k, block_table=shared,
+                                   cache_seqlens=lens)
+    assert torch.equal(args["k_cache"], before)
+    out = fa.flash_attn_with_kvcache(args["q"], args["k_cache"], args["v_cache"], block_table=shared,
+                                     cache_seqlens=lens)   # reading a shared block is fine
+    assert not torch.isnan(out).any()
+
+
 def test_kv_cache_write_rejects_slots_outside_the_table(fa):
     args = cache_and_inputs()
     k = torch.ones(2, 2, 2, 64, dtype=torch.float16, device=DEVICE)
@@ -116,11 +134,13 @@ def test_kv_cache_write_rejects_slots_outside_the_table(fa):
 def test_adversarial_indices_never_leave_the_cache(fa, monkeypatch):
     """With the host-side data checks off, garbage block tables, lengths and leftpads reach the kernels:
     the simulator (which fails any out-of-bounds access) must see none, and no output is NaN."""
-    monkeypatch.setenv("METAL_FLASH_SDPA_SKIP_DATA_CHECKS", "1")
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
     g = torch.Generator().manual_seed(4)
     for trial in range(6):
         args = cache_and_inputs()
-        args["block_table"] = torch.randint(-5, 12, (2, 4), generator=g, dtype=torch.int32)
+        # Garbage entries (negative, past the 8 blocks), but no block twice: two sequences appending to one
+        # slot would be a write race, which the checks reject and an unchecked call leaves to chance.
+        args["block_table"] = (torch.randperm(16, generator=g)[:8] - 4).int().view(2, 4)
         args["cache_seqlens"] = torch.randint(-70, 140, (2,), generator=g, dtype=torch.int32)
         k = torch.randn(2, 3, 2, 64, generator=g).half()
         out = fa.flash_attn_with_kvcache(**args, k=k, v=k, causal=True, window_size=(7, 0), num_splits=trial % 3)
@@ -135,16 +155,42 @@ def test_adversarial_indices_never_leave_the_cache(fa, monkeypatch):
     assert not torch.isnan(fa.flash_attn_varlen_func(q, q, q, bad, bad.flip(0), 3, 3)).any()
 
 
+@pytest.mark.skipif(not SIMULATED, reason="out-of-bounds detection needs the simulator")
+def test_unchecked_kv_write_drops_slots_outside_the_cache(fa, monkeypatch):
+    """Checks off: a token whose slot lies outside the table (past capacity, negative, int32 overflow of
+    cache_seqlens + i) or in a block outside the cache is dropped; the in-range tokens land where they belong."""
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
+    cache = PagedCache([64, 64, 64, 64], 2, 32, 16, torch.float32, seed=5, spare_blocks=0)
+    k_cache, v_cache, table = cache.on_device()
+    table[3, 1] = 99   # block outside the cache
+    starts = [62, -2, 2**31 - 2, 14]   # 2 in range + 2 past the end; 2 in range; int32 overflow; block 1 bad
+    k = torch.randn(4, 4, 2, 32, device=DEVICE)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    for b, start in enumerate(starts):
+        for i in range(4):
+            pos = start + i
+            if 0 <= pos < 64 and table[b, pos // 16] < k_cache.shape[0]:
+                expected_k[table[b, pos // 16], pos % 16] = k[b, i]
+                expected_v[table[b, pos // 16], pos % 16] = -k[b, i]
+    fa.kv_cache_write(k, -k, k_cache, v_cache, table, torch.tensor(starts, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    k_cache, v_cache, table = cache.on_device()
+    table[3, 1] = 99
+    out = fa.flash_attn_with_kvcache(k[:, :1].repeat(1, 1, 2, 1), k_cache, v_cache, k=k, v=-k, block_table=table,
+                                     cache_seqlens=torch.tensor(starts, dtype=torch.int32, device=DEVICE))
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v) and not torch.isnan(out).any()
+
+
 def test_opcheck_decode_and_kv_write(fa):
     ops = fa._ops.ops
     args = cache_and_inputs()
     torch.library.opcheck(ops.flash_attn_decode.default,
-                          (args["q"], args["k_cache"], args["v_cache"], None, None, args["block_table"],
+                          (args["q"], args["k_cache"], args["v_cache"], None, None, args["block_table"], None,
                            args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, torch.randn(4, device=DEVICE)))
     new = torch.randn(2, 1, 2, 64, device=DEVICE).half()   # with the in-place append
     torch.library.opcheck(ops.flash_attn_decode.default,
-                          (args["q"], args["k_cache"], args["v_cache"], new, new, args["block_table"],
-                           args["cache_seqlens"], None, 0, 0.125, True, 15, -1, 0.0, None, None))
+                          (args["q"], args["k_cache"], args["v_cache"], new, new, args["block_table"], None,
+                           args["cache_seqlens"], None, 0, None, True, 15, -1, 0.0, None, None))
     k = torch.randn(2, 3, 2, 64, device=DEVICE).half()
     torch.library.opcheck(ops.kv_cache_write.default,
                           (k, k, args["k_cache"], args["v_cache"], args["block_table"], args["cache_seqlens"]))

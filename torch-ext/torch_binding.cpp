@@ -18,22 +18,27 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   constants.insert("prefill_block_q", std::vector<int64_t>{PREFILL_BLOCK_Q});
   constants.insert("decode_partition_size", std::vector<int64_t>{DECODE_PARTITION_SIZE});
   constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
+  constants.insert("decode_max_partitions", std::vector<int64_t>{kDecodeMaxPartitions});
+  constants.insert("decode_scratch_bytes", std::vector<int64_t>{kDecodeScratchBytes});
   return constants;
 }
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+      "int max_seqlen_q, int max_seqlen_k, float? softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
   ops.def(
       "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
-      "Tensor block_table, Tensor cache_seqlens, Tensor? kv_start, int num_splits, float softmax_scale, bool causal, int window_left, int window_right, "
-      "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+      "Tensor? block_table, Tensor? cache_batch_idx, Tensor? cache_seqlens, Tensor? kv_start, int num_splits, "
+      "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
+      "Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
   ops.def(
       "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
       "Tensor cache_seqlens) -> ()");
   ops.def("kernel_constants() -> Dict(str, int[])", &kernel_constants);
+  ops.def("decode_scratch_bytes(int batch, int num_heads, int seqlen_q, int head_dim, int max_keys, int num_splits) -> int",
+          &metal_flash_sdpa::decode_scratch_bytes);
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);

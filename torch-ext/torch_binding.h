@@ -14,19 +14,21 @@ namespace metal_flash_sdpa {
 using FlashAttnVarlen = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux);
 FlashAttnVarlen flash_attn_varlen;        // MPS or CPU (simulator), per build
 FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fake tensors
 
-// Decode over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table [B, max_blocks]:
-// optional new k/v [B, n, Hkv, D] are first written in place at cache_seqlens[b] (tokens already cached), then
+// Decode over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table [B, max_blocks] (or a
+// contiguous cache [B_cache, S, Hkv, D], rows cache_batch_idx[b], default b): optional new k/v [B, n, Hkv, D]
+// are first written in place at cache_seqlens[b] (tokens already cached; default: the whole cache), then
 // q [B, Sq, H, D] attends to keys [kv_start[b], cache_seqlens[b] + n) of its sequence (bottom-right aligned).
 using FlashAttnDecode = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k_new,
-    const std::optional<at::Tensor>& v_new, const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& kv_start, int64_t num_splits, double softmax_scale, bool causal,
+    const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
+    const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
     const std::optional<at::Tensor>& s_aux);
 FlashAttnDecode flash_attn_decode;

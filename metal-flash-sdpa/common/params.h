@@ -92,7 +92,7 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
 #define DECODE_BUFFER_K_CACHE 1
 #define DECODE_BUFFER_V_CACHE 2
 #define DECODE_BUFFER_BLOCK_TABLE 3
-#define DECODE_BUFFER_SEQLENS_K 4      // int32 [B]: keys in the cache, new ones included
+#define DECODE_BUFFER_SEQLENS_K 4      // int32 [B]: keys in the cache before this call's append
 #define DECODE_BUFFER_KV_START 5       // int32 [B]: first valid key (cache_leftpad)
 #define DECODE_BUFFER_PARAMS 6
 #define DECODE_BUFFER_SINKS 7
@@ -117,7 +117,7 @@ struct DecodeParams {
   int32_t partition_size;   // keys per partition, a multiple of the K tile
   int32_t num_partitions;
   int32_t has_kv_start;     // 1: DECODE_BUFFER_KV_START holds each sequence's first key
-  int32_t pad_;
+  int32_t new_keys;         // tokens appended by this call: sequence b has DECODE_BUFFER_SEQLENS_K[b] + new_keys keys
 };
 static_assert(sizeof(DecodeParams) == 192, "DecodeParams layout is shared by host and shader");
 

@@ -15,50 +15,78 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._ops import ops
+from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
-           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_PARTITION_SIZE"]
+           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_PARTITION_SIZE", "DECODE_MAX_PARTITIONS",
+           "DECODE_SCRATCH_BYTES"]
 
 _constants = ops.kernel_constants()
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
 PREFILL_BLOCK_Q: int = _constants["prefill_block_q"][0]                 # query rows per prefill threadgroup
 KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile_keys"]))   # keys per K/V tile
 DECODE_PARTITION_SIZE: int = _constants["decode_partition_size"][0]     # keys per split-K partition (num_splits=0)
+DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
+DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
 
 IntOrTensor = Union[int, torch.Tensor]
+_INT64 = range(-2**63, 2**63)
+_INT32 = range(-2**31, 2**31)
 
 
-def _to_int(value: IntOrTensor, name: str) -> int:
-    """ints, or 0-d tensors as transformers passes them; -1 when traced (the op then uses the real lengths)."""
+def _to_int(value: IntOrTensor, name: str, read_device: bool = False) -> int:
+    """ints, or 0-d integer tensors as transformers passes them. A tensor whose value would need a device->host
+    sync (not on the CPU, or traced) gives -1, "unknown" (the ops then bound lengths by the token totals), unless
+    read_device: window edges define the mask, so a device tensor there costs one sync (pass ints to avoid it)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_floating_point():
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must be an int or a 0-d integer tensor, got a {value.dtype} tensor of shape "
                             f"{tuple(value.shape)}")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (value.device.type != "cpu" and not read_device):
             return -1
-        return int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
+        value = int(value.item())
+    elif isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {type(value).__name__}")
+    if value not in _INT64:
+        raise ValueError(f"{name} = {value} does not fit a 64-bit integer")
     return value
 
 
 def _window(window_size: Sequence[IntOrTensor]) -> tuple[int, int]:
     if window_size is None:
         return -1, -1
-    if len(window_size) != 2:
+    if isinstance(window_size, torch.Tensor) or len(window_size) != 2:
         raise ValueError(f"window_size must be (left, right), got {window_size!r}")
-    left, right = (_to_int(w, "window_size") for w in window_size)
-    return left, right   # the ops check the values (>= -1), also when traced
+    left, right = (_to_int(w, "window_size", read_device=True) for w in window_size)
+    return left, right   # the ops check the values (>= -1) and clamp windows wider than the sequences
 
 
-def _softmax_scale(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[float]) -> float:
-    """Checks only the wrappers can make (q's type, dropout); the ops check everything else."""
+def _check_tensors(**tensors) -> None:
+    """Tensor arguments are tensors (None where optional): a TypeError naming the argument, not an AttributeError."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _softmax_scale(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[float]) -> Optional[float]:
+    """Checks only the wrappers can make (q's type, dropout); the ops check everything else and default the
+    scale to 1/sqrt(head_dim) once they know q's shape is valid."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa is inference-only; pass dropout_p=0.0")
-    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return None if softmax_scale is None else float(softmax_scale)
+
+
+def _seqlens(value: Union[int, torch.Tensor], device) -> torch.Tensor:
+    """cache_seqlens as the ops take it: an int32 tensor [batch] or 0-d (one value for every sequence)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor [batch], got {type(value).__name__}")
+    if value not in _INT32:
+        raise ValueError(f"cache_seqlens = {value} does not fit int32 (the cache positions are int32)")
+    return torch.tensor(value, dtype=torch.int32, device=device)
 
 
 def flash_attn_varlen_func(
@@ -93,9 +121,10 @@ def flash_attn_varlen_func(
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_varlen_func; "
                                   "use flash_attn_with_kvcache for paged caches")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be an int32 torch.Tensor [batch + 1], got {type(cu).__name__}")
+    _check_tensors(k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
+                   s_aux=s_aux)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise TypeError("cu_seqlens_q and cu_seqlens_k must be int32 tensors [batch + 1]")
     left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _to_int(max_seqlen_q, "max_seqlen_q"),
@@ -130,30 +159,21 @@ def flash_attn_func(
     if block_table is not None:
         raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_func; "
                                   "use flash_attn_with_kvcache for paged caches")
+    _check_tensors(k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
     left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
         q, k, v, None, None, -1, -1, scale, bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
 
 
-def _per_sequence(value, batch: int, device, name: str) -> torch.Tensor:
-    """An int32 [batch] tensor from an int or a tensor (flash-attn accepts both for cache_seqlens)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            value = value.expand(batch)
-        return value
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or an int32 tensor [batch], got {type(value).__name__}")
-    return torch.full((batch,), value, dtype=torch.int32, device=device)
-
-
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    block_table: torch.Tensor, cache_seqlens) -> None:
     """Write new keys/values k, v [B, n, Hkv, D] into a paged cache [num_blocks, block_size, Hkv, D] in place,
     token i of sequence b at position cache_seqlens[b] + i through block_table [B, max_blocks] (int32), in one
-    dispatch. Positions beyond the table or blocks outside the cache raise ValueError; nothing is written."""
-    ops.kv_cache_write(k, v, k_cache, v_cache, block_table, _per_sequence(cache_seqlens, k.shape[0], k.device,
-                                                                           "cache_seqlens"))
+    dispatch. With data checks on (see the README's input contract), positions beyond the table or blocks outside
+    the cache raise ValueError and nothing is written; with them off, such tokens are dropped."""
+    _check_tensors(k=k, v=v, k_cache=k_cache, v_cache=v_cache, block_table=block_table)
+    ops.kv_cache_write(k, v, k_cache, v_cache, block_table, _seqlens(cache_seqlens, k.device))
 
 
 def flash_attn_with_kvcache(
@@ -185,40 +205,67 @@ def flash_attn_with_kvcache(
     [B, Sq_new, Hkv, D], if given, are written into the cache in place at cache_seqlens (tokens already
     cached, int or int32 [B]; default: the whole cache) before attending; queries are bottom-right aligned to
     the keys. cache_leftpad (contiguous caches): first valid key per sequence. num_splits: 0 = heuristic
-    (DECODE_PARTITION_SIZE-key partitions), 1 = no split, n = n partitions. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
+    (DECODE_PARTITION_SIZE-key partitions), 1 = no split, n = n partitions; at most DECODE_MAX_PARTITIONS and
+    DECODE_SCRATCH_BYTES of scratch either way. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
     with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
     """
     scale = _softmax_scale(q, 0.0, softmax_scale)
     if rotary_cos is not None or rotary_sin is not None:
         raise NotImplementedError("rotary_cos/rotary_sin are not supported: apply the rotary embedding to q and k "
                                   "before calling flash_attn_with_kvcache")
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-        raise ValueError("k_cache must be a 4-D tensor: [num_blocks, block_size, kv_heads, head_dim] (with "
-                         "block_table) or [batch, seqlen, kv_heads, head_dim]")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, seqlen_q, heads, head_dim], got shape {tuple(q.shape)}")
-    batch = q.shape[0]
-    if block_table is None:   # a contiguous cache is a paged one with one block of S_max slots per sequence
-        rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(batch, dtype=torch.int32,
-                                                                                device=q.device)
-        if rows.dtype != torch.int32 or tuple(rows.shape) != (batch,):
-            raise TypeError(f"cache_batch_idx must be an int32 tensor [batch] = [{batch}], got {rows.dtype} "
-                            f"{tuple(rows.shape)}")
-        table = rows.view(batch, 1)
-    else:
-        if cache_batch_idx is not None:
-            raise NotImplementedError("cache_batch_idx with a paged cache: index block_table instead")
-        if cache_leftpad is not None:
-            raise NotImplementedError("cache_leftpad with a paged cache: start block_table at the first block instead")
-        table = block_table
-    capacity = (table.shape[1] if table.dim() == 2 else 0) * k_cache.shape[1]
-    cached = _per_sequence(capacity if cache_seqlens is None else cache_seqlens, batch, q.device, "cache_seqlens")
+    _check_tensors(k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_batch_idx=cache_batch_idx,
+                   cache_leftpad=cache_leftpad, block_table=block_table, alibi_slopes=alibi_slopes, s_aux=s_aux)
+    if k_cache is None or v_cache is None:
+        raise TypeError("k_cache and v_cache must be tensors")
+    cached = None if cache_seqlens is None else _seqlens(cache_seqlens, q.device)
     left, right = _window(window_size)
     # One op appends k/v and attends: it checks everything first, so a rejected call writes nothing.
-    out, lse = ops.flash_attn_decode(q, k_cache, v_cache, k, v, table, cached, cache_leftpad, int(num_splits), scale,
-                                     bool(causal), left, right, float(softcap or 0.0), alibi_slopes, s_aux)
+    out, lse = ops.flash_attn_decode(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, cached, cache_leftpad,
+                                     _to_int(num_splits, "num_splits"), scale, bool(causal), left, right,
+                                     float(softcap or 0.0), alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
 
+
+def _no_backward_error(op_name: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"metal-flash-sdpa's {op_name} has no backward pass yet (inference only): run the forward under "
+        "torch.no_grad() / torch.inference_mode(), or detach its inputs; for training use an attention with a "
+        "backward (e.g. torch.nn.functional.scaled_dot_product_attention)")
+
+
+def _varlen_backward(ctx, *grads):
+    raise _no_backward_error("flash_attn_varlen")
+
+
+class _DecodeNoBackward(torch.autograd.Function):
+    """Connects the decode op's outputs to the inputs that require grad, with a backward that raises."""
+
+    @staticmethod
+    def forward(ctx, out, lse, *inputs):
+        return out.view_as(out), lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _no_backward_error("flash_attn_decode")
+
+
+def _decode_autograd(*args):
+    with torch._C._AutoDispatchBelowAutograd():
+        out, lse = ops.flash_attn_decode(*args)
+    needs_grad = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if torch.is_grad_enabled() and needs_grad:
+        out, lse = _DecodeNoBackward.apply(out, lse, *needs_grad)
+    return out, lse
+
+
+# Inputs that require grad must not make backward() silently drop attention's gradient: the forward works (as
+# transformers sometimes runs inference with grad enabled) and backward() through these ops raises.
+# register_autograd takes functional ops only; the decode op mutates the caches, so it gets an Autograd kernel.
+# Registered once per process (the compat sub-folder executes this module a second time).
+if not torch._C._dispatch_has_kernel_for_dispatch_key(add_op_namespace_prefix("flash_attn_decode"), "Autograd"):
+    torch.library.register_autograd(add_op_namespace_prefix("flash_attn_varlen"), _varlen_backward)
+    _autograd_lib = torch.library.Library(add_op_namespace_prefix("x").split("::")[0], "IMPL")
+    _autograd_lib.impl("flash_attn_decode", _decode_autograd, "Autograd")
 
 
 def simulator_counters(reset: bool = False) -> dict:
