@@ -734,7 +734,7 @@ struct ConditionalBufferArg {
   int i;
   bool exists;
   template <class T> operator T*() const { return exists ? (T*)BufferArg{i} : nullptr; }
-  // An absent reference refers to inaccessible memory: reading it is an error.
+  // An absent reference refers to zeros (runtime.h: absent_argument).
   template <class T> operator T&() const { return exists ? (T&)BufferArg{i} : *(T*)rt::absent_argument(); }
 };
 struct ConditionalBufferTable {
