@@ -8,6 +8,7 @@ expanded source (so any included header counts), the shim, the runtime, the flag
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import re
@@ -121,6 +122,86 @@ _INSTANTIATION = re.compile(
     r"\s*decltype\s*\((?P<fn>[^;]*?)\)\s*[^;]*;", re.S)
 
 
+# MSL overloads functions on address spaces (`thread T& a` / `device T& a` parameters, a `threadgroup`-
+# qualified `this`); here all memory is one address space and the overloads would collide. The first of
+# each set of definitions that differ only in address spaces is kept (it serves every object), the others
+# are dropped.
+_DEFINITION_END = re.compile(r"\)\s*(?:const\s+)?(?:(?:thread|threadgroup|device|constant)\s*)?(?=[:{])"
+                             r"|\b(?:struct|class)\s+\w+\s*<[^{};]*>\s*(?=\{)")
+_ADDRESS_SPACE = re.compile(r"\b(?:thread|threadgroup|device|constant)\b")
+_NOT_A_DEFINITION = re.compile(r"^\s*(?:if|for|while|switch|else|do|return)\b")
+
+
+def _matching(masked: str, i: int, step: int) -> int:
+    """Index of the bracket matching the one at masked[i], scanning forward (step 1) or backward (-1)."""
+    opening, closing = ("({", ")}") if step > 0 else (")}", "({")
+    depth = 0
+    while True:
+        if masked[i] in opening:
+            depth += 1
+        elif masked[i] in closing:
+            depth -= 1
+            if depth == 0:
+                return i
+        i += step
+
+
+def _scopes(masked: str):
+    """Function giving, for a position, the index of the innermost `{` still open there (-1: file scope)."""
+    events, stack = [], [-1]
+    for m in re.finditer(r"[{}]", masked):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif len(stack) > 1:
+            stack.pop()
+        events.append((m.start(), stack[-1]))
+    positions = [e[0] for e in events]
+    return lambda pos: events[bisect.bisect_left(positions, pos) - 1][1] if bisect.bisect_left(positions, pos) else -1
+
+
+_ATTRIBUTE = re.compile(r"\[\[[^\[\]]*\]\]")
+
+
+def _helper_parameter_attributes(masked: str) -> list:
+    """(start, end) of attributes on parameters of functions that are not kernels (`uint3 tid
+    [[threadgroup_position_in_grid]]` in a helper): Metal ignores them; here they would bind arguments."""
+    spans, opened = [], []
+    for m in re.finditer(r"[()]|\[\[[^\[\]]*\]\]", masked):
+        if m.group() == "(":
+            opened.append(m.start())
+        elif m.group() == ")":
+            if opened:
+                opened.pop()
+        elif opened:
+            head = masked[max(masked.rfind(c, 0, opened[-1]) for c in ";{}") + 1:opened[-1]]
+            if not re.search(r"\bkernel\b", head):
+                spans.append((m.start(), m.end()))
+    return spans
+
+
+def _address_space_overloads(masked: str) -> list:
+    """(start, end) of each function definition (or class template specialisation) that repeats an earlier one
+    of its scope up to address spaces."""
+    spans, seen, starts, scope = [], set(), set(), _scopes(masked)
+    for m in _DEFINITION_END.finditer(masked):
+        parameters = _matching(masked, m.start(), -1) if masked[m.start()] == ")" else m.start()
+        start = max(masked.rfind(c, 0, parameters) for c in ";{}") + 1   # where the previous statement ends
+        end = m.end()
+        while masked[end] != "{":   # past a constructor's initialiser list
+            if masked[end] == ";":
+                break
+            end = _matching(masked, end, 1) + 1 if masked[end] == "(" else end + 1
+        head = masked[start:end]
+        if masked[end] != "{" or start in starts or _NOT_A_DEFINITION.match(head) or not _ADDRESS_SPACE.search(head):
+            continue   # (a constructor's initialiser `x(y) {` matches again: one definition, one start)
+        starts.add(start)
+        key = (scope(start), re.sub(r"\s+", "", _ADDRESS_SPACE.sub("", head)))
+        if key in seen:
+            spans.append((start, _matching(masked, end, 1) + 1))
+        seen.add(key)
+    return spans
+
+
 @dataclass
 class Prepassed:
     source: str
@@ -134,6 +215,8 @@ def prepass(src: str) -> Prepassed:
     def same_lines(text, original):
         return text + "\n" * original.count("\n")
 
+    for a, b in _address_space_overloads(masked) + _helper_parameter_attributes(masked):
+        edits.append((a, b, same_lines("", src[a:b])))
     for m in _THREADGROUP_ARG.finditer(masked):
         edits.append((m.start(), m.end(), "[[mslsim_threadgroup_arg("))
     for m in _THREADGROUP_VAR.finditer(masked):
@@ -165,11 +248,11 @@ def prepass(src: str) -> Prepassed:
         kernels.append((host, re.sub(r"\s+", " ", src[m.start("fn"):m.end("fn")]).strip()))
         # C++ allows no attributes on an explicit instantiation: blank them
         edits.append((m.start("attrs"), m.end("attrs"), same_lines("", m.group("attrs"))))
-    edits.sort()
+    edits.sort(key=lambda e: (e[0], -e[1]))
     out, pos = [], 0
     for a, b, text in edits:
         if a < pos:
-            continue  # overlapping match (cannot happen with the patterns above)
+            continue  # inside a span already rewritten (a helper's parameter attribute, a dropped overload)
         out += [src[pos:a], text]
         pos = b
     out.append(src[pos:])
@@ -214,7 +297,7 @@ def runtime_object(cxx: str) -> Path:
 def preprocess(source: Path, cxx: str, include_dirs=(), defines=()) -> str:
     """Stage 1: expand the file's own macros and includes (not the shim's: <metal_stdlib> is empty here),
     keeping line markers, so the prepass sees e.g. kernel instantiations generated by macros."""
-    return _run([cxx, "-E", "-x", "c++", "-std=c++17", "-D__MSLSIM__=1", "-D__METAL_VERSION__=400",
+    return _run([cxx, "-E", "-x", "c++", "-std=c++17", "-D__MSLSIM__=1", "-D__METAL_VERSION__=400", "-D__HAVE_BFLOAT__=1",
                  *[f"-D{d}" for d in defines], f"-I{INCLUDE_DIR / 'preprocess'}", f"-I{source.parent}",
                  *[f"-I{Path(d).resolve()}" for d in include_dirs], str(source)], f"preprocessing {source}").stdout
 

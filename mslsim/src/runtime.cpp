@@ -385,6 +385,10 @@ static unsigned char* place_array(Worker* w, int slot, const void* key, size_t s
   if (w->check) memset(w->shadow + packed, 0, size * sizeof(ShadowByte));
   return base;
 }
+void* absent_argument() {
+  alignas(64) static const unsigned char zeros[256] = {};
+  return (void*)zeros;
+}
 void* bind_threadgroup_arg(int index) {
   if (index < 0 || index >= MSLSIM_MAX_BUFFERS || !g_worker->arrays[kMaxArrays + index].name)
     fail("the kernel takes [[threadgroup(%d)]] memory but no threadgroup memory length was set at index %d", index,

@@ -110,6 +110,9 @@ enum MemFlags : int { MEM_DEVICE = 1, MEM_THREADGROUP = 2 };
 
 void* bind_buffer(int index, size_t bytes_needed, bool is_reference, bool writable);
 void* bind_threadgroup_arg(int index);
+// What a [[function_constant]] reference argument that does not exist refers to: zeros, readable because the
+// compiler may hoist a load through a reference above the branch that guards it.
+void* absent_argument();
 void* threadgroup_variable(const void* key, size_t size, size_t align, const char* name);
 // Synchronisation points: `convergent` (like GPU barriers) so the optimiser never duplicates or merges
 // their calls; the runtime tells calls apart by call path.

@@ -16,12 +16,14 @@
 #if !defined(__clang__) || __clang_major__ < 19
 #error "mslsim needs clang >= 19 (x86 _Float16 and __bf16 arithmetic)"
 #endif
+#include <limits>
 #include <type_traits>
 
 #include "mslsim/runtime.h"
 
 #define __MSLSIM__ 1
 #define __METAL_VERSION__ 400   // kernel-builder compiles with -std=metal4.0
+#define __HAVE_BFLOAT__ 1       // bfloat is a type (Metal 3.1+)
 #define METAL_FUNC inline __attribute__((always_inline))
 
 // ============================================================================ scalar and vector types
@@ -124,6 +126,19 @@ constexpr half operator""h(unsigned long long v) { return (half)v; }
 
 // ============================================================================ metal:: functions
 namespace metal {
+// <metal_type_traits>: the same traits as C++'s, in namespace metal.
+using std::conditional; using std::conditional_t; using std::enable_if; using std::enable_if_t; using std::false_type;
+using std::integral_constant; using std::is_arithmetic; using std::is_arithmetic_v; using std::is_convertible;
+using std::is_convertible_v; using std::is_floating_point; using std::is_floating_point_v; using std::is_integral;
+using std::is_integral_v; using std::is_same; using std::is_same_v; using std::is_signed; using std::is_signed_v;
+using std::is_unsigned; using std::is_unsigned_v; using std::make_signed; using std::make_signed_t;
+using std::make_unsigned; using std::make_unsigned_t; using std::remove_cv; using std::remove_cv_t;
+using std::remove_reference; using std::remove_reference_t; using std::true_type; using std::decay; using std::decay_t;
+using std::bool_constant; using std::is_pointer; using std::is_pointer_v; using std::remove_pointer;
+using std::remove_pointer_t; using std::remove_const; using std::remove_const_t; using std::is_const; using std::is_const_v;
+using std::is_void; using std::is_void_v;
+template <class T> struct remove_addrspace { using type = T; };   // one address space here
+template <class T> using remove_addrspace_t = typename remove_addrspace<T>::type;
 enum class mem_flags : int { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4, mem_threadgroup_imageblock = 8 };
 constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((int)a | (int)b); }
 enum memory_order { memory_order_relaxed = 0 };
@@ -299,20 +314,29 @@ MSLSIM_FORWARD_ALL(precise)
 #undef MSLSIM_FORWARD_ALL
 #undef MSLSIM_FORWARD
 
-template <class T> struct numeric_limits;
-#define MSLSIM_LIMITS(T, lo, hi, inf)                                  \
-  template <> struct numeric_limits<T> {                               \
-    static constexpr T lowest() { return lo; }                         \
-    static constexpr T max() { return hi; }                            \
-    static constexpr T infinity() { return inf; }                      \
+// os_log (<metal_logging>): accepted, messages dropped (the simulator has no log stream).
+struct os_log {
+  constexpr os_log(const char*, const char*) {}
+  template <class... A> void log_debug(const char*, A...) const {}
+  template <class... A> void log_info(const char*, A...) const {}
+  template <class... A> void log_error(const char*, A...) const {}
+  template <class... A> void log_fault(const char*, A...) const {}
+};
+
+// numeric_limits: C++'s for the integer and fp32 types; half and bfloat spelled out.
+template <class T> struct numeric_limits : std::numeric_limits<T> {};
+#define MSLSIM_LIMITS(T, bits_min, bits_max, bits_epsilon)                                       \
+  template <> struct numeric_limits<T> {                                                          \
+    static constexpr bool is_specialized = true, is_signed = true, is_integer = false;             \
+    static constexpr T min() { return __builtin_bit_cast(T, (unsigned short)bits_min); }          \
+    static constexpr T max() { return __builtin_bit_cast(T, (unsigned short)bits_max); }          \
+    static constexpr T lowest() { return -max(); }                                                \
+    static constexpr T epsilon() { return __builtin_bit_cast(T, (unsigned short)bits_epsilon); }  \
+    static constexpr T infinity() { return (T)__builtin_inff(); }                                 \
+    static constexpr T quiet_NaN() { return (T)__builtin_nanf(""); }                              \
   };
-MSLSIM_LIMITS(float, -0x1.fffffep+127f, 0x1.fffffep+127f, __builtin_inff())
-MSLSIM_LIMITS(half, (half)-65504.0f, (half)65504.0f, (half)__builtin_inff())
-MSLSIM_LIMITS(bfloat, (bfloat)-0x1.fep+127f, (bfloat)0x1.fep+127f, (bfloat)__builtin_inff())
-MSLSIM_LIMITS(int, -2147483647 - 1, 2147483647, 0)
-MSLSIM_LIMITS(uint, 0u, 4294967295u, 0u)
-MSLSIM_LIMITS(short, (short)-32768, (short)32767, (short)0)
-MSLSIM_LIMITS(ushort, (ushort)0, (ushort)65535, (ushort)0)
+MSLSIM_LIMITS(half, 0x0400, 0x7BFF, 0x1400)
+MSLSIM_LIMITS(bfloat, 0x0080, 0x7F7F, 0x3C00)
 #undef MSLSIM_LIMITS
 
 // ============================================================================ synchronisation
@@ -399,6 +423,22 @@ template <class T> MSLSIM_SYNC T simd_shuffle_up(T x, ushort delta, MSLSIM_SITE)
 // Rotations wrap around the 32 lanes.
 template <class T> MSLSIM_SYNC T simd_shuffle_rotate_down(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() + delta) & 31, x, "simd_shuffle_rotate_down"); }
 template <class T> MSLSIM_SYNC T simd_shuffle_rotate_up(T x, ushort delta, MSLSIM_SITE) { return detail::from_lane(detail::exchange(x, file, line), (detail::my_lane() - delta) & 31, x, "simd_shuffle_rotate_up"); }
+// Lanes fall into segments of `modulo` lanes; a source past the segment's edge reads `fill` of the lane that
+// far into the next (down) or previous (up) segment.
+template <class T> MSLSIM_SYNC T simd_shuffle_and_fill_down(T data, T fill, ushort delta, ushort modulo = 32, MSLSIM_SITE) {
+  struct Pair { T data, fill; };
+  const detail::Exchange* e = detail::exchange(Pair{data, fill}, file, line);
+  const int base = detail::my_lane() / modulo * modulo, source = detail::my_lane() % modulo + delta;
+  return source < modulo ? detail::from_lane<Pair>(e, base + source, {}, "simd_shuffle_and_fill_down").data
+                         : detail::from_lane<Pair>(e, base + source - modulo, {}, "simd_shuffle_and_fill_down").fill;
+}
+template <class T> MSLSIM_SYNC T simd_shuffle_and_fill_up(T data, T fill, ushort delta, ushort modulo = 32, MSLSIM_SITE) {
+  struct Pair { T data, fill; };
+  const detail::Exchange* e = detail::exchange(Pair{data, fill}, file, line);
+  const int base = detail::my_lane() / modulo * modulo, source = detail::my_lane() % modulo - delta;
+  return source >= 0 ? detail::from_lane<Pair>(e, base + source, {}, "simd_shuffle_and_fill_up").data
+                     : detail::from_lane<Pair>(e, base + source + modulo, {}, "simd_shuffle_and_fill_up").fill;
+}
 template <class T> MSLSIM_SYNC T simd_broadcast_first(T x, MSLSIM_SITE) {
   const detail::Exchange* e = detail::exchange(x, file, line);
   return detail::lane_value<T>(e, __builtin_ctz(detail::active(e)));
@@ -515,6 +555,71 @@ MSLSIM_SYNC void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgro
                                const simdgroup_matrix<TB, 8, 8>& b, MSLSIM_SITE) {
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>((TD)0), file, line);
 }
+// ============================================================================ Apple's compiler intrinsics
+// What <metal_stdlib> is built on. Third-party headers call some directly (MLX's bf16_math.h defines the
+// bfloat overloads of the math and SIMD functions with them); they map onto the functions above. The last
+// argument of a math intrinsic says fast or precise math.
+enum class mslsim_math_mode { fast, maybe_fast, precise };
+#define __METAL_FAST_MATH__ metal::mslsim_math_mode::fast
+#define __METAL_MAYBE_FAST_MATH__ metal::mslsim_math_mode::maybe_fast
+#define __METAL_PRECISE_MATH__ metal::mslsim_math_mode::precise
+#define MSLSIM_INTRINSIC_MODAL(name)                                                                        \
+  template <class T> inline T __metal_##name(T x, mslsim_math_mode mode) {                                  \
+    return mode == mslsim_math_mode::precise ? precise::name(x) : name(x);                                   \
+  }
+#define MSLSIM_INTRINSIC_1(name, expr) \
+  template <class T, class... M> inline T __metal_##name(T x, M...) { float f = (float)x; return (T)(expr); }
+#define MSLSIM_INTRINSIC_2(name, expr) \
+  template <class T, class... M> inline T __metal_##name(T x, T y, M...) { float f = (float)x, g = (float)y; return (T)(expr); }
+MSLSIM_INTRINSIC_MODAL(exp) MSLSIM_INTRINSIC_MODAL(exp2) MSLSIM_INTRINSIC_MODAL(exp10) MSLSIM_INTRINSIC_MODAL(log)
+MSLSIM_INTRINSIC_MODAL(log2) MSLSIM_INTRINSIC_MODAL(log10) MSLSIM_INTRINSIC_MODAL(sqrt) MSLSIM_INTRINSIC_MODAL(rsqrt)
+MSLSIM_INTRINSIC_MODAL(tanh) MSLSIM_INTRINSIC_MODAL(sin) MSLSIM_INTRINSIC_MODAL(cos) MSLSIM_INTRINSIC_MODAL(tan)
+MSLSIM_INTRINSIC_1(fabs, __builtin_fabsf(f)) MSLSIM_INTRINSIC_1(floor, __builtin_floorf(f))
+MSLSIM_INTRINSIC_1(ceil, __builtin_ceilf(f)) MSLSIM_INTRINSIC_1(trunc, __builtin_truncf(f))
+MSLSIM_INTRINSIC_1(round, __builtin_roundf(f)) MSLSIM_INTRINSIC_1(rint, __builtin_rintf(f))
+MSLSIM_INTRINSIC_1(fract, f - __builtin_floorf(f)) MSLSIM_INTRINSIC_1(acos, __builtin_acosf(f))
+MSLSIM_INTRINSIC_1(acosh, __builtin_acoshf(f)) MSLSIM_INTRINSIC_1(asin, __builtin_asinf(f))
+MSLSIM_INTRINSIC_1(asinh, __builtin_asinhf(f)) MSLSIM_INTRINSIC_1(atan, __builtin_atanf(f))
+MSLSIM_INTRINSIC_1(atanh, __builtin_atanhf(f)) MSLSIM_INTRINSIC_1(cosh, __builtin_coshf(f))
+MSLSIM_INTRINSIC_1(sinh, __builtin_sinhf(f)) MSLSIM_INTRINSIC_1(cospi, __builtin_cosf(M_PI_F * f))
+MSLSIM_INTRINSIC_1(sinpi, __builtin_sinf(M_PI_F * f)) MSLSIM_INTRINSIC_1(tanpi, __builtin_tanf(M_PI_F * f))
+MSLSIM_INTRINSIC_2(atan2, __builtin_atan2f(f, g)) MSLSIM_INTRINSIC_2(fmax, __builtin_fmaxf(f, g))
+MSLSIM_INTRINSIC_2(fmin, __builtin_fminf(f, g)) MSLSIM_INTRINSIC_2(fmod, __builtin_fmodf(f, g))
+MSLSIM_INTRINSIC_2(pow, __builtin_powf(f, g)) MSLSIM_INTRINSIC_2(powr, __builtin_powf(f, g))
+MSLSIM_INTRINSIC_2(divide, f / g) MSLSIM_INTRINSIC_2(nextafter, __builtin_nextafterf(f, g))
+#undef MSLSIM_INTRINSIC_2
+#undef MSLSIM_INTRINSIC_1
+#undef MSLSIM_INTRINSIC_MODAL
+template <class T, class... M> inline T __metal_fma(T x, T y, T z, M...) { return fma(x, y, z); }
+template <class T, class... M> inline T __metal_fmax3(T x, T y, T z, M...) { return __metal_fmax(__metal_fmax(x, y), z); }
+template <class T, class... M> inline T __metal_fmin3(T x, T y, T z, M...) { return __metal_fmin(__metal_fmin(x, y), z); }
+template <class T, class... M> inline T __metal_fmedian3(T x, T y, T z, M...) {
+  return __metal_fmax(__metal_fmin(x, y), __metal_fmin(__metal_fmax(x, y), z));
+}
+template <class T, class... M> inline T __metal_ldexp(T x, int k, M...) { return (T)__builtin_ldexpf((float)x, k); }
+template <class T> inline T __metal_frexp(T x, int* exponent) { return (T)__builtin_frexpf((float)x, exponent); }
+inline ushort __metal_get_simdgroup_size(ushort) { return MSLSIM_SIMD_WIDTH; }
+inline ushort __metal_get_thread_index_in_simdgroup(ushort) { return (ushort)detail::my_lane(); }
+#define MSLSIM_INTRINSIC_SIMD(name) \
+  template <class T, class... A> MSLSIM_SYNC T __metal_##name(T x, A... a) { return name(x, a...); }
+MSLSIM_INTRINSIC_SIMD(simd_sum) MSLSIM_INTRINSIC_SIMD(simd_product) MSLSIM_INTRINSIC_SIMD(simd_max)
+MSLSIM_INTRINSIC_SIMD(simd_min) MSLSIM_INTRINSIC_SIMD(simd_prefix_inclusive_sum)
+MSLSIM_INTRINSIC_SIMD(simd_prefix_exclusive_sum) MSLSIM_INTRINSIC_SIMD(simd_prefix_inclusive_product)
+MSLSIM_INTRINSIC_SIMD(simd_prefix_exclusive_product) MSLSIM_INTRINSIC_SIMD(simd_broadcast)
+MSLSIM_INTRINSIC_SIMD(simd_shuffle) MSLSIM_INTRINSIC_SIMD(simd_shuffle_down) MSLSIM_INTRINSIC_SIMD(simd_shuffle_up)
+MSLSIM_INTRINSIC_SIMD(simd_shuffle_xor) MSLSIM_INTRINSIC_SIMD(simd_shuffle_rotate_down)
+MSLSIM_INTRINSIC_SIMD(simd_shuffle_rotate_up) MSLSIM_INTRINSIC_SIMD(simd_shuffle_and_fill_down)
+MSLSIM_INTRINSIC_SIMD(simd_shuffle_and_fill_up)
+#undef MSLSIM_INTRINSIC_SIMD
+// The intrinsic is untyped: a floating-point value is xor-ed as its bits.
+template <class T> MSLSIM_SYNC T __metal_simd_xor(T x, MSLSIM_SITE) {
+  if constexpr (std::is_floating_point_v<T> || sizeof(T) == 2) {
+    using Bits = std::conditional_t<sizeof(T) == 2, ushort, uint>;
+    return __builtin_bit_cast(T, simd_xor(__builtin_bit_cast(Bits, x), file, line));
+  } else {
+    return simd_xor(x, file, line);
+  }
+}
 #undef MSLSIM_SITE
 #undef MSLSIM_SYNC
 
@@ -629,6 +734,8 @@ struct ConditionalBufferArg {
   int i;
   bool exists;
   template <class T> operator T*() const { return exists ? (T*)BufferArg{i} : nullptr; }
+  // An absent reference refers to zeros (runtime.h: absent_argument).
+  template <class T> operator T&() const { return exists ? (T&)BufferArg{i} : *(T*)rt::absent_argument(); }
 };
 struct ConditionalBufferTable {
   bool exists;
@@ -765,7 +872,20 @@ using namespace metal;
 #define uint3(...) MSLSIM_CTOR(uint, 3)(__VA_ARGS__)
 #define uint4(...) MSLSIM_CTOR(uint, 4)(__VA_ARGS__)
 #define short2(...) MSLSIM_CTOR(short, 2)(__VA_ARGS__)
+#define short3(...) MSLSIM_CTOR(short, 3)(__VA_ARGS__)
 #define short4(...) MSLSIM_CTOR(short, 4)(__VA_ARGS__)
 #define ushort2(...) MSLSIM_CTOR(ushort, 2)(__VA_ARGS__)
+#define ushort3(...) MSLSIM_CTOR(ushort, 3)(__VA_ARGS__)
 #define ushort4(...) MSLSIM_CTOR(ushort, 4)(__VA_ARGS__)
+#define char2(...) MSLSIM_CTOR(char, 2)(__VA_ARGS__)
+#define char3(...) MSLSIM_CTOR(char, 3)(__VA_ARGS__)
+#define char4(...) MSLSIM_CTOR(char, 4)(__VA_ARGS__)
+#define uchar2(...) MSLSIM_CTOR(uchar, 2)(__VA_ARGS__)
+#define uchar3(...) MSLSIM_CTOR(uchar, 3)(__VA_ARGS__)
+#define uchar4(...) MSLSIM_CTOR(uchar, 4)(__VA_ARGS__)
+#define long2(...) MSLSIM_CTOR(long, 2)(__VA_ARGS__)
+#define long3(...) MSLSIM_CTOR(long, 3)(__VA_ARGS__)
+#define long4(...) MSLSIM_CTOR(long, 4)(__VA_ARGS__)
 #define ulong2(...) MSLSIM_CTOR(ulong, 2)(__VA_ARGS__)
+#define ulong3(...) MSLSIM_CTOR(ulong, 3)(__VA_ARGS__)
+#define ulong4(...) MSLSIM_CTOR(ulong, 4)(__VA_ARGS__)

@@ -1,0 +1,15 @@
+// MLX's single-query attention kernel (mlx/backend/metal/kernels/sdpa_vector.h, fetched from the
+// mlx-metal wheel by scripts/fetch_mlx_metal.py), instantiated as MLX's scaled_dot_product_attention.metal
+// names it: third-party MSL known to run on Apple GPUs.
+#include <metal_stdlib>
+#include "mlx/backend/metal/kernels/utils.h"
+#include "mlx/backend/metal/kernels/sdpa_vector.h"
+
+using namespace metal;
+
+#define instantiate_sdpa_vector(type, dim) \
+  instantiate_kernel("sdpa_vector_" #type "_" #dim "_" #dim, sdpa_vector, type, dim, dim)
+
+instantiate_sdpa_vector(float, 64)
+instantiate_sdpa_vector(half, 128)
+instantiate_sdpa_vector(bfloat16_t, 64)

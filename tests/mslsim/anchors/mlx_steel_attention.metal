@@ -1,0 +1,16 @@
+// MLX's tiled attention kernel (mlx/backend/metal/kernels/steel/attn/kernels/steel_attention.h, fetched from
+// the mlx-metal wheel by scripts/fetch_mlx_metal.py), instantiated as MLX's steel_attention.metal names it:
+// third-party MSL known to run on Apple GPUs.
+#include <metal_stdlib>
+#include "mlx/backend/metal/kernels/utils.h"
+#include "mlx/backend/metal/kernels/steel/attn/kernels/steel_attention.h"
+
+using namespace metal;
+
+#define instantiate_attention(type, bk, dim)                                                            \
+  instantiate_kernel("steel_attention_" #type "_bq32_bk" #bk "_bd" #dim "_wm4_wn1_mask" #type, attention, \
+                     type, 32, bk, dim, dim, 4, 1, type, float)
+
+instantiate_attention(float, 32, 64)
+instantiate_attention(half, 16, 128)
+instantiate_attention(bfloat16_t, 32, 64)
