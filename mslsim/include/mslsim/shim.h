@@ -815,7 +815,7 @@ template <class T, class F> struct DerivedConstant {
 #define MSLSIM_EXPORT_(host_name_, entry, ...) \
   static void entry() { __VA_ARGS__(); }      \
   static int MSLSIM_CAT(entry, _registered) [[maybe_unused]] = mslsim::rt::register_kernel(host_name_, &entry, MSLSIM_NUMERICS);
-// Work-counter hook for kernels (see metal-flash-sdpa/work_counters.h): named, summed over the launch.
+// Work-counter hook for kernels (see metal-flash-sdpa/common/work_counters.h): named, summed over the launch.
 #define mslsim_work_count(name, amount)                                               \
   do {                                                                                \
     static const int mslsim_counter_ = mslsim::rt::work_counter(name);                \
