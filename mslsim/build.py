@@ -282,16 +282,30 @@ def _toolchain_key(cxx: str) -> str:
 _toolchain_cache: dict = {}
 
 
+def cached_build(stem: str, key: str, suffix: str, produce, cache_dir: Path = CACHE_DIR) -> Path:
+    """The one cached-compile step (mslsim and scripts/build_variant.py): <cache_dir>/<stem>-<key><suffix>, made by
+    produce(tmp_dir) -> a file in tmp_dir only when missing, and moved into place atomically, so a concurrent
+    build never sees a partial file."""
+    out = cache_dir / f"{stem}-{key}{suffix}"
+    if out.exists():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        os.replace(produce(Path(tmp)), out)
+    return out
+
+
+def compile_to(out: Path, cmd: list, what: str) -> Path:
+    """Runs a compiler command that writes `out` (its last arguments are `-o out`); returns out."""
+    _run([*cmd, "-o", str(out)], what)
+    return out
+
+
 def runtime_object(cxx: str) -> Path:
     key = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    obj = CACHE_DIR / f"runtime-{key[:16]}.o"
-    if not obj.exists():
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        _run([cxx, *RUNTIME_FLAGS, f"-I{INCLUDE_DIR}", "-c", str(RUNTIME_SOURCE), "-o", str(tmp)],
-             "compiling the mslsim runtime")
-        os.replace(tmp, obj)
-    return obj
+    return cached_build("runtime", key[:16], ".o", lambda tmp: compile_to(
+        tmp / "runtime.o", [cxx, *RUNTIME_FLAGS, f"-I{INCLUDE_DIR}", "-c", str(RUNTIME_SOURCE)],
+        "compiling the mslsim runtime"))
 
 
 def preprocess(source: Path, cxx: str, include_dirs=(), defines=()) -> str:
@@ -320,25 +334,21 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
     key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
                           text]).encode())[:20]
-    obj = CACHE_DIR / f"{source.stem}-{key}.o"
-    if obj.exists():
-        return obj
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
-        cpp = Path(tmp) / f"{source.stem}.cpp"
+
+    def produce(tmp: Path) -> Path:
+        cpp = tmp / f"{source.stem}.cpp"
         cpp.write_text(text)
         twins = []
         for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
-            ir, out = Path(tmp) / f"{name}.ll", Path(tmp) / f"{name}.o"
-            _run([cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp), "-o", str(ir)],
-                 f"compiling {source}" + (" (GPU numerics)" if name == "gpu" else ""))
+            ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
+                            f"compiling {source}" + (" (GPU numerics)" if name == "gpu" else ""))
             code = trace_memory_intrinsics(ir.read_text())
             ir.write_text(internalize(code) if name == "gpu" else code)
-            _run([cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir), "-o", str(out)], f"compiling {source} ({name} IR)")
-            twins.append(str(out))
-        _run([cxx, "-r", "-nostdlib", *twins, "-o", str(Path(tmp) / "both.o")], f"combining {source}")
-        os.replace(Path(tmp) / "both.o", obj)
-    return obj
+            twins.append(str(compile_to(tmp / f"{name}.o", [cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir)],
+                                        f"compiling {source} ({name} IR)")))
+        return compile_to(tmp / "both.o", [cxx, "-r", "-nostdlib", *twins], f"combining {source}")
+
+    return cached_build(source.stem, key, ".o", produce)
 
 
 _COMDAT = re.compile(r"^\$.* = comdat \w+\n", re.M)
@@ -365,12 +375,7 @@ def build_sources(sources, name: str | None = None, defines=(), include_dirs=())
     objects = [metal_object(s, defines, include_dirs) for s in sources]
     rt = runtime_object(cxx)
     stem = name or Path(sources[0]).stem
-    lib = CACHE_DIR / f"{stem}-{_sha(''.join(o.name for o in [*objects, rt]).encode())[:20]}.so"
-    if lib.exists():
-        return lib
-    with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
-        out = Path(tmp) / "lib.so"
-        _run([cxx, "-shared", "-Wl,-Bsymbolic", *map(str, objects), str(rt), "-o", str(out), "-lpthread"],
-             f"linking {stem}")
-        os.replace(out, lib)
-    return lib
+    key = _sha("".join(o.name for o in [*objects, rt]).encode())[:20]
+    return cached_build(stem, key, ".so", lambda tmp: compile_to(
+        tmp / "lib.so", [cxx, "-shared", "-Wl,-Bsymbolic", *map(str, objects), str(rt), "-lpthread"],
+        f"linking {stem}"))

@@ -70,15 +70,9 @@ def torch_flags(extension: str) -> list[str]:
 
 def compile_cpp(cxx: str, source: Path, flags: list[str], headers_key: str) -> Path:
     key = _sha("\n".join([cxx, " ".join(flags), headers_key, source.read_text()]).encode())[:20]
-    obj = OBJECT_CACHE / f"{source.stem}-{key}.o"
-    if not obj.exists():
-        OBJECT_CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-        r = subprocess.run([cxx, *flags, "-c", str(source), "-o", str(tmp)], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"compiling {source.relative_to(REPO)} failed:\n{r.stderr}")
-        os.replace(tmp, obj)
-    return obj
+    return mslsim_build.cached_build(source.stem, key, ".o", lambda tmp: mslsim_build.compile_to(
+        tmp / f"{source.stem}.o", [cxx, *flags, "-c", str(source)], f"compiling {source.relative_to(REPO)}"),
+        cache_dir=OBJECT_CACHE)
 
 
 COMPAT_INIT = '''"""Compatibility folder (kernels' older layout): the same module as the variant directory above."""
