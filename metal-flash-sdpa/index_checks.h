@@ -108,8 +108,9 @@ inline int64_t check_cache_indices(const CacheIndices& idx, int64_t new_tokens, 
       if (g.table_is_batch_idx)
         TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "cache_batch_idx[", seq, "] = ", block,
                           " is not a row of k_cache (0 <= row < ", g.num_blocks, ")");
-      TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "block_table[", seq, ", ", b, "] = ", block,
-                        " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
+      else
+        TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "block_table[", seq, ", ", b, "] = ", block,
+                          " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
     }
     if (attends) longest = std::max(longest, end - start);
   }
