@@ -105,12 +105,13 @@ inline int64_t check_cache_indices(const CacheIndices& idx, int64_t new_tokens, 
     for (int64_t b = first < end ? first / g.block_size : 1, last = first < end ? (end - 1) / g.block_size : 0;
          b <= last; ++b) {   // no division when nothing is in use: a cache may have 0 slots per block
       const int32_t block = entries[seq * g.blocks_per_seq + b];
-      if (g.table_is_batch_idx)
+      if (g.table_is_batch_idx) {
         TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "cache_batch_idx[", seq, "] = ", block,
                           " is not a row of k_cache (0 <= row < ", g.num_blocks, ")");
-      else
+      } else {
         TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "block_table[", seq, ", ", b, "] = ", block,
                           " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
+      }
     }
     if (attends) longest = std::max(longest, end - start);
   }
