@@ -145,8 +145,10 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
                     " rows");
   TORCH_CHECK_VALUE(q.size(3) == c.head_dim, "q has head_dim ", q.size(3), " but the cache has ", c.head_dim);
   TORCH_CHECK_VALUE(q.size(1) >= 1, "q needs at least one new token per sequence, got seqlen_q = ", q.size(1));
-  TORCH_CHECK_NOT_IMPLEMENTED(q.size(1) <= std::numeric_limits<int32_t>::max(), "more than 2^31 - 1 queries");
   const int64_t H = q.size(2);
+  // A KV head's query rows (its heads x the new tokens) are counted in int32 by the shader and the grid.
+  TORCH_CHECK_NOT_IMPLEMENTED(H * q.size(1) <= std::numeric_limits<int32_t>::max(),
+                              "more than 2^31 - 1 query rows (heads x new tokens) per call");
   check_heads(H, c.num_kv_heads, c.head_dim);
   CacheIndices indices{table,
                        cache_seqlens ? per_sequence_index(*cache_seqlens, "cache_seqlens", c.num_seqs, q)
@@ -154,7 +156,9 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
                        kv_start ? per_sequence_index(*kv_start, "cache_leftpad", c.num_seqs, q) : at::Tensor()};
   TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k and v (new tokens to append) or neither");
-  if (k_new) check_new_tokens(*k_new, *v_new, c);
+  TORCH_CHECK_VALUE(!k_new || cache_seqlens, "pass cache_seqlens with k and v: the new tokens are written at "
+                    "cache_seqlens[b] (the tokens already in the cache)");
+  if (k_new) check_new_tokens(*k_new, *v_new, k_cache, c);
   // A sequence has at most capacity keys; the new queries are the last seqlen_q of them.
   const AttentionOptions options = check_attention_options(q, c.num_seqs, H, c.head_dim, q.size(1), c.capacity(),
                                                            softmax_scale, causal, window_left, window_right, softcap,

@@ -171,7 +171,7 @@ template <typename T, int D>
     }
     if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
     store_row<T, D>(out + element_offset(p.shape.out_strides, seq, token, head),
-                    lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + token * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
+                    lse + lse_offset(p.shape.lse_strides, seq, head, token), state, o_frag, fc);
 }
 
 // Merge the partitions of one (sequence, head, new token): grid (Sq, H, B), one simdgroup.
@@ -229,7 +229,7 @@ template <typename T, int D>
         if (d < D) out_row[d] = T(acc[i]);
     }
     if (lane == 0)
-        lse[seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD] + token * p.shape.lse_strides[LSE_TOKEN]] =
+        lse[lse_offset(p.shape.lse_strides, seq, head, token)] =
             denominator > 0.0f ? (max_log2 + log2(denominator)) * LN2 : -INFINITY;
 }
 

@@ -74,6 +74,10 @@ void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buff
     @autoreleasepool {
       id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
       id<MTLComputePipelineState> pipeline = pipeline_for(stream->device(), launch);
+      // A variant the compiler could only fit with fewer threads (registers) must fail clearly, not dispatch.
+      TORCH_CHECK(pipeline.maxTotalThreadsPerThreadgroup >= launch.threads_per_threadgroup, "metal-flash-sdpa: ",
+                  launch.kernel, " runs at most ", pipeline.maxTotalThreadsPerThreadgroup,
+                  " threads per threadgroup on this GPU; its launch needs ", launch.threads_per_threadgroup);
       [encoder setComputePipelineState:pipeline];
       for (const BufferBinding& b : buffers) {
         if (b.tensor) {

@@ -65,14 +65,21 @@ CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
   TORCH_CHECK_VALUE(table.dim() == 2, "block_table must be [batch, max_blocks_per_sequence], got shape ", table.sizes());
   CacheGeometry g{k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3), table.size(0), table.size(1),
                   table_is_batch_idx};
-  // Keys of a K tile (up to 32 past the last slot) stay within the decode shader's int32.
-  constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_slots = int_max - 32;
+  // Keys of a K tile (up to one tile past the last slot) stay within the decode shader's int32.
+  constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
+  const int64_t max_slots = int_max - KV_TILE_KEYS(g.head_dim);
   TORCH_CHECK_NOT_IMPLEMENTED(g.capacity() <= max_slots && g.num_blocks <= int_max && g.num_seqs <= int_max,
-                              "caches with more than 2^31 - 33 slots per sequence, or 2^31 - 1 blocks or sequences");
+                              "caches with more than ", max_slots, " slots per sequence (head_dim ", g.head_dim,
+                              "), or 2^31 - 1 blocks or sequences");
   return g;
 }
 
-void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const CacheGeometry& g) {
+void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const CacheGeometry& g) {
+  // The write kernel is chosen by the cache's dtype and copies element by element: k/v of another dtype would
+  // be read (and the cache written) with the wrong element size.
+  TORCH_CHECK_TYPE(k.scalar_type() == k_cache.scalar_type(), "k (new tokens) has dtype ", k.scalar_type(),
+                   " but the cache has ", k_cache.scalar_type(), "; convert the new tokens to the cache's dtype");
+  check_same_device(k, k_cache, "k (new tokens)");
   TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == g.num_seqs && k.size(2) == g.num_kv_heads && k.size(3) == g.head_dim,
                     "k must be [batch, new_tokens, kv_heads, head_dim] = [", g.num_seqs, ", n, ", g.num_kv_heads, ", ",
                     g.head_dim, "], got shape ", k.sizes());
@@ -108,7 +115,7 @@ std::pair<CacheGeometry, CacheIndices> check_kv_write_args(const at::Tensor& k, 
                                                            const at::Tensor& cache_seqlens) {
   const at::Tensor table = index_tensor(block_table, "block_table", k);
   const CacheGeometry g = check_cache(k_cache, v_cache, table, false, k, "k");
-  check_new_tokens(k, v, g);
+  check_new_tokens(k, v, k_cache, g);
   return {g, {table, per_sequence_index(cache_seqlens, "cache_seqlens", g.num_seqs, k), at::Tensor()}};
 }
 

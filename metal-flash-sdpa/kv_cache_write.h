@@ -15,7 +15,7 @@ CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
                           bool table_is_batch_idx, const at::Tensor& like, const char* like_name);
 
 // New tokens k/v [B, n, Hkv, D] for a cache of geometry g.
-void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const CacheGeometry& g);
+void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const CacheGeometry& g);
 
 // The write itself, after every check has passed; slots outside the table or the cache are dropped.
 void write_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -112,7 +112,7 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
   constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_tokens = int_max - PREFILL_BLOCK_Q;
   TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= max_tokens && g.total_k <= max_tokens && g.num_seqs <= int_max &&
                               g.num_heads <= int_max, "more than 2^31 - 33 tokens, or 2^31 - 1 sequences or heads");
-  TORCH_CHECK_VALUE(max_seqlen_q >= -1 && max_seqlen_k >= -1, "max_seqlen_q / max_seqlen_k must be >= 0, got ",
+  TORCH_CHECK_VALUE(max_seqlen_q >= -1 && max_seqlen_k >= -1, "max_seqlen_q / max_seqlen_k must be >= 0 (or -1: unknown), got ",
                     max_seqlen_q, " / ", max_seqlen_k);
   // The totals bound every sequence's length whatever cu_seqlens hold (the kernel clamps them to the totals).
   g.options = check_attention_options(q, g.num_seqs, g.num_heads, g.head_dim, g.total_q, g.total_k, softmax_scale,

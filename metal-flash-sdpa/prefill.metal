@@ -65,8 +65,7 @@ template <typename T, int D>
     const int shift = seqlen_k - seqlen_q;
     const device T* q_seq = q + element_offset(p.shape.q_strides, seq, q_start, head);
     device T* out_seq = out + element_offset(p.shape.out_strides, seq, q_start, head);
-    device float* lse_seq = lse + seq * p.shape.lse_strides[LSE_BATCH] + head * p.shape.lse_strides[LSE_HEAD]
-                                + q_start * p.shape.lse_strides[LSE_TOKEN];
+    device float* lse_seq = lse + lse_offset(p.shape.lse_strides, seq, head, q_start);
     const device T* k_head = k + element_offset(p.shape.k_strides, seq, k_start, kv_head);
     const device T* v_head = v + element_offset(p.shape.v_strides, seq, k_start, kv_head);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;

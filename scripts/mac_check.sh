@@ -93,8 +93,10 @@ python_env() {
     "$OUT/venv/bin/python" -c 'import torch; assert torch.backends.mps.is_available(), "no MPS device"; print(torch.__version__)'
 }
 
+# tests/mslsim and test_scripts.py test the Linux simulator and the Linux tooling (x86-64 only): not the Mac's job.
 pytest_on_mps() {
-  METAL_FLASH_SDPA_CHECK_DATA=1 "$OUT/venv/bin/python" -m pytest -q -m "not slow" tests
+  METAL_FLASH_SDPA_CHECK_DATA=1 "$OUT/venv/bin/python" -m pytest -q -m "not slow" tests \
+    --ignore=tests/mslsim --ignore=tests/test_scripts.py
 }
 
 benchmarks() {

@@ -28,3 +28,6 @@ then
   echo "setup: installing pinned Python dependencies"
   $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -r requirements.txt
 fi
+# MLX's Metal headers (the mlx-metal wheel) for the simulator's third-party anchors: fetched into build/third_party/,
+# never committed.
+$PY scripts/fetch_mlx_metal.py >/dev/null

@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import DEVICE, KERNEL as fa
+from tests.helpers import DEVICE, KERNEL as fa, strided
 from tests.reference import assert_matches_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -42,13 +42,9 @@ def randn(draw, shape, dtype, view):
     return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
 
-def index(values, strided):
-    t = torch.tensor(values, dtype=torch.int32)
-    if strided:
-        wide = torch.full((2 * t.numel(),), -3, dtype=torch.int32)
-        wide[::2] = t.reshape(-1)
-        t = wide[::2].view(t.shape) if t.dim() <= 1 else wide[::2].unflatten(0, t.shape)
-    return t.to(DEVICE)
+def index(values, as_view):
+    t = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    return strided(t, fill=-3) if as_view else t
 
 
 def scores(draw):
@@ -117,7 +113,7 @@ def prefill_cases(draw):
     if draw(st.booleans()):
         case["kw"]["s_aux"] = randn(draw, (H,), torch.float32, False)
     cu = lambda lens: [0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()]
-    strided = draw(st.booleans())
+    index_views = draw(st.booleans())
     case["cu_q"], case["cu_k"] = cu(lens_q), cu(lens_k)
     longest_q, longest_k = max(lens_q, default=0), max(lens_k, default=0)
     max_q = draw(st.sampled_from([longest_q, longest_q + 7, 2**40, "tensor"]))
@@ -159,7 +155,7 @@ def prefill_cases(draw):
             case["max_q"] = value
         elif name in ("window_size", "softcap", "softmax_scale", "s_aux"):
             case["kw"][name] = value
-    case["cu_q"], case["cu_k"] = index(case["cu_q"], strided), index(case["cu_k"], strided)
+    case["cu_q"], case["cu_k"] = index(case["cu_q"], index_views), index(case["cu_k"], index_views)
     if mistake and mistake[:2] == ("cu_seqlens_q", "int64"):
         case["cu_q"] = case["cu_q"].long()
     return case
@@ -239,8 +235,11 @@ def decode_cases(draw):
         mistakes += [("cache_batch_idx", num_blocks, "cache_batch_idx", "data")]
         if leftpad:
             mistakes += [("cache_leftpad", capacity + 1, "cache_leftpad", "data")]
+    if new:   # new tokens of another dtype than the cache (always checked: the write copies by element size)
+        named = "k_cache, v_cache and k must have the same dtype" if write_only else "k (new tokens) has dtype"
+        mistakes += [("k", "dtype", named, None)]
     if write_only:
-        mistakes = [m for m in mistakes if m[0] in ("cache_seqlens", "block_table")]
+        mistakes = [m for m in mistakes if m[0] in ("cache_seqlens", "block_table", "k")]
     # Table entries the checks read: the blocks holding each sequence's keys (the new tokens' only, for a write).
     in_use = {}
     for b in range(B):
@@ -267,6 +266,9 @@ def decode_cases(draw):
             case["table"][seq] = [value]
         elif name == "cache_leftpad":
             case["leftpad"][seq] = value
+        elif name == "k":
+            other = draw(st.sampled_from([d for d in (torch.float32, torch.float16, torch.bfloat16) if d != dtype]))
+            case["k"], case["v"] = case["k"].to(other), case["v"].to(other)
         else:
             case["kw"][name] = value
     return case

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEVICE, REPO, SIMULATED, PagedCache, queries
+from tests.helpers import DEVICE, REPO, SIMULATED, PagedCache, queries, strided
 from tests.reference import assert_matches_reference
 
 INT32_MAX = 2**31 - 1
@@ -16,13 +16,6 @@ INT32_MAX = 2**31 - 1
 def check_data(request, monkeypatch):
     monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", request.param)
     return request.param
-
-
-def strided(t):
-    """The same values as a non-contiguous view (every other element of a larger tensor)."""
-    wide = torch.full((2 * t.numel(),), -7, dtype=t.dtype, device=t.device)
-    wide[::2] = t.reshape(-1)
-    return wide[::2].view(t.shape) if t.dim() <= 1 else wide[::2].unflatten(0, t.shape)
 
 
 def varlen(seqlens_q, seqlens_k, H=4, Hkv=2, D=64, seed=0):
@@ -107,7 +100,7 @@ def test_extreme_windows(fa, check_data, window, causal):
     out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 10, causal=causal, window_size=window,
                                             return_attn_probs=True)
     assert_matches_reference(out, lse, q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), causal=causal, window=window)
-    for Sq, Sk in [(3, 2), (40, 10)]:   # flash_attn_func: the decode kernel (Sq <= 4) and the prefill one
+    for Sq, Sk in [(fa.DECODE_MAX_NEW_TOKENS - 1, 2), (40, 10)]:   # flash_attn_func: the decode kernel and the prefill one
         qb, kb, vb, cu_q, cu_k = varlen([Sq, Sq], [Sk, Sk], seed=Sq)
         qb, kb, vb = (t.unflatten(0, (2, -1)) for t in (qb, kb, vb))
         out, lse, _ = fa.flash_attn_func(qb, kb, vb, causal=causal, window_size=window, return_attn_probs=True)
@@ -164,13 +157,19 @@ def test_size_limits(fa):
     with pytest.raises(NotImplementedError, match=r"2\^31 - 33 tokens"):
         varlen_op(tokens)
     varlen_op(tokens[1:])
-    q = torch.empty(1, 1, 1, 32, device="meta")
-    decode_op = lambda cache: ops.flash_attn_decode(q, cache, cache, None, None, None, None, None, None, 0, None,
+    decode_op = lambda cache: ops.flash_attn_decode(torch.empty(1, 1, 1, cache.shape[-1], device="meta"), cache, cache, None, None, None, None, None, None, 0, None,
                                                     False, -1, -1, 0.0, None, None)
-    cache = torch.empty(1, 2**31 - 32, 1, 32, device="meta")
-    with pytest.raises(NotImplementedError, match=r"2\^31 - 33 slots"):
-        decode_op(cache)
-    decode_op(cache[:, 1:])
+    for D in (32, 256):   # a K tile past the last slot stays within int32: 2^31 - 1 - KV_TILE_KEYS[D] slots
+        max_slots = 2**31 - 1 - fa.KV_TILE_KEYS[D]
+        cache = torch.empty(1, max_slots + 1, 1, D, device="meta")
+        with pytest.raises(NotImplementedError, match=f"more than {max_slots} slots per sequence"):
+            decode_op(cache)
+        decode_op(cache[:, 1:])
+    rows = torch.empty(1, 2**28, 8, 32, device="meta")   # 8 heads x 2^28 new tokens = 2^31 query rows
+    cache = torch.empty(1, 16, 8, 32, device="meta")
+    with pytest.raises(NotImplementedError, match="query rows"):
+        ops.flash_attn_decode(rows, cache, cache, None, None, None, None, None, None, 0, None, False, -1, -1, 0.0,
+                              None, None)
 
 
 @pytest.mark.parametrize("check_data", ["1", "0"], indirect=True)

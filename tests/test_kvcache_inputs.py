@@ -82,6 +82,13 @@ BAD_DECODE = {
     "softcap + append": (lambda a: dict(softcap=-1.0, k=a["q"][:, :, :2], v=a["q"][:, :, :2]), ValueError,
                          ["softcap must be >= 0"]),
     "num_splits": (lambda a: dict(num_splits=-1), ValueError, ["num_splits"]),
+    # New tokens of another dtype than the cache would be copied with the wrong element size.
+    "new k/v dtype": (lambda a: dict(k=a["q"][:, :, :2].float(), v=a["q"][:, :, :2].float()), TypeError,
+                      ["k (new tokens) has dtype Float but the cache has Half"]),
+    "new k/v device": (lambda a: dict(k=a["q"][:, :, :2].to("meta"), v=a["q"][:, :, :2].to("meta")), ValueError,
+                       ["is on meta"]),
+    "append without cache_seqlens": (lambda a: dict(cache_seqlens=None, k=a["q"][:, :, :2], v=a["q"][:, :, :2]),
+                                     ValueError, ["pass cache_seqlens with k and v"]),
 }
 
 

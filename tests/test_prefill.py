@@ -3,7 +3,7 @@ with flash-attn's tolerance rule; plus the band proof from the simulator's work 
 import pytest
 import torch
 
-from tests.helpers import DEVICE, DTYPES, HEAD_DIMS
+from tests.helpers import DEVICE, DTYPES, HEAD_DIMS, KERNEL
 from tests.reference import assert_matches_reference, visible_keys
 
 
@@ -199,7 +199,7 @@ def test_flash_attn_func_reads_views_in_place(fa, counters):
     assert torch.equal(out, fa.flash_attn_func(q.contiguous(), k.contiguous(), v.contiguous()))
 
 
-@pytest.mark.parametrize("Sq", [1, 4])
+@pytest.mark.parametrize("Sq", [1, KERNEL.DECODE_MAX_NEW_TOKENS])
 def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
     """generate() decodes through flash_attn_func with Sq = 1 < Sk: those calls run the decode kernel, so all
     query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split over DECODE_PARTITION_SIZE-key

@@ -55,7 +55,7 @@ struct ScoreRules {
     float softcap_value;
 };
 
-// Field by field: a struct in the constant address space does not convert to a thread-space one.
+// The rules in thread registers, from the constant-space params and the calling kernel's function constants.
 METAL_FUNC ScoreRules score_rules(bool causal, bool window, bool softcap, bool alibi, constant MaskParams& mask) {
     return {causal, window, softcap, alibi, mask.window_left, mask.window_right, mask.softcap};
 }

@@ -19,7 +19,7 @@ from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
            "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_PARTITION_SIZE", "DECODE_MAX_PARTITIONS",
-           "DECODE_SCRATCH_BYTES"]
+           "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS"]
 
 _constants = ops.kernel_constants()
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
@@ -28,6 +28,7 @@ KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile
 DECODE_PARTITION_SIZE: int = _constants["decode_partition_size"][0]     # keys per split-K partition (num_splits=0)
 DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
 DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
+DECODE_MAX_NEW_TOKENS: int = _constants["decode_max_new_tokens"][0]     # flash_attn_func runs the decode kernel up to this Sq
 
 IntOrTensor = Union[int, torch.Tensor]
 _INT64 = range(-2**63, 2**63)
@@ -86,7 +87,7 @@ def _seqlens(value: Union[int, torch.Tensor], device) -> torch.Tensor:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor [batch], got {type(value).__name__}")
     if value not in _INT32:
         raise ValueError(f"cache_seqlens = {value} does not fit int32 (the cache positions are int32)")
-    return torch.tensor(value, dtype=torch.int32, device=device)
+    return torch.full((), value, dtype=torch.int32, device=device)   # filled on the device: no host->device copy
 
 
 def flash_attn_varlen_func(

@@ -8,6 +8,7 @@ static inline MTLSize MTLSizeMake(NSUInteger w, NSUInteger h, NSUInteger d) { MT
 @protocol MTLFunction <NSObject>
 @end
 @protocol MTLComputePipelineState <NSObject>
+@property(readonly) NSUInteger maxTotalThreadsPerThreadgroup;
 @end
 @interface MTLFunctionConstantValues : NSObject
 - (void)setConstantValue:(const void*)value type:(MTLDataType)type atIndex:(NSUInteger)index;
