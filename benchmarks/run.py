@@ -337,6 +337,73 @@ def plot(results, out_dir):
         plt.close(fig)
 
 
+def profile_main(args):
+    """--profile: ours vs MLX per case, counters and MODEL predictions (benchmarks/profile.py)."""
+    from benchmarks import cost_model, profile
+    from tests.mslsim.anchors import mlx
+    fa, lib = load_kernel(), mlx.library()
+    cases = profile.SMOKE_CASES if args.smoke else profile.CASES
+    cases = [c for c in cases if not args.cases or args.cases in c["case"]]
+    records = []
+    for c in progress(cases, "profile"):
+        records += profile.profile_case(fa, lib, c)
+    rows = []
+    for ours, theirs in zip(records[::2], records[1::2]):
+        row = dict(case=ours["case"])
+        for gpu in cost_model.PREDICTED_GPUS:
+            row[f"ours_{gpu}_ms_model"], row[f"mlx_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
+            row[f"ours/mlx_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
+        row["ours_err"], row["mlx_err"] = ours["max_abs_err"], theirs["max_abs_err"]
+        rows.append(row)
+    table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs MLX")
+    def ratio(o, t, n):
+        a, b = o["counters"].get(n, 0), t["counters"].get(n, 0)
+        return a / b if b else (float("inf") if a else None)
+    names = sorted(n for n in {k for r in records for k in r["counters"]} - {"launches"} if any(r["counters"].get(n) for r in records))
+    counter_rows = [dict(counter=n, **{o["case"][:34]: ratio(o, t, n) for o, t in zip(records[::2], records[1::2])})
+                    for n in names]
+    table(counter_rows, list(counter_rows[0]), "ours / MLX per counter (executed lane-instructions; inf: MLX has none)")
+    calibration = None if args.smoke else profile.calibrate(fa, lib)
+    if calibration:
+        print(f"calibration (MODEL vs published MLX): {calibration}\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(records, indent=1))
+    (args.out / "profile_model.json").write_text(json.dumps(dict(
+        note="predicted_ms are a MODEL from executed-instruction counts, not timings", sources=cost_model.sources(),
+        calibration=calibration), indent=1))
+    plot_profile(records, args.out)
+    print(f"profile: {args.out / 'profile.json'}, {args.out / 'profile_model.json'}, {args.out / 'profile.png'}")
+    return records
+
+
+def plot_profile(records, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pairs = list(zip(records[::2], records[1::2]))
+    keys = ["fp32", "int32_add", "int64_add", "int64_mul", "int_div", "compare_select", "matrix_multiply_accumulate",
+            "device_load_bytes", "threadgroup_load_bytes", "threadgroup_barrier"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4 + 0.3 * len(pairs)))
+    labels = [o["case"] for o, _ in pairs]
+    for i, gpu in enumerate(("m3_max", "m4_max")):
+        left.barh([y + 0.4 * i for y in range(len(pairs))], [o["predicted_ms"][gpu] / t["predicted_ms"][gpu]
+                                                              for o, t in pairs], 0.4, label=gpu)
+    left.axvline(1, color="gray", lw=0.8)
+    left.set_yticks(range(len(pairs)), labels, fontsize=7)
+    left.set_xlabel("ours / MLX, predicted time (MODEL, not a timing)")
+    left.legend()
+    for y, (o, t) in enumerate(pairs):
+        right.scatter([o["counters"].get(k, 0) / max(t["counters"].get(k, 0), 1) for k in keys], keys, s=12,
+                      label=o["case"])
+    right.set_xscale("symlog")
+    right.axvline(1, color="gray", lw=0.8)
+    right.set_xlabel("ours / MLX per counter (simulator counts)")
+    right.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out_dir / "profile.png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny configuration (CI)")
@@ -344,7 +411,13 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=float, help="override the roofline's peak TFLOPS")
     parser.add_argument("--bandwidth", type=float, help="override the roofline's GB/s")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--profile", action="store_true",
+                        help="executed-instruction profiles of ours vs MLX with a MODEL of M3/M4 Max time "
+                             "(profile.json, profile.png); with --smoke: tiny cases")
+    parser.add_argument("--cases", help="--profile: only cases whose name contains this text")
     args = parser.parse_args(argv)
+    if args.profile:
+        return profile_main(args)
     device = "mps" if torch.backends.mps.is_available() else "cpu"
     simulated = device == "cpu"
     peak = (args.peak_tflops or GPUS[args.gpu][0], args.bandwidth or GPUS[args.gpu][1])

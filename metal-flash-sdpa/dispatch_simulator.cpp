@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -34,7 +35,7 @@ uint64_t byte_extent(const at::Tensor& t) {
   return uint64_t(last + 1) * t.element_size();
 }
 
-void tally(const MslsimStats& stats) {
+void tally(const std::string& kernel, const MslsimStats& stats) {
   std::lock_guard<std::mutex> lock(g_counters_mutex);
   g_counters["launches"] += 1;
   g_counters["threadgroups"] += int64_t(stats.threadgroups);
@@ -49,6 +50,16 @@ void tally(const MslsimStats& stats) {
     }
   }
   for (uint32_t i = 0; i < stats.num_counters; ++i) g_counters[mslsim_counter_name(int(i))] += int64_t(stats.counters[i]);
+  if (!stats.profiled) return;
+  // MSLSIM_PROFILE=1: executed-instruction profile per kernel, "profile[<kernel>].<counter>" (mslsim/README.md)
+  const std::string prefix = "profile[" + kernel + "].";
+  g_counters[prefix + "launches"] += 1;
+  g_counters[prefix + "threadgroups"] += int64_t(stats.threadgroups);
+  g_counters[prefix + "threads_per_threadgroup"] = stats.threads_per_threadgroup;
+  int64_t& memory = g_counters[prefix + "threadgroup_memory"];
+  memory = std::max<int64_t>(memory, stats.threadgroup_memory_peak);
+  for (int i = 0; i < MSLSIM_NUM_PROFILE_COUNTERS; ++i)
+    g_counters[prefix + mslsim_profile_counter_name(i)] += int64_t(stats.profile[i]);
 }
 
 }  // namespace
@@ -91,7 +102,7 @@ void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buff
   char error[2048];
   const int status = mslsim_dispatch(&desc, &stats, error, sizeof(error));
   TORCH_CHECK(status == 0, "metal-flash-sdpa (simulated Metal): ", error);
-  tally(stats);
+  tally(launch.kernel, stats);
 }
 
 // Launches, threadgroups, device bytes read/written (total and per [[buffer(i)]]) and the shaders'

@@ -39,6 +39,11 @@ SHIM_FLAGS = [
 # (shim.h). A launch picks the GPU twin when asked (MSLSIM_GPU_NUMERICS=1, or gpu_numerics=True).
 EXACT_NUMERICS_FLAGS = ["-ffp-contract=off"]
 GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1"]   # -mfma: contraction needs the instruction
+# A third twin profiles (a launch with profile=1 or MSLSIM_PROFILE=1): GPU numerics as Apple compiles, line tables
+# to tell kernel code from the shim's, no loop vectorisation (GPU lanes are scalar; SLP still merges adjacent
+# loads into wide ones as Apple's compiler does), and a per-block instruction-mix counter (ir_mix.py). The
+# exact and GPU twins are untouched, so normal simulation speed is unchanged.
+PROFILE_FLAGS = [*GPU_NUMERICS_FLAGS, "-DMSLSIM_PROFILE=1", "-gline-tables-only", "-fno-vectorize"]
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
 # -fno-builtin keeps loops from becoming untraced memcpy calls.
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
@@ -273,7 +278,7 @@ def _run(cmd, what):
 
 def _toolchain_key(cxx: str) -> str:
     parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS), _TRACED_INTRINSICS]
-    for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE]:
+    for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE, PACKAGE_DIR / "ir_mix.py"]:
         if p.is_file():
             parts.append(p.name + _sha(p.read_bytes()))
     return _sha("\n".join(parts).encode())
@@ -332,18 +337,21 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
+    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS + PROFILE_FLAGS), str(source),
                           text]).encode())[:20]
 
     def produce(tmp: Path) -> Path:
+        from .ir_mix import instrument
         cpp = tmp / f"{source.stem}.cpp"
         cpp.write_text(text)
         twins = []
-        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
+        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS), ("profile", PROFILE_FLAGS)):
             ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
-                            f"compiling {source}" + (" (GPU numerics)" if name == "gpu" else ""))
+                            f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
             code = trace_memory_intrinsics(ir.read_text())
-            ir.write_text(internalize(code) if name == "gpu" else code)
+            if name == "profile":
+                code = instrument(code)
+            ir.write_text(code if name == "exact" else internalize(code))
             twins.append(str(compile_to(tmp / f"{name}.o", [cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir)],
                                         f"compiling {source} ({name} IR)")))
         return compile_to(tmp / "both.o", [cxx, "-r", "-nostdlib", *twins], f"combining {source}")

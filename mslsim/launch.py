@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 MAX_BUFFERS = 31
 MAX_COUNTERS = 16
+MAX_PROFILE_COUNTERS = 64   # at least MSLSIM_NUM_PROFILE_COUNTERS (the last field of MslsimStats: extra slots stay 0)
 MAX_THREADS = 1024
 MAX_THREADGROUP_MEMORY = 32768
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
@@ -32,7 +33,7 @@ class _Launch(ctypes.Structure):
                 ("buffers", _Buffer * MAX_BUFFERS), ("threadgroup_memory", ctypes.c_uint32 * MAX_BUFFERS),
                 ("constants", ctypes.POINTER(_Constant)), ("num_constants", ctypes.c_int32),
                 ("workers", ctypes.c_int32), ("schedule", ctypes.c_int32), ("seed", ctypes.c_uint32),
-                ("check_threadgroup", ctypes.c_int32), ("gpu_numerics", ctypes.c_int32)]
+                ("check_threadgroup", ctypes.c_int32), ("gpu_numerics", ctypes.c_int32), ("profile", ctypes.c_int32)]
 
 
 class _Stats(ctypes.Structure):
@@ -42,7 +43,8 @@ class _Stats(ctypes.Structure):
                 ("device_bytes_written", ctypes.c_uint64 * MAX_BUFFERS),
                 ("threadgroup_bytes_read", ctypes.c_uint64), ("threadgroup_bytes_written", ctypes.c_uint64),
                 ("threadgroup_memory_peak", ctypes.c_uint32), ("num_counters", ctypes.c_uint32),
-                ("counters", ctypes.c_uint64 * MAX_COUNTERS)]
+                ("counters", ctypes.c_uint64 * MAX_COUNTERS), ("profiled", ctypes.c_uint32),
+                ("threads_per_threadgroup", ctypes.c_uint32), ("profile", ctypes.c_uint64 * MAX_PROFILE_COUNTERS)]
 
 
 @dataclass
@@ -58,6 +60,9 @@ class LaunchStats:
     threadgroup_bytes_written: int = 0
     threadgroup_memory_peak: int = 0
     counters: dict = field(default_factory=dict)  # kernel work counters by name
+    # profile=True: per-thread instruction counts by name (see MslsimProfileCounter in runtime.h), plus the
+    # launch geometry a cost model needs (threads_per_threadgroup, threadgroup_memory, threadgroups)
+    profile: dict = field(default_factory=dict)
 
     @property
     def total_device_bytes_read(self) -> int:
@@ -112,6 +117,12 @@ class Library:
         L.mslsim_dispatch.argtypes = [ctypes.POINTER(_Launch), ctypes.POINTER(_Stats), ctypes.c_char_p, ctypes.c_size_t]
         L.mslsim_kernel_name.restype = ctypes.c_char_p
         L.mslsim_counter_name.restype = ctypes.c_char_p
+        L.mslsim_profile_counter_name.restype = ctypes.c_char_p
+        self.profile_counters = []
+        while name := L.mslsim_profile_counter_name(len(self.profile_counters)):
+            self.profile_counters.append(name.decode())
+        if len(self.profile_counters) > MAX_PROFILE_COUNTERS:
+            raise RuntimeError(f"{self.path} has {len(self.profile_counters)} profile counters; raise MAX_PROFILE_COUNTERS")
         L.mslsim_function_constant.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int32),
                                                ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_char_p)]
         self.kernels = [L.mslsim_kernel_name(i).decode() for i in range(L.mslsim_num_kernels())]
@@ -143,7 +154,8 @@ class Library:
 
     def dispatch(self, kernel: str, threadgroups, threads, buffers: dict, constants: dict | None = None,
                  threadgroup_memory: dict | None = None, workers: int = 0, schedule: str = "forward",
-                 seed: int = 0, check_threadgroup: bool = True, gpu_numerics: bool = False) -> LaunchStats:
+                 seed: int = 0, check_threadgroup: bool = True, gpu_numerics: bool = False,
+                 profile: bool = False) -> LaunchStats:
         """Run `kernel` over a grid of `threadgroups` of `threads` each (dispatchThreadgroups).
 
         buffers: {index: array/tensor/bytes}; outputs are written back in place.
@@ -151,7 +163,9 @@ class Library:
         schedule: fiber order between synchronisation points ("forward", "reverse", "random") to expose
         missing barriers; check_threadgroup: detect races (threadgroup and device memory inside a threadgroup)
         and uninitialised threadgroup reads; gpu_numerics: run the GPU-numerics twins (FMA contraction, fast-math
-        error bounds; also chosen for every launch by the environment variable MSLSIM_GPU_NUMERICS=1).
+        error bounds; also chosen for every launch by the environment variable MSLSIM_GPU_NUMERICS=1);
+        profile: run the profiling twins (GPU numerics) and return executed-instruction counts in `.profile`
+        (also chosen by MSLSIM_PROFILE=1).
         """
         if kernel not in self.kernels:
             raise ValueError(f"kernel '{kernel}' is not in {self.path}; it has {self.kernels}")
@@ -176,7 +190,7 @@ class Library:
         consts = self._encode_constants(constants or {})
         L.constants, L.num_constants = consts, len(constants or {})
         L.workers, L.schedule, L.seed, L.check_threadgroup = workers, SCHEDULES[schedule], seed, int(check_threadgroup)
-        L.gpu_numerics = int(gpu_numerics)
+        L.gpu_numerics, L.profile = int(gpu_numerics), int(profile)
         stats, err = _Stats(), ctypes.create_string_buffer(2048)
         if self._lib.mslsim_dispatch(ctypes.byref(L), ctypes.byref(stats), err, len(err)):
             raise SimulationError(err.value.decode(errors="replace"))
@@ -189,4 +203,12 @@ class Library:
             threadgroup_bytes_read=stats.threadgroup_bytes_read,
             threadgroup_bytes_written=stats.threadgroup_bytes_written,
             threadgroup_memory_peak=stats.threadgroup_memory_peak,
-            counters={name: stats.counters[i] for i, name in enumerate(names)})
+            counters={name: stats.counters[i] for i, name in enumerate(names)},
+            profile=profile_dict(self.profile_counters, stats) if stats.profiled else {})
+
+
+def profile_dict(names, stats) -> dict:
+    """Profile counts by name plus the launch geometry (one definition, used by Library.dispatch)."""
+    return {**{name: stats.profile[i] for i, name in enumerate(names)},
+            "threadgroups": stats.threadgroups, "threads_per_threadgroup": stats.threads_per_threadgroup,
+            "threadgroup_memory": stats.threadgroup_memory_peak}

@@ -61,8 +61,8 @@ __asm__(
 // Filled by static initialisers of the kernel translation units: plain zero-initialised arrays.
 struct KernelEntry { const char* name; void (*entry)(); };
 struct ConstantEntry { int index, type; void* value; bool* defined; const char* name; };
-static KernelEntry g_kernels[2][256];   // [0]: exact numerics, [1]: GPU-numerics twins
-static int g_num_kernels[2];
+static KernelEntry g_kernels[3][256];   // [0]: exact numerics, [1]: GPU-numerics twins, [2]: profiling twins
+static int g_num_kernels[3];
 static ConstantEntry g_constants[256];
 static int g_num_constants;
 static const char* g_counter_names[MSLSIM_MAX_COUNTERS];
@@ -181,6 +181,11 @@ struct alignas(64) Worker {
   int num_vars = 0;
   ShadowByte* shadow = nullptr;         // by packed offset
   bool check = false;
+  // profiling (profile=1): the kind of matrix access in progress (1 load, 2 store, 0 none), and whether its
+  // first element access was seen (which names the matrix instruction's address space)
+  bool profiling = false;
+  int matrix_kind = 0;
+  bool matrix_counted = false;
   // results
   bool failed = false;
   char message[1536];
@@ -516,11 +521,33 @@ static void check_order(Worker* w, ShadowByte* shadow, int kind, size_t off, siz
     }
   }
 }
+// Profile accounting of one access: a memory instruction of its width, or part of a matrix load/store.
+static void profile_access(Worker* w, bool threadgroup, size_t n, bool store) {
+  uint64_t* p = w->stats.profile;
+  if (w->matrix_kind) {
+    if (!w->matrix_counted)
+      p[w->matrix_kind == 1 ? (threadgroup ? MSLSIM_PROFILE_matrix_load_threadgroup : MSLSIM_PROFILE_matrix_load_device)
+                            : (threadgroup ? MSLSIM_PROFILE_matrix_store_threadgroup : MSLSIM_PROFILE_matrix_store_device)]++;
+    w->matrix_counted = true;
+    return;
+  }
+  const int base = threadgroup ? (store ? MSLSIM_PROFILE_threadgroup_store_1 : MSLSIM_PROFILE_threadgroup_load_1)
+                               : (store ? MSLSIM_PROFILE_device_store_1 : MSLSIM_PROFILE_device_load_1);
+  const int width = n == 1 ? 0 : n == 2 ? 1 : n == 4 ? 2 : n == 8 ? 3 : n == 16 ? 4 : 5;   // 1 2 4 8 16 other
+  p[base + width]++;
+  p[base + 6] += n;   // <space>_bytes
+}
+void profile_matrix_access(int kind) {
+  g_worker->matrix_kind = kind;
+  g_worker->matrix_counted = false;
+}
+void profile_count(int counter) { g_worker->stats.profile[counter]++; }
 static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
   const ThreadgroupArray& t = w->arrays[(a - (uintptr_t)w->tg_window) >> kSlotBits];
   if (!t.name || a < t.base || a + n > t.base + t.size) threadgroup_out_of_bounds(t, a, n, store);
   if (store) w->stats.threadgroup_bytes_written += n;
   else w->stats.threadgroup_bytes_read += n;
+  if (w->profiling) profile_access(w, true, n, store);
   if (!w->check) return;
   check_order(w, w->shadow + t.packed, THREADGROUP_MEMORY, a - t.base, n, store,
               [&](char* out, size_t len) { snprintf(out, len, "threadgroup array '%s'", t.name); });
@@ -529,6 +556,7 @@ static void device_access(Worker* w, uintptr_t a, size_t n, bool store) {
   const Region& r = g_regions[(a - g_window_lo) >> kSlotBits];
   if (a < r.lo || a + n > r.hi) device_out_of_bounds(r, a, n, store);
   (store ? w->stats.device_bytes_written : w->stats.device_bytes_read)[r.first_index] += n;
+  if (w->profiling) profile_access(w, false, n, store);
   if (!w->check || !r.writable) return;
   check_order(w, r.shadow, DEVICE_MEMORY, a - r.lo, n, store,
               [&](char* out, size_t len) { snprintf(out, len, "[[buffer(%d)]]", r.first_index); });
@@ -593,6 +621,12 @@ extern "C" __attribute__((visibility("hidden"))) void mslsim_memcpy(void* dst, c
     mslsim::rt::on_access((uintptr_t)dst, n, true);
   }
   memmove(dst, src, n);
+}
+// Called at the top of every basic block of a profiling twin that holds kernel arithmetic (build.py): adds the
+// block's instruction mix, one count per MSLSIM_ARITHMETIC_CLASSES entry.
+extern "C" __attribute__((visibility("hidden"))) void mslsim_profile_block(const uint32_t* mix) {
+  uint64_t* p = mslsim::rt::g_worker->stats.profile + MSLSIM_PROFILE_fp32;
+  for (int k = 0; k < MSLSIM_NUM_ARITHMETIC_CLASSES; k++) p[k] += mix[k];
 }
 extern "C" __attribute__((visibility("hidden"))) void mslsim_memset(void* dst, uint8_t value, size_t n, bool) {
   if (n) mslsim::rt::on_access((uintptr_t)dst, n, true);
@@ -775,6 +809,7 @@ static void run_threadgroup(Worker* w, uint3_ tg) {
 }
 
 static KernelEntry* g_entry;
+static bool profiling_twin(const KernelEntry* e) { return e && e >= g_kernels[2] && e < g_kernels[2] + g_num_kernels[2]; }
 static void fiber_main(Fiber* f) {
   Worker* w = g_worker;
   g_entry->entry();
@@ -890,10 +925,15 @@ static void unmap_window(bool copy_back) {
 
 static Worker g_workers[2];
 
+// A launch switch, also set for every launch by an environment variable (not "0").
+static int env_flag(int32_t value, const char* name) {
+  const char* env = getenv(name);
+  return value || (env && *env && strcmp(env, "0"));
+}
+
 static int validate(const MslsimLaunch* L, char* err, size_t n) {
   g_entry = nullptr;
-  const char* env = getenv("MSLSIM_GPU_NUMERICS");
-  const int numerics = L->gpu_numerics || (env && *env && strcmp(env, "0"));
+  const int numerics = env_flag(L->profile, "MSLSIM_PROFILE") ? 2 : env_flag(L->gpu_numerics, "MSLSIM_GPU_NUMERICS");
   for (int i = 0; i < g_num_kernels[numerics]; i++)
     if (!strcmp(g_kernels[numerics][i].name, L->kernel)) g_entry = &g_kernels[numerics][i];
   if (!g_entry) {
@@ -946,6 +986,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
       w->id = i;
       w->failed = false;
       w->check = L->check_threadgroup != 0;
+      w->profiling = profiling_twin(g_entry);
+      w->matrix_kind = 0;
       w->stats = MslsimStats{};
       w->rng = 0x9E3779B97F4A7C15ull * (L->seed + 1 + i);
       rc = worker_setup(w, threads, err, n);
@@ -974,6 +1016,7 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
           stats->device_bytes_written[b] += s.device_bytes_written[b];
         }
         for (int c = 0; c < MSLSIM_MAX_COUNTERS; c++) stats->counters[c] += s.counters[c];
+        for (int c = 0; c < MSLSIM_NUM_PROFILE_COUNTERS; c++) stats->profile[c] += s.profile[c];
         if (s.threadgroup_memory_peak > stats->threadgroup_memory_peak)
           stats->threadgroup_memory_peak = s.threadgroup_memory_peak;
         if (g_workers[i].failed && !rc) {
@@ -985,6 +1028,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
     unmap_window(rc == 0);
   }
   stats->num_counters = g_num_counters;
+  stats->profiled = profiling_twin(g_entry);
+  stats->threads_per_threadgroup = L->threads[0] * L->threads[1] * L->threads[2];
   g_launch = nullptr;
   pthread_mutex_unlock(&g_dispatch_lock);
   return rc;
@@ -999,6 +1044,11 @@ int mslsim_function_constant(int i, int32_t* index, int32_t* type, const char** 
   *type = g_constants[i].type;
   *name = g_constants[i].name;
   return 0;
+}
+#define MSLSIM_NAME_(name) #name,
+static const char* const g_profile_counter_names[] = {MSLSIM_PROFILE_COUNTERS(MSLSIM_NAME_)};
+const char* mslsim_profile_counter_name(int i) {
+  return i >= 0 && i < MSLSIM_NUM_PROFILE_COUNTERS ? g_profile_counter_names[i] : nullptr;
 }
 const char* mslsim_counter_name(int i) { return i >= 0 && i < g_num_counters ? g_counter_names[i] : nullptr; }
 

@@ -16,17 +16,22 @@ def lib():
     return mlx.library()
 
 
-def check(out, q, k, v, scale, causal):
-    """out [B, H, qL, D] against the float64 reference, within 2x (+1e-5) of plain attention in q's dtype."""
+def errors(out, q, k, v, scale, causal, **reference):
+    """(max |out - float64 reference|, the same for plain attention in q's dtype) for out [B, H, qL, D];
+    `reference`: attention_reference's window / sinks."""
     B, H, qL, D = q.shape
     kL = k.shape[2]
     varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)   # noqa: E731  [B*L, H, D]
     cu_q, cu_k = (torch.arange(B + 1, dtype=torch.int32) * n for n in (qL, kL))
-    kw = dict(scale=scale, causal=causal)
+    kw = dict(scale=scale, causal=causal, **reference)
     ref, _ = attention_reference(varlen(q), varlen(k), varlen(v), cu_q, cu_k, **kw)
     plain, _ = attention_reference(varlen(q), varlen(k), varlen(v), cu_q, cu_k, dtype=q.dtype, **kw)
-    err = (varlen(out).double() - ref).abs().max().item()
-    baseline = (plain.double() - ref).abs().max().item()
+    return (varlen(out).double() - ref).abs().max().item(), (plain.double() - ref).abs().max().item()
+
+
+def check(out, q, k, v, scale, causal, **reference):
+    """Within 2x (+1e-5) of plain attention in q's dtype (flash-attn's tolerance rule)."""
+    err, baseline = errors(out, q, k, v, scale, causal, **reference)
     assert err <= 2 * baseline + 1e-5, f"MLX kernel error {err:.3g} vs plain PyTorch {baseline:.3g}"
 
 
@@ -52,3 +57,22 @@ def test_steel_attention(lib, dtype, D, causal, qL, kL):
     q, k, v = inputs(1, 4, 2, qL, kL, D, dtype, seed=qL)
     out, _ = mlx.steel_attention(lib, q, k, v, 1 / math.sqrt(D), causal)
     check(out, q, k, v, 1 / math.sqrt(D), causal)
+
+
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.float16, 128)], ids=str)
+@pytest.mark.parametrize("kL", [77, 1100])
+def test_sdpa_vector_2pass(lib, dtype, D, kL):
+    q, k, v = inputs(2, 8, 2, 1, kL, D, dtype, seed=kL)
+    out, (first, second) = mlx.sdpa_vector_2pass(lib, q, k, v, 1 / math.sqrt(D))
+    check(out, q, k, v, 1 / math.sqrt(D), False)
+    assert first.threadgroups == 2 * 2 * mlx.two_pass_blocks(4, 1, kL) and second.threadgroups == 2 * 8
+
+
+def test_steel_attention_window_mask_and_sinks(lib):
+    qL = kL = 96
+    q, k, v = inputs(1, 4, 4, qL, kL, 64, torch.float16, seed=3)
+    pos = torch.arange(qL)
+    mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 16)   # causal window of 16 keys
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1))
+    out, _ = mlx.steel_attention(lib, q, k, v, 0.125, mask=mask, sinks=sinks)
+    check(out, q, k, v, 0.125, True, window=(15, 0), sinks=sinks.half().float())

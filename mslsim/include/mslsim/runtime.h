@@ -16,6 +16,28 @@
 #define MSLSIM_MAX_THREADGROUP_MEMORY 32768   // Metal: maxThreadgroupMemoryLength on Apple GPUs
 #define MSLSIM_API extern "C" __attribute__((visibility("default")))
 
+// Profile counters (a launch with profile=1 runs each kernel's profiling twin, see build.py). Every count is per
+// GPU thread (a lane): an instruction a full simdgroup executes counts 32. Memory instructions by access width
+// (bytes; "other": whole-struct copies and fills), counted from the traced loads and stores; the accesses a
+// simdgroup_load/simdgroup_store makes count as one matrix load/store of the lane instead. The arithmetic
+// classes are basic-block execution counts times each block's LLVM IR instruction mix (kernel code only, see
+// build.py): LLVM IR, an approximation of Apple's ISA. MSLSIM_ARITHMETIC_CLASSES is read by build.py (one list).
+#define MSLSIM_MEMORY_COUNTERS(X, space) \
+  X(space##_1) X(space##_2) X(space##_4) X(space##_8) X(space##_16) X(space##_other) X(space##_bytes)
+#define MSLSIM_ARITHMETIC_CLASSES(X) \
+  X(fp32) X(fp16) X(int32_add) X(int32_mul) X(int64_add) X(int64_mul) X(int_div) X(convert) X(transcendental) \
+  X(compare_select) X(branch)
+#define MSLSIM_PROFILE_COUNTERS(X)                                                                        \
+  MSLSIM_MEMORY_COUNTERS(X, device_load) MSLSIM_MEMORY_COUNTERS(X, device_store)                           \
+  MSLSIM_MEMORY_COUNTERS(X, threadgroup_load) MSLSIM_MEMORY_COUNTERS(X, threadgroup_store)                 \
+  X(matrix_load_device) X(matrix_load_threadgroup) X(matrix_store_device) X(matrix_store_threadgroup)      \
+  X(matrix_multiply_accumulate) X(simd_function) X(threadgroup_barrier) X(simdgroup_barrier)              \
+  MSLSIM_ARITHMETIC_CLASSES(X)
+#define MSLSIM_ENUM_(name) MSLSIM_PROFILE_##name,
+enum MslsimProfileCounter { MSLSIM_PROFILE_COUNTERS(MSLSIM_ENUM_) MSLSIM_NUM_PROFILE_COUNTERS };
+#define MSLSIM_ONE_(name) +1
+enum { MSLSIM_NUM_ARITHMETIC_CLASSES = 0 MSLSIM_ARITHMETIC_CLASSES(MSLSIM_ONE_) };
+
 extern "C" {
 
 // Scalar types a function constant may have (MTLDataType subset).
@@ -52,6 +74,8 @@ struct MslsimLaunch {
   uint32_t seed;              // for MSLSIM_RANDOM
   int32_t check_threadgroup;  // 1: detect races (threadgroup and device memory) and uninitialised threadgroup reads
   int32_t gpu_numerics;       // 1: run the kernels' GPU-numerics twins (also chosen by MSLSIM_GPU_NUMERICS=1)
+  int32_t profile;            // 1: run the profiling twins (GPU numerics, counted) and fill MslsimStats.profile
+                              //    (also chosen by MSLSIM_PROFILE=1)
 };
 
 struct MslsimStats {
@@ -66,6 +90,9 @@ struct MslsimStats {
   uint32_t threadgroup_memory_peak;  // bytes of threadgroup memory one threadgroup used
   uint32_t num_counters;
   uint64_t counters[MSLSIM_MAX_COUNTERS];  // named work counters (names: mslsim_counter_name)
+  uint32_t profiled;                       // 1: the profiling twins ran and `profile` holds their counts
+  uint32_t threads_per_threadgroup;
+  uint64_t profile[MSLSIM_NUM_PROFILE_COUNTERS];   // MslsimProfileCounter (names: mslsim_profile_counter_name)
 };
 
 // Returns 0 on success; otherwise writes a message naming the kernel, threadgroup and thread into err.
@@ -77,6 +104,7 @@ MSLSIM_API const char* mslsim_kernel_name(int i);
 MSLSIM_API int mslsim_num_function_constants(void);
 MSLSIM_API int mslsim_function_constant(int i, int32_t* index, int32_t* type, const char** name);
 MSLSIM_API const char* mslsim_counter_name(int i);
+MSLSIM_API const char* mslsim_profile_counter_name(int i);
 }
 
 namespace mslsim {
@@ -126,6 +154,10 @@ int register_function_constant(int index, int type, void* value, bool* defined, 
 uint64_t launch_serial();   // changes with every launch: per-pipeline values are recomputed per launch
 void note_atomic(const void* address, size_t bytes);   // atomics are untraced; they report here
 int work_counter(const char* name);
+// Profiling twins only (shim.h): a matrix load/store's element accesses (between begin and end) count as one
+// matrix instruction; the other operations count themselves.
+void profile_matrix_access(int kind);   // kind: 1 load, 2 store, 0 end
+void profile_count(int counter);
 void work_count(int counter, uint64_t amount);
 
 }  // namespace rt

@@ -343,9 +343,23 @@ MSLSIM_LIMITS(bfloat, 0x0080, 0x7F7F, 0x3C00)
 // Functions that reach the runtime's barriers and SIMD-group exchange are always inlined: the runtime
 // identifies a call by its file:line and the out-of-line calls above it (see call_path in runtime.cpp).
 #define MSLSIM_SYNC inline __attribute__((always_inline))
+// Profiling twins (-DMSLSIM_PROFILE) count the operations the shim implements; other builds compile nothing.
+#ifdef MSLSIM_PROFILE
+#define MSLSIM_PROFILE_COUNT(counter) mslsim::rt::profile_count(MSLSIM_PROFILE_##counter)
+#define MSLSIM_MATRIX_ACCESS(kind) mslsim::rt::profile_matrix_access(kind)
+#else
+#define MSLSIM_PROFILE_COUNT(counter) ((void)0)
+#define MSLSIM_MATRIX_ACCESS(kind) ((void)0)
+#endif
 #define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
-MSLSIM_SYNC void threadgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::threadgroup_barrier((int)flags, file, line); }
-MSLSIM_SYNC void simdgroup_barrier(mem_flags flags, MSLSIM_SITE) { mslsim::rt::simdgroup_barrier((int)flags, file, line); }
+MSLSIM_SYNC void threadgroup_barrier(mem_flags flags, MSLSIM_SITE) {
+  MSLSIM_PROFILE_COUNT(threadgroup_barrier);
+  mslsim::rt::threadgroup_barrier((int)flags, file, line);
+}
+MSLSIM_SYNC void simdgroup_barrier(mem_flags flags, MSLSIM_SITE) {
+  MSLSIM_PROFILE_COUNT(simdgroup_barrier);
+  mslsim::rt::simdgroup_barrier((int)flags, file, line);
+}
 
 // ============================================================================ SIMD-group functions
 // Each is a collective over the lanes that execute the call together (Metal's active lanes): every such
@@ -361,6 +375,7 @@ template <class T> inline T lane_value(const Exchange* x, int lane) {
 }
 template <class T> MSLSIM_SYNC Exchange* exchange(const T& v, const char* file, unsigned line) {
   static_assert(sizeof(T) <= sizeof(Exchange::slot[0]), "SIMD-group function on a value larger than 32 bytes");
+  MSLSIM_PROFILE_COUNT(simd_function);
   return mslsim::rt::simd_exchange(&v, sizeof(T), file, line);
 }
 inline int my_lane() { return (int)mslsim::rt::current->lane; }
@@ -505,10 +520,12 @@ inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& d, const P* src, ulong ele
   static_assert(mslsim::is_element_of<P, T>, "simdgroup_load: source element type must be the matrix type");
   int r, c;
   simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
+  MSLSIM_MATRIX_ACCESS(1);
   for (int k = 0; k < 2; k++) {
     long row = r + (long)matrix_origin.y, col = c + k + (long)matrix_origin.x;
     d.elements[k] = transpose_matrix ? src[col * (long)elements_per_row + row] : src[row * (long)elements_per_row + col];
   }
+  MSLSIM_MATRIX_ACCESS(0);
 }
 template <class T, class P>
 inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong elements_per_row = 8,
@@ -516,17 +533,20 @@ inline void simdgroup_store(const simdgroup_matrix<T, 8, 8>& a, P* dst, ulong el
   static_assert(mslsim::is_element_of<P, T>, "simdgroup_store: destination element type must be the matrix type");
   int r, c;
   simdgroup_matrix<T, 8, 8>::owned(detail::my_lane(), r, c);
+  MSLSIM_MATRIX_ACCESS(2);
   for (int k = 0; k < 2; k++) {
     long row = r + (long)matrix_origin.y, col = c + k + (long)matrix_origin.x;
     (transpose_matrix ? dst[col * (long)elements_per_row + row] : dst[row * (long)elements_per_row + col]) = a.elements[k];
   }
+  MSLSIM_MATRIX_ACCESS(0);
 }
 template <class TD, class TA, class TB, class TC>
 MSLSIM_SYNC void simdgroup_multiply_accumulate(simdgroup_matrix<TD, 8, 8>& d, const simdgroup_matrix<TA, 8, 8>& a,
                                           const simdgroup_matrix<TB, 8, 8>& b, const simdgroup_matrix<TC, 8, 8>& c,
                                           MSLSIM_SITE) {
   struct Operands { float a0, a1, b0, b1; } mine = {(float)a.elements[0], (float)a.elements[1], (float)b.elements[0], (float)b.elements[1]};
-  const detail::Exchange* x = detail::exchange(mine, file, line);
+  MSLSIM_PROFILE_COUNT(matrix_multiply_accumulate);   // one collective, not a SIMD-group function
+  const detail::Exchange* x = mslsim::rt::simd_exchange(&mine, sizeof mine, file, line);
   if (detail::active(x) != ~0u)
     mslsim::rt::fail("simdgroup_multiply_accumulate with active lanes 0x%08x: all 32 lanes of the simdgroup must "
                      "execute it (a lane returned, or runs another branch of divergent code)", detail::active(x));
@@ -805,7 +825,9 @@ template <class T, class F> struct DerivedConstant {
   T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
 #define MSLSIM_CAT_(a, b) a##b
 #define MSLSIM_CAT(a, b) MSLSIM_CAT_(a, b)
-#ifdef MSLSIM_GPU_NUMERICS
+#if defined(MSLSIM_PROFILE)
+#define MSLSIM_NUMERICS 2
+#elif defined(MSLSIM_GPU_NUMERICS)
 #define MSLSIM_NUMERICS 1
 #else
 #define MSLSIM_NUMERICS 0

@@ -47,8 +47,60 @@ def sdpa_vector(lib, q, k, v, scale, causal=False, **dispatch):
     return out, stats
 
 
-def steel_attention(lib, q, k, v, scale, causal=False, **dispatch):
-    """MLX's tiled attention: BQ = 32 queries per threadgroup of 4 simdgroups, BK = 32 keys (16 for D >= 128)."""
+def two_pass_blocks(gqa_factor, q_len, n_keys, arch_letter="s"):
+    """Key blocks of MLX's 2-pass decode, as sdpa_vector_2pass in scaled_dot_product_attention.cpp picks them
+    (ml-explore/mlx; the same rule as mlx-metal 0.32.4's headers): by the GPU architecture's last letter
+    ('s' = Max chips, e.g. M3 Max applegpu_g15s, per mlx#4022; 'd' = Ultra) and the simdgroups per threadgroup."""
+    n_simds = gqa_factor * q_len
+    if arch_letter == "s":
+        if n_keys > 1024 and n_simds > 4:
+            return 128 if n_keys <= 8192 else 256 if n_keys <= 32768 else 512 if n_keys <= 65536 else 1024
+        return 64
+    if arch_letter == "d":
+        if n_simds <= 2 and n_keys > 8192:
+            return 256
+        if n_simds >= 6 and n_keys >= 16384:
+            return 512 if n_keys < 65536 else 1024
+        return 128
+    return 64 if n_simds >= 4 else 32
+
+
+def uses_two_pass(heads, kv_heads, n_keys, arch_letter="s"):
+    """MLX's routing of single-query attention (ScaledDotProductAttention::eval_gpu): 2-pass on Max/Ultra chips
+    from 1024 keys, or with GQA from 4096 keys."""
+    return (arch_letter in "ds" and n_keys >= 1024) or (kv_heads < heads and n_keys >= 4096)
+
+
+def sdpa_vector_2pass(lib, q, k, v, scale, arch_letter="s", **dispatch):
+    """MLX's 2-pass decode: pass 1 grid (Hkv, B, blocks) of (32, G, qL) threads, key i in block i % blocks;
+    pass 2 merges the blocks, one threadgroup of 1024 threads per (batch x head, query). Returns the output and
+    both launches' LaunchStats. (MLX picks the `_gqa_8` pass-1 variant for G = 8, D in {64, 128}, >= 8192 keys;
+    not instantiated here.)"""
+    _check_layout(q, k, v)
+    B, H, qL, D = q.shape
+    Hkv, kL = k.shape[1], k.shape[2]
+    G = H // Hkv
+    blocks = two_pass_blocks(G, qL, kL, arch_letter)
+    partials = torch.empty(B, H, qL, blocks, D, dtype=q.dtype)
+    sums, maxs = (torch.empty(B, H, qL, blocks) for _ in range(2))
+    out = torch.empty_like(q)
+    buffers = {0: q, 1: k, 2: v, 3: partials, 4: sums, 5: maxs, 7: struct.pack("<i", kL),
+               8: struct.pack("<Q", kL * D), 9: struct.pack("<Q", D), 10: struct.pack("<Q", kL * D),
+               11: struct.pack("<Q", D), 12: struct.pack("<f", scale)}
+    constants = {20: False, 21: False, 22: False, 23: False, 24: False, 25: False, 26: blocks}
+    name = TYPE_NAMES[q.dtype]
+    first = lib.dispatch(f"sdpa_vector_2pass_1_{name}_{D}_{D}", (Hkv, B, blocks), (32, G, qL), buffers, constants,
+                         **dispatch)
+    second = lib.dispatch(f"sdpa_vector_2pass_2_{name}_{D}", (B * H, qL, 1), 1024,
+                          {0: partials, 1: sums, 2: maxs, 3: out, 4: struct.pack("<i", blocks)},
+                          {20: False, 21: False, 22: False, 23: False, 24: False, 25: False, 26: blocks}, **dispatch)
+    return out, [first, second]
+
+
+def steel_attention(lib, q, k, v, scale, causal=False, mask=None, sinks=None, **dispatch):
+    """MLX's tiled attention: BQ = 32 queries per threadgroup of 4 simdgroups, BK = 32 keys (16 for D >= 128).
+    mask: an optional boolean [qL, kL] mask (True = attend), shared by all batches and heads, as MLX takes a
+    window; sinks: optional [H] attention-sink logits."""
     _check_layout(q, k, v)
     B, H, qL, D = q.shape
     Hkv, kL = k.shape[1], k.shape[2]
@@ -59,7 +111,14 @@ def steel_attention(lib, q, k, v, scale, causal=False, **dispatch):
     params = struct.pack("<6if7i12q", B, H, D, qL, kL, H // Hkv, scale, nq, nk, qL // bq, kL // bk,
                          qL - qL // bq * bq, kL - kL // bk * bk, kL - qL,
                          *strides(q), *strides(k), *strides(v), *strides(out))
-    constants = {200: qL % bq == 0, 201: kL % bk == 0, 300: False, 301: causal, 302: False, 303: False}
-    name = f"steel_attention_{TYPE_NAMES[q.dtype]}_bq{bq}_bk{bk}_bd{D}_wm4_wn1_mask{TYPE_NAMES[q.dtype]}"
-    stats = lib.dispatch(name, (nq, H, B), (32, 4, 1), {0: q, 1: k, 2: v, 3: out, 4: params}, constants, **dispatch)
+    constants = {200: qL % bq == 0, 201: kL % bk == 0, 300: mask is not None, 301: causal, 302: sinks is not None,
+                 303: False}
+    buffers = {0: q, 1: k, 2: v, 3: out, 4: params}
+    if mask is not None:
+        buffers[5], buffers[6] = struct.pack("<3q", 0, 0, kL), mask.contiguous()
+    if sinks is not None:
+        buffers[7] = sinks.to(q.dtype).contiguous()
+    mask_type = "bool" if mask is not None else TYPE_NAMES[q.dtype]
+    name = f"steel_attention_{TYPE_NAMES[q.dtype]}_bq{bq}_bk{bk}_bd{D}_wm4_wn1_mask{mask_type}"
+    stats = lib.dispatch(name, (nq, H, B), (32, 4, 1), buffers, constants, **dispatch)
     return out, stats

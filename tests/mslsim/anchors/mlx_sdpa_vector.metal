@@ -13,3 +13,11 @@ using namespace metal;
 instantiate_sdpa_vector(float, 64)
 instantiate_sdpa_vector(half, 128)
 instantiate_sdpa_vector(bfloat16_t, 64)
+
+// The 2-pass decode kernels MLX routes long contexts to (scaled_dot_product_attention.cpp, sdpa_vector_2pass).
+#define instantiate_sdpa_vector_2pass(type, dim)                                                           \
+  instantiate_kernel("sdpa_vector_2pass_1_" #type "_" #dim "_" #dim, sdpa_vector_2pass_1, type, dim, dim) \
+  instantiate_kernel("sdpa_vector_2pass_2_" #type "_" #dim, sdpa_vector_2pass_2, type, dim)
+
+instantiate_sdpa_vector_2pass(half, 128)
+instantiate_sdpa_vector_2pass(float, 64)

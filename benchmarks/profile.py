@@ -1,0 +1,222 @@
+"""Executed-instruction profiles of our shaders and MLX's on the same attention problems, with a MODEL of their
+time on M3 Max / M4 Max (benchmarks/cost_model.py). Nothing here is a timing.
+
+Ours run through the torch ops (the CPU build, same launch plan and constants as on a Mac) with MSLSIM_PROFILE=1;
+MLX's kernels run from the mlx-metal wheel's headers (tests/mslsim/anchors/mlx.py, MLX's own host choices).
+
+Extrapolation: batches and KV-head groups are independent threadgroups doing identical work (same lengths, no
+data-dependent trip counts), so a case is simulated for one batch and one KV head (its G query heads) and every
+extensive counter is multiplied by B x Hkv. `extrapolate_check` proves this exact on a small shape simulated whole
+(tests/test_benchmarks.py). Sequence lengths are never extrapolated: a case runs at the length it names.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from benchmarks import cost_model
+from tests.mslsim.anchors import mlx
+from tests.reference import attention_reference
+
+# Counters that do not scale with the number of threadgroups.
+INTENSIVE = ("threads_per_threadgroup", "threadgroup_memory", "launches")
+PROFILE_PREFIX = "profile["
+
+
+def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False):
+    return dict(case=name, kind=kind, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqlen=seqlen,
+                window=window, sinks=sinks, dtype="float16")
+
+
+# The issue's cases (#14). MLX runs D=256 prefill unfused on M1-M4 (ScaledDotProductAttention::use_fallback);
+# its steel kernel is profiled there anyway, as the fused kernel it would be.
+CASES = [
+    case("prefill 8k causal H32 D128", "prefill", 1, 32, 32, 128, 8192),
+    case("prefill 8k window128+sinks H8 D64", "prefill", 1, 8, 8, 64, 8192, window=128, sinks=True),
+    case("prefill 4k causal H32 D64", "prefill", 1, 32, 32, 64, 4096),
+    case("prefill 4k causal H32 D256", "prefill", 1, 32, 32, 256, 4096),
+    case("decode B1 ctx8k Hq32/Hkv8 D128", "decode", 1, 32, 8, 128, 8192),
+    case("decode B8 ctx8k Hq32/Hkv8 D128", "decode", 8, 32, 8, 128, 8192),
+    case("decode B8 ctx32k Hq32/Hkv4 D128", "decode", 8, 32, 4, 128, 32768),
+    case("decode B32 ctx2k Hq32/Hkv32 D128", "decode", 32, 32, 32, 128, 2048),
+]
+SMOKE_CASES = [
+    case("smoke prefill 128 window32+sinks H2 D64", "prefill", 1, 2, 2, 64, 128, window=32, sinks=True),
+    case("smoke decode B1 ctx1100 Hq4/Hkv2 D128", "decode", 1, 4, 2, 128, 1100),
+]
+
+
+def sampled(c):
+    """The simulated slice of a case: one batch, one KV head with its query heads; and the factor to scale by."""
+    group = c["heads"] // c["kv_heads"]
+    return {**c, "batch": 1, "heads": group, "kv_heads": 1}, c["batch"] * c["kv_heads"]
+
+
+def scale(launches, factor):
+    return [{**l, "counters": {k: v if k in INTENSIVE else v * factor for k, v in l["counters"].items()}}
+            for l in launches]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def inputs(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D, n = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["seqlen"]
+    q_len = 1 if c["kind"] == "decode" else n
+    q = torch.randn(B, H, q_len, D, generator=g).half()
+    k, v = (torch.randn(B, Hkv, n, D, generator=g).half() for _ in range(2))
+    sinks = torch.randn(H, generator=g).half().float() if c["sinks"] else None
+    return q, k, v, sinks
+
+
+def max_abs_err(out, q, k, v, c, sinks):
+    """max |out - float64 reference| over the case ([B, H, qL, D] layout)."""
+    B, H, qL, D = q.shape
+    varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)   # noqa: E731
+    cu_q, cu_k = (torch.arange(B + 1, dtype=torch.int32) * n for n in (qL, k.shape[2]))
+    window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    ref, _ = attention_reference(varlen(q), varlen(k), varlen(v), cu_q, cu_k, scale=D ** -0.5, causal=True,
+                                 window=window, sinks=sinks)
+    return (varlen(out).double() - ref).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------ running
+def launches_from_counters(counters):
+    """simulator_counters() keys `profile[<kernel>].<name>` -> [{kernel, counters}] (one entry per kernel)."""
+    by_kernel = {}
+    for key, value in counters.items():
+        if key.startswith(PROFILE_PREFIX):
+            kernel, name = key[len(PROFILE_PREFIX):].split("].", 1)
+            by_kernel.setdefault(kernel, {})[name] = value
+    return [dict(kernel=k, counters=v) for k, v in by_kernel.items()]
+
+
+def run_ours(fa, lib, c, q, k, v, sinks):
+    """Our op on the case (q/k/v [B, H, L, D]); returns (out [B, H, qL, D], launches)."""
+    previous = os.environ.get("MSLSIM_PROFILE")
+    os.environ["MSLSIM_PROFILE"] = "1"
+    try:
+        fa.simulator_counters(reset=True)
+        if c["kind"] == "prefill":
+            t = lambda x: x.transpose(1, 2).contiguous()   # noqa: E731  [B, L, H, D]
+            w = c["window"]
+            out = fa.flash_attn_func(t(q), t(k), t(v), causal=True, window_size=(w - 1 if w else -1, 0),
+                                     s_aux=sinks).transpose(1, 2)
+        else:
+            B, Hkv, n, D = k.shape
+            block_size = 32
+            blocks = math.ceil(n / block_size)
+            cache = lambda x: torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - n)).transpose(1, 2).reshape(  # noqa: E731
+                B * blocks, block_size, Hkv, D).contiguous()
+            table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
+            lens = torch.full((B,), n, dtype=torch.int32)
+            out = fa.flash_attn_with_kvcache(q.transpose(1, 2).contiguous(), cache(k), cache(v), cache_seqlens=lens,
+                                             block_table=table, causal=True).transpose(1, 2)
+        return out, launches_from_counters(fa.simulator_counters(reset=True))
+    finally:
+        if previous is None:
+            os.environ.pop("MSLSIM_PROFILE")
+        else:
+            os.environ["MSLSIM_PROFILE"] = previous
+
+
+def run_mlx(fa, lib, c, q, k, v, sinks):
+    """MLX's kernel for the case, launched as MLX's host code launches it; returns (out, launches)."""
+    scale_ = c["head_dim"] ** -0.5
+    if c["kind"] == "decode":
+        if mlx.uses_two_pass(c["heads"], c["kv_heads"], c["seqlen"]):
+            out, stats = mlx.sdpa_vector_2pass(lib, q, k, v, scale_, profile=True)
+        else:
+            out, one = mlx.sdpa_vector(lib, q, k, v, scale_, profile=True)
+            stats = [one]
+        kernels = ["sdpa_vector_2pass_1", "sdpa_vector_2pass_2"] if len(stats) == 2 else ["sdpa_vector"]
+    else:
+        mask = None
+        if c["window"]:   # MLX takes a window as a boolean mask array (as benchmarks/run.py times it)
+            pos = torch.arange(c["seqlen"])
+            mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < c["window"])
+        out, one = mlx.steel_attention(lib, q, k, v, scale_, causal=mask is None, mask=mask, sinks=sinks, profile=True)
+        stats, kernels = [one], ["steel_attention"]
+    return out, [dict(kernel=name, counters=s.profile) for name, s in zip(kernels, stats)]
+
+
+RUNNERS = {"ours": run_ours, "mlx": run_mlx}
+
+
+def dram_bytes(c, kernel):
+    """Bytes each implementation must move from DRAM at least: q, k, v read once, out written once (fp16); MLX's
+    boolean window mask is read too."""
+    B, H, Hkv, D, n = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["seqlen"]
+    q_len = 1 if c["kind"] == "decode" else n
+    total = 2 * (2 * B * H * q_len * D + 2 * B * Hkv * n * D)
+    if kernel == "mlx" and c["window"]:
+        total += n * n
+    return total
+
+
+def profile_case(fa, lib, c):
+    """Two records (ours, MLX) for a case: counters extrapolated exactly from the simulated slice."""
+    small, factor = sampled(c)
+    q, k, v, sinks = inputs(small)
+    records = []
+    for kernel in ("ours", "mlx"):
+        out, launches = RUNNERS[kernel](fa, lib, small, q, k, v, sinks)
+        launches = scale(launches, factor)
+        total_bytes = dram_bytes(c, kernel)
+        predicted = {}
+        for gpu in cost_model.PREDICTED_GPUS:   # DRAM bytes shared between launches in proportion to device bytes
+            device = [l["counters"].get("device_load_bytes", 0) + l["counters"].get("device_store_bytes", 0)
+                      for l in launches]
+            predicted[gpu] = sum(cost_model.predict_ms(l["counters"], total_bytes * d / max(sum(device), 1), gpu)
+                                 for l, d in zip(launches, device))
+        counters = {}
+        for l in launches:
+            for name, value in l["counters"].items():
+                if name not in INTENSIVE:
+                    counters[name] = counters.get(name, 0) + value
+        records.append(dict(kernel=kernel, case=c["case"],
+                            shape={k_: c[k_] for k_ in ("kind", "batch", "heads", "kv_heads", "head_dim", "seqlen",
+                                                        "window", "sinks", "dtype")},
+                            counters=counters, launches=launches, predicted_ms=predicted,
+                            max_abs_err=max_abs_err(out, q, k, v, small, sinks),
+                            simulated=dict(batch=1, kv_heads=1, scale_factor=factor)))
+    return records
+
+
+def extrapolate_check(fa, lib, c):
+    """(whole, extrapolated) launches for ours and MLX on a case small enough to simulate whole."""
+    small, factor = sampled(c)
+    result = {}
+    for kernel, run in RUNNERS.items():
+        _, whole = run(fa, lib, c, *inputs(c))
+        _, part = run(fa, lib, small, *inputs(small))
+        result[kernel] = (whole, scale(part, factor))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ calibration
+# Published MLX measurement the model is checked against (PERFORMANCE.md, "Anchors"): Rapid-MLX PR #258, MLX SDPA
+# causal, D=128, H=32, 4K tokens on M3 Ultra at 88% of a measured 17.4 TFLOPS matmul ceiling. The FLOP convention
+# of that figure is not visible; with causal work counted (half of N^2) the achieved rate is 0.88 * 17.4 / 2.
+CALIBRATION = dict(case=case("calibration: prefill 4k causal H32 D128 (M3 Ultra)", "prefill", 1, 32, 32, 128, 4096),
+                   gpu="m3_ultra", tflops=0.88 * 17.4 / 2,
+                   source="Rapid-MLX PR #258 (third party), as read in PERFORMANCE.md 'Anchors'; causal FLOP convention assumed")
+
+
+def attention_flops(c):
+    n, w = c["seqlen"], c["window"]
+    visible = sum(min(i + 1, w) if w else i + 1 for i in range(n))
+    return 4 * c["head_dim"] * c["heads"] * c["batch"] * visible
+
+
+def calibrate(fa, lib, c=None):
+    """MODEL vs measurement for MLX on the calibration case: predicted ms, measured ms, relative error."""
+    c = c or CALIBRATION["case"]
+    small, factor = sampled(c)
+    _, launches = run_mlx(fa, lib, small, *inputs(small))
+    launches = scale(launches, factor)
+    predicted = sum(cost_model.predict_ms(l["counters"], dram_bytes(c, "mlx"), CALIBRATION["gpu"]) for l in launches)
+    measured = attention_flops(c) / (CALIBRATION["tflops"] * 1e12) * 1e3
+    return dict(case=c["case"], gpu=CALIBRATION["gpu"], predicted_ms_model=predicted, measured_ms=measured,
+                relative_error=predicted / measured - 1, source=CALIBRATION["source"])

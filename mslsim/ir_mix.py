@@ -1,0 +1,188 @@
+"""Per-basic-block instruction mix of a kernel's LLVM IR, and the instrumentation that counts it at run time.
+
+The profiling twin of a kernel (build.py) is compiled with line tables; every basic block that holds kernel
+arithmetic gets a call `mslsim_profile_block(@mix)` at its top, where @mix is the block's count of
+instructions per class (MSLSIM_ARITHMETIC_CLASSES in runtime.h). Executed arithmetic = block executions x mix,
+exact for the IR that runs. The mix is LLVM-IR-level after clang -O2 for x86-64 (loop vectorisation off):
+an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
+  - only instructions whose debug location is kernel code count: the shim's implementation of Metal
+    functions (mslsim/include) does not; the runtime counts those operations itself (matrix loads/stores and
+    multiply-accumulates, SIMD-group functions, barriers);
+  - exception: calls to transcendental functions count wherever they were inlined from (the shim implements
+    metal::exp with libm, and that call is the transcendental the kernel asked for);
+  - vector instructions count one per element (Apple GPU ALUs are scalar per lane);
+  - loads and stores are not in the mix: the runtime traces them exactly, with their widths;
+  - free in this model: phi, bitcast/trunc, vector element moves, unconditional branches, constant-offset
+    address arithmetic. A getelementptr with a variable index counts one 64-bit add per such index.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .build import INCLUDE_DIR
+
+RUNTIME_HEADER = INCLUDE_DIR / "mslsim" / "runtime.h"
+
+
+def arithmetic_classes() -> list:
+    """The class names, in order, from runtime.h's MSLSIM_ARITHMETIC_CLASSES (the one list)."""
+    text = RUNTIME_HEADER.read_text()
+    body = re.search(r"#define MSLSIM_ARITHMETIC_CLASSES\(X\)((?:.*\\\n)*.*)", text).group(1)
+    return re.findall(r"X\((\w+)\)", body)
+
+
+CLASSES = arithmetic_classes()
+_INDEX = {name: i for i, name in enumerate(CLASSES)}
+
+_FP_OPS = {"fadd", "fsub", "fmul", "fdiv", "frem", "fneg"}
+_INT_ADD_OPS = {"add", "sub", "and", "or", "xor", "shl", "lshr", "ashr"}
+_DIV_OPS = {"udiv", "sdiv", "urem", "srem"}
+_CONVERT_OPS = {"sitofp", "uitofp", "fptosi", "fptoui", "fpext", "fptrunc"}
+_TRANSCENDENTAL = re.compile(r"@(?:llvm\.(?:exp|exp2|exp10|log|log2|log10|sin|cos|tan|pow|sqrt|tanh)\.|"
+                             r"(?:exp|exp2|exp10|expm1|log|log2|log10|log1p|sin|cos|tan|tanh|sinh|cosh|pow|sqrt|"
+                             r"atan|atan2|asin|acos|erf)f?\()")
+_COMPARE_INTRINSIC = re.compile(r"@llvm\.(?:smin|smax|umin|umax|minnum|maxnum|minimum|maximum|abs)\.")
+_FP_INTRINSIC = re.compile(r"@llvm\.(?:fma|fmuladd|fabs|floor|ceil|trunc|rint|round|roundeven|copysign)\.")
+_TYPE = r"(?:<(\d+) x ([\w]+)>|([\w]+))"
+_DBG = re.compile(r"!dbg !(\d+)")
+_METADATA = re.compile(r"^!(\d+) = (?:distinct )?!(\w+)\((.*)\)$", re.M)
+_FIELD = re.compile(r"(\w+): (!\d+|\"[^\"]*\"|[\w.-]+)")
+
+
+def _elements(m) -> tuple:
+    """(element count, element type) of a matched _TYPE."""
+    return (int(m.group(1)), m.group(2)) if m.group(1) else (1, m.group(3))
+
+
+def _int_bits(type_name: str) -> int:
+    return int(type_name[1:]) if re.fullmatch(r"i\d+", type_name) else 0
+
+
+def classify(inst: str) -> tuple:
+    """(class name or None, count) of one IR instruction line (without the `%x = ` prefix)."""
+    op = inst.split(None, 1)[0]
+    if op in ("tail", "musttail", "notail"):
+        inst = inst.split(None, 1)[1]
+        op = "call"
+    if op == "call":
+        if _TRANSCENDENTAL.search(inst):
+            return "transcendental", 1
+        m = re.match(rf"call (?:\w+ )*{_TYPE}", inst)
+        n, elem = _elements(m) if m else (1, "void")
+        if _COMPARE_INTRINSIC.search(inst):
+            return "compare_select", n
+        if _FP_INTRINSIC.search(inst):
+            return ("fp32" if elem == "float" else "fp16"), n
+        return None, 0
+    if op in ("br", "switch"):
+        return ("branch", 1) if op == "switch" or inst.startswith("br i1") else (None, 0)
+    if op == "getelementptr":
+        variable = len(re.findall(r"\bi(?:64|32|16|8) %", inst))
+        return ("int64_add", variable) if variable else (None, 0)
+    m = re.match(rf"{op} (?:(?:fast|nnan|ninf|nsz|arcp|contract|afn|reassoc|nuw|nsw|exact|disjoint|eq|ne|[uos]?[gl][te]|"
+                 rf"one|oeq|ueq|une|ord|uno|true|false) )*{_TYPE}", inst)
+    if not m:
+        return None, 0
+    n, elem = _elements(m)
+    if op in _FP_OPS:
+        return ("fp32" if elem in ("float", "double") else "fp16"), n
+    if op in ("icmp", "fcmp"):
+        return "compare_select", n
+    if op == "select":   # `select i1 %c, T a, T b` or `select <n x i1> ...`
+        return "compare_select", n
+    if op in _CONVERT_OPS:
+        return "convert", n
+    if op in ("sext", "zext"):   # widening to 64 bits (address formation) is an instruction; narrower is free
+        return ("int64_add", n) if re.search(r" to (?:<\d+ x )?i64", inst) else (None, 0)
+    bits = _int_bits(elem)
+    if op in _INT_ADD_OPS and bits:
+        return ("int64_add" if bits > 32 else "int32_add"), n
+    if op == "mul" and bits:
+        return ("int64_mul" if bits > 32 else "int32_mul"), n
+    if op in _DIV_OPS:
+        return "int_div", n
+    return None, 0
+
+
+def _files(ir: str) -> tuple:
+    """(metadata id -> (kind, fields)), used to resolve a !dbg location to its file name."""
+    return {int(m.group(1)): (m.group(2), dict(_FIELD.findall(m.group(3)))) for m in _METADATA.finditer(ir)}
+
+
+def _location_file(meta: dict, node: int, cache: dict) -> str:
+    """File name of a DILocation's scope (its innermost location: where the instruction's code was written)."""
+    if node in cache:
+        return cache[node]
+    kind, fields = meta.get(node, ("", {}))
+    if kind == "DIFile":
+        name = str(Path(fields.get("directory", '""').strip('"')) / fields.get("filename", '""').strip('"'))
+    elif "file" in fields and kind != "DILocation":
+        name = _location_file(meta, int(fields["file"][1:]), cache)
+    elif "scope" in fields:
+        name = _location_file(meta, int(fields["scope"][1:]), cache)
+    else:
+        name = ""
+    cache[node] = name
+    return name
+
+
+def _is_shim(file_name: str) -> bool:
+    return file_name.startswith(str(INCLUDE_DIR))
+
+
+_LABEL = re.compile(r"^([\w.$-]+|\d+):")
+
+
+def instrument(ir: str) -> str:
+    """The IR with a mslsim_profile_block call at the top of every block that holds counted instructions."""
+    meta, cache = _files(ir), {}
+    lines = ir.split("\n")
+    out, globals_ = [], []
+    in_function, function_file, block, insert_at = False, "", None, None
+
+    def close_block():
+        if block is not None and any(block):
+            name = f"@mslsim_mix.{len(globals_)}"
+            globals_.append(f"{name} = private unnamed_addr constant [{len(CLASSES)} x i32] ["
+                            + ", ".join(f"i32 {c}" for c in block) + "]")
+            out.insert(insert_at, f"  call void @mslsim_profile_block(ptr {name})")
+
+    for line in lines:
+        if line.startswith("define "):
+            in_function = True
+            m = _DBG.search(line)
+            function_file = _location_file(meta, int(m.group(1)), cache) if m else ""
+            out.append(line)
+            block, insert_at = [0] * len(CLASSES), len(out)
+            continue
+        if not in_function:
+            out.append(line)
+            continue
+        if line == "}":
+            close_block()
+            in_function, block = False, None
+            out.append(line)
+            continue
+        if _LABEL.match(line):
+            close_block()
+            out.append(line)
+            block, insert_at = [0] * len(CLASSES), len(out)
+            continue
+        out.append(line)
+        inst = line.strip()
+        if not inst or inst.startswith(";"):
+            continue
+        body = inst.split(" = ", 1)[1] if re.match(r"%[\w.$-]+ = ", inst) else inst
+        if body.startswith(("phi ", "landingpad ")):
+            insert_at = len(out)
+            continue
+        name, count = classify(body)
+        if not name:
+            continue
+        m = _DBG.search(inst)
+        file_name = _location_file(meta, int(m.group(1)), cache) if m else function_file
+        if name == "transcendental" or not _is_shim(file_name):
+            block[_INDEX[name]] += count
+    declaration = "declare void @mslsim_profile_block(ptr)"
+    return "\n".join(out) + "\n" + "\n".join(globals_) + "\n" + declaration + "\n"

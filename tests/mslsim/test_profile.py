@@ -1,0 +1,58 @@
+"""Profile counters (dispatch(..., profile=True)) on kernels whose counts are known by hand."""
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mslsim
+from mslsim import ir_mix
+
+KERNELS = Path(__file__).parent / "kernels"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return mslsim.load(KERNELS / "profile.metal")
+
+
+def nonzero(profile):
+    return {k: v for k, v in profile.items() if v}
+
+
+def test_arithmetic_classes(lib):
+    inputs = struct.pack("<4fe6xQQii", 1.0, 2.0, 3.0, 4.0, 1.5, 3, 5, 7, 2)
+    out = np.zeros(6, np.float32)
+    stats = lib.dispatch("arithmetic", 1, 1, {0: inputs, 1: out}, profile=True)
+    np.testing.assert_allclose(out, [2.0, 0.5, 2.25, 15.0, 3.0, 3.0], rtol=1e-5)
+    arithmetic = {k: v for k, v in nonzero(stats.profile).items() if k in ir_mix.CLASSES}
+    # one of each line's operation; the select of c or d is one variable address offset (int64_add)
+    assert arithmetic == {"transcendental": 1, "fp32": 1, "fp16": 1, "int64_mul": 1, "int_div": 1, "convert": 3,
+                          "compare_select": 2, "int64_add": 1}
+    assert stats.profile["device_load_2"] == 1 and stats.profile["device_load_8"] == 2   # h; l and m
+    assert stats.profile["device_store_4"] == 6 and stats.profile["device_store_bytes"] == 24
+
+
+def test_memory_matrix_simd_and_barriers(lib):
+    a, c = np.arange(64, dtype=np.float32), np.zeros(65, np.float32)
+    stats = lib.dispatch("matrix", 1, 32, {0: a, 1: c}, profile=True)
+    p = stats.profile
+    per_thread = {"device_load_4": 3, "threadgroup_store_4": 2, "matrix_load_threadgroup": 1, "matrix_store_device": 1,
+                  "matrix_multiply_accumulate": 1, "simd_function": 1, "threadgroup_barrier": 1}
+    assert {k: p[k] for k in per_thread} == {k: 32 * n for k, n in per_thread.items()}
+    assert p["device_store_4"] == 1                            # lane 0 only
+    assert p["threadgroup_load_4"] == 0                        # the matrix load's element reads are not plain loads
+    assert p["device_load_bytes"] == 3 * 32 * 4 and p["threadgroup_store_bytes"] == 64 * 4
+    assert (p["threadgroups"], p["threads_per_threadgroup"], p["threadgroup_memory"]) == (1, 32, 256)
+    m = a.reshape(8, 8)
+    np.testing.assert_allclose(c[:64].reshape(8, 8), m @ m + m, rtol=1e-6)
+
+
+def test_profile_is_opt_in(lib):
+    a, c = np.arange(64, dtype=np.float32), np.zeros(65, np.float32)
+    assert lib.dispatch("matrix", 1, 32, {0: a, 1: c}).profile == {}
+
+
+def test_classes_come_from_the_runtime_header(lib):
+    names = lib.profile_counters
+    assert names[-len(ir_mix.CLASSES):] == ir_mix.CLASSES

@@ -1,0 +1,53 @@
+"""`benchmarks/run.py --profile --smoke`: the JSON's shape, MLX's outputs pass parity, and the head/batch
+extrapolation is exact (a shape simulated whole equals its one-batch, one-KV-head slice scaled)."""
+import json
+import math
+
+import pytest
+
+from tests.helpers import SIMULATED
+
+pytestmark = pytest.mark.skipif(not SIMULATED, reason="profiles exist only in the simulator build")
+
+
+@pytest.fixture(scope="module")
+def mlx_lib():
+    from scripts.fetch_mlx_metal import FetchError
+    from tests.mslsim.anchors import mlx
+    try:
+        return mlx.library()
+    except FetchError as e:
+        pytest.skip(f"MLX's Metal headers could not be fetched from PyPI (network unavailable?): {e}")
+
+
+@pytest.fixture(scope="module")
+def records(fa, mlx_lib, tmp_path_factory):
+    from benchmarks.run import main
+    out = tmp_path_factory.mktemp("profile")
+    main(["--profile", "--smoke", "--out", str(out)])
+    assert (out / "profile.png").exists()
+    return json.loads((out / "profile.json").read_text())
+
+
+def test_json_shape(records):
+    from benchmarks.profile import SMOKE_CASES
+    assert [(r["kernel"], r["case"]) for r in records] == [(k, c["case"]) for c in SMOKE_CASES for k in ("ours", "mlx")]
+    for r in records:
+        assert set(r) >= {"kernel", "case", "shape", "counters", "predicted_ms", "max_abs_err"}
+        assert set(r["predicted_ms"]) == {"m3_max", "m4_max"}
+        assert all(math.isfinite(v) and v > 0 for v in r["predicted_ms"].values())
+        assert r["counters"]["fp32"] > 0 and r["counters"]["device_load_bytes"] > 0
+
+
+def test_outputs_match_the_reference(records):
+    # both within fp16 output rounding of the float64 reference (|out| < 4 here: half an fp16 ulp is <= 2^-10)
+    assert all(r["max_abs_err"] < 2e-3 for r in records), [(r["kernel"], r["max_abs_err"]) for r in records]
+
+
+@pytest.mark.parametrize("kind, seqlen", [("decode", 1100), ("prefill", 100)])
+def test_extrapolation_is_exact(fa, mlx_lib, kind, seqlen):
+    from benchmarks import profile
+    c = profile.case("extrapolation", kind, 2, 4, 2, 64 if kind == "prefill" else 128, seqlen,
+                     window=32 if kind == "prefill" else None, sinks=kind == "prefill")
+    for kernel, (whole, extrapolated) in profile.extrapolate_check(fa, mlx_lib, c).items():
+        assert whole == extrapolated, kernel
