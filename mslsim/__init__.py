@@ -9,9 +9,10 @@ See README.md beside this file for the execution model, the fidelity rules and t
 from functools import lru_cache
 
 from .build import MetalCompileError, build_sources, prepass
-from .launch import Library, LaunchStats, SimulationError
+from .launch import Library, LaunchStats, SimulationError, threadgroup_ids
 
-__all__ = ["load", "Library", "LaunchStats", "MetalCompileError", "SimulationError", "build_sources", "prepass"]
+__all__ = ["load", "Library", "LaunchStats", "MetalCompileError", "SimulationError", "build_sources", "prepass",
+           "threadgroup_ids"]
 
 
 @lru_cache(maxsize=None)

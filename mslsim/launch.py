@@ -33,7 +33,8 @@ class _Launch(ctypes.Structure):
                 ("buffers", _Buffer * MAX_BUFFERS), ("threadgroup_memory", ctypes.c_uint32 * MAX_BUFFERS),
                 ("constants", ctypes.POINTER(_Constant)), ("num_constants", ctypes.c_int32),
                 ("workers", ctypes.c_int32), ("schedule", ctypes.c_int32), ("seed", ctypes.c_uint32),
-                ("check_threadgroup", ctypes.c_int32), ("gpu_numerics", ctypes.c_int32), ("profile", ctypes.c_int32)]
+                ("check_threadgroup", ctypes.c_int32), ("gpu_numerics", ctypes.c_int32), ("profile", ctypes.c_int32),
+                ("threadgroup_subset", ctypes.POINTER(ctypes.c_uint64)), ("num_threadgroup_subset", ctypes.c_uint64)]
 
 
 class _Stats(ctypes.Structure):
@@ -155,7 +156,7 @@ class Library:
     def dispatch(self, kernel: str, threadgroups, threads, buffers: dict, constants: dict | None = None,
                  threadgroup_memory: dict | None = None, workers: int = 0, schedule: str = "forward",
                  seed: int = 0, check_threadgroup: bool = True, gpu_numerics: bool = False,
-                 profile: bool = False) -> LaunchStats:
+                 profile: bool = False, only_threadgroups=None) -> LaunchStats:
         """Run `kernel` over a grid of `threadgroups` of `threads` each (dispatchThreadgroups).
 
         buffers: {index: array/tensor/bytes}; outputs are written back in place.
@@ -165,7 +166,8 @@ class Library:
         and uninitialised threadgroup reads; gpu_numerics: run the GPU-numerics twins (FMA contraction, fast-math
         error bounds; also chosen for every launch by the environment variable MSLSIM_GPU_NUMERICS=1);
         profile: run the profiling twins (GPU numerics) and return executed-instruction counts in `.profile`
-        (also chosen by MSLSIM_PROFILE=1).
+        (also chosen by MSLSIM_PROFILE=1); only_threadgroups: run only these threadgroups (linear ids
+        x + X * (y + Y * z), see threadgroup_ids), the others write nothing (also MSLSIM_THREADGROUPS="id,id,...").
         """
         if kernel not in self.kernels:
             raise ValueError(f"kernel '{kernel}' is not in {self.path}; it has {self.kernels}")
@@ -191,6 +193,9 @@ class Library:
         L.constants, L.num_constants = consts, len(constants or {})
         L.workers, L.schedule, L.seed, L.check_threadgroup = workers, SCHEDULES[schedule], seed, int(check_threadgroup)
         L.gpu_numerics, L.profile = int(gpu_numerics), int(profile)
+        if only_threadgroups is not None:
+            subset = (ctypes.c_uint64 * max(len(only_threadgroups), 1))(*only_threadgroups)
+            L.threadgroup_subset, L.num_threadgroup_subset = subset, len(only_threadgroups)
         stats, err = _Stats(), ctypes.create_string_buffer(2048)
         if self._lib.mslsim_dispatch(ctypes.byref(L), ctypes.byref(stats), err, len(err)):
             raise SimulationError(err.value.decode(errors="replace"))
@@ -205,6 +210,12 @@ class Library:
             threadgroup_memory_peak=stats.threadgroup_memory_peak,
             counters={name: stats.counters[i] for i, name in enumerate(names)},
             profile=profile_dict(self.profile_counters, stats) if stats.profiled else {})
+
+
+def threadgroup_ids(grid, columns) -> list[int]:
+    """Linear ids of every threadgroup of `grid` (1 to 3 ints) whose x position is in `columns`."""
+    X, Y, Z = _triple("grid", grid)
+    return [x + X * (y + Y * z) for z in range(Z) for y in range(Y) for x in columns]
 
 
 def profile_dict(names, stats) -> dict:

@@ -1,5 +1,6 @@
-"""`benchmarks/run.py --profile --smoke`: the JSON's shape, MLX's outputs pass parity, and the head/batch
-extrapolation is exact (a shape simulated whole equals its one-batch, one-KV-head slice scaled)."""
+"""`benchmarks/run.py --profile --smoke`: the JSON's shape, MLX's outputs pass parity, and the extrapolation is
+exact (a shape simulated whole equals its one-batch, one-KV-head slice scaled, with prefill query blocks summed
+from the few column_plan simulates)."""
 import json
 import math
 
@@ -44,10 +45,24 @@ def test_outputs_match_the_reference(records):
     assert all(r["max_abs_err"] < 2e-3 for r in records), [(r["kernel"], r["max_abs_err"]) for r in records]
 
 
-@pytest.mark.parametrize("kind, seqlen", [("decode", 1100), ("prefill", 100)])
-def test_extrapolation_is_exact(fa, mlx_lib, kind, seqlen):
+# decode; prefill unaligned (query blocks simulated whole); prefill causal and window + sinks (query blocks
+# extrapolated within the head: column_plan simulates blocks 0, 1 and the last of 8 for causal).
+@pytest.mark.parametrize("kind, seqlen, head_dim, window", [("decode", 1100, 128, None), ("prefill", 100, 64, 32),
+                                                            ("prefill", 256, 128, None), ("prefill", 320, 64, 64)])
+def test_extrapolation_is_exact(fa, mlx_lib, kind, seqlen, head_dim, window):
     from benchmarks import profile
-    c = profile.case("extrapolation", kind, 2, 4, 2, 64 if kind == "prefill" else 128, seqlen,
-                     window=32 if kind == "prefill" else None, sinks=kind == "prefill")
+    c = profile.case("extrapolation", kind, 2, 4, 2, head_dim, seqlen, window=window, sinks=window is not None)
     for kernel, (whole, extrapolated) in profile.extrapolate_check(fa, mlx_lib, c).items():
-        assert whole == extrapolated, kernel
+        assert [l["kernel"] for l in whole] == [l["kernel"] for l in extrapolated]
+        for w, e in zip(whole, extrapolated):
+            assert w["counters"].keys() == e["counters"].keys()
+            for name, value in w["counters"].items():
+                assert profile.agrees(name, e["counters"][name], value), (kernel, name)
+
+
+def test_column_plan_simulates_few_blocks():
+    from benchmarks.profile import column_plan
+    plan, simulated = column_plan(8192, None, 32, 16)
+    assert simulated == [0, 1, 255] and plan[100] == (0, 1)
+    plan, simulated = column_plan(8192, 128, 32, 32)
+    assert simulated == [0, 1, 2, 3, 4, 5, 255] and plan[100] == (4, 5)

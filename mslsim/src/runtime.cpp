@@ -30,6 +30,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <vector>
+
 #if !defined(__x86_64__)
 #error "mslsim's fiber switch is written for x86-64"
 #endif
@@ -106,6 +108,9 @@ struct Binding { unsigned char* sim; uint64_t size; int region; };
 static pthread_mutex_t g_dispatch_lock = PTHREAD_MUTEX_INITIALIZER;
 static const MslsimLaunch* g_launch;
 static uint64_t g_launch_serial;
+// The threadgroups a launch runs (MslsimLaunch.threadgroup_subset): NULL for the whole grid.
+static const uint64_t* g_selected;
+static uint64_t g_num_selected;
 static Binding g_bindings[MSLSIM_MAX_BUFFERS];
 static Region g_regions[MSLSIM_MAX_BUFFERS];
 static int g_num_regions;
@@ -839,8 +844,8 @@ static void* worker_main(void* p) {
   alt.ss_flags = 0;
   sigaltstack(&alt, &old_alt);
   const MslsimLaunch& L = *g_launch;
-  uint64_t total = (uint64_t)L.threadgroups[0] * L.threadgroups[1] * L.threadgroups[2];
-  for (uint64_t t = w->id; t < total && !g_abort; t += job->stride) {
+  for (uint64_t k = w->id; k < g_num_selected && !g_abort; k += job->stride) {
+    const uint64_t t = g_selected ? g_selected[k] : k;
     uint3_ tg = {(uint32_t)(t % L.threadgroups[0]), (uint32_t)((t / L.threadgroups[0]) % L.threadgroups[1]),
                  (uint32_t)(t / ((uint64_t)L.threadgroups[0] * L.threadgroups[1]))};
     run_threadgroup(w, tg);
@@ -925,6 +930,37 @@ static void unmap_window(bool copy_back) {
 
 static Worker g_workers[2];
 
+static std::vector<uint64_t> g_env_selection;
+
+static int select_threadgroups(const MslsimLaunch* L, uint64_t total, char* err, size_t n) {
+  g_selected = L->threadgroup_subset;
+  g_num_selected = L->num_threadgroup_subset;
+  const char* env = getenv("MSLSIM_THREADGROUPS");
+  if (!g_selected && env && *env) {
+    g_env_selection.clear();
+    for (const char* p = env; *p;) {
+      char* end;
+      g_env_selection.push_back(strtoull(p, &end, 10));
+      if (end == p || (*end && *end != ',')) {
+        snprintf(err, n, "MSLSIM_THREADGROUPS='%s': expected comma-separated threadgroup ids", env);
+        return -1;
+      }
+      p = *end ? end + 1 : end;
+    }
+    g_selected = g_env_selection.data();
+    g_num_selected = g_env_selection.size();
+  }
+  if (!g_selected) g_num_selected = total;
+  for (uint64_t k = 0; g_selected && k < g_num_selected; k++)
+    if (g_selected[k] >= total) {
+      snprintf(err, n, "kernel '%s': threadgroup id %llu selected; the grid (%ux%ux%u) has %llu", L->kernel,
+               (unsigned long long)g_selected[k], L->threadgroups[0], L->threadgroups[1], L->threadgroups[2],
+               (unsigned long long)total);
+      return -1;
+    }
+  return 0;
+}
+
 // A launch switch, also set for every launch by an environment variable (not "0").
 static int env_flag(int32_t value, const char* name) {
   const char* env = getenv(name);
@@ -972,6 +1008,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
   int rc = validate(L, err, n);
   if (!rc) rc = set_function_constants(L, err, n);
   uint64_t total = (uint64_t)L->threadgroups[0] * L->threadgroups[1] * L->threadgroups[2];
+  if (!rc) rc = select_threadgroups(L, total, err, n);
+  total = g_num_selected;
   if (!rc && total > 0) rc = map_window(L, err, n);
   if (!rc && total > 0) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);

@@ -200,6 +200,23 @@ def test_two_workers_match_one(features):
     assert s1.threadgroups == s2.threadgroups == 64
 
 
+def test_only_threadgroups_runs_a_subset(features, monkeypatch):
+    x = np.random.default_rng(6).standard_normal(4 * 3 * 32).astype(np.float32)
+    out = np.full(12, -1, np.float32)
+    ids = mslsim.threadgroup_ids((4, 3), [1, 3])
+    assert ids == [1, 3, 5, 7, 9, 11]
+    # threadgroup_sum reads x by the threadgroup's x position only: a (12, 1) grid stands for (4, 3) here
+    stats = features.dispatch("threadgroup_sum", 12, 32, {0: x, 1: out}, only_threadgroups=ids)
+    assert stats.threadgroups == len(ids)
+    np.testing.assert_allclose(out[ids], x.reshape(12, 32)[ids].sum(1), rtol=1e-5)
+    assert (np.delete(out, ids) == -1).all()
+    monkeypatch.setenv("MSLSIM_THREADGROUPS", "0,11")
+    assert features.dispatch("threadgroup_sum", 12, 32, {0: x, 1: out}).threadgroups == 2
+    monkeypatch.setenv("MSLSIM_THREADGROUPS", "12")
+    with pytest.raises(mslsim.SimulationError, match="threadgroup id 12 selected; the grid"):
+        features.dispatch("threadgroup_sum", 12, 32, {0: x, 1: out})
+
+
 def test_fragment_ownership_matches_apple_layout(mma):
     out = np.zeros((8, 8), np.float32)
     mma.dispatch("fragment_owners", 1, 32, {0: out})

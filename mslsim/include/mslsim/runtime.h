@@ -76,6 +76,10 @@ struct MslsimLaunch {
   int32_t gpu_numerics;       // 1: run the kernels' GPU-numerics twins (also chosen by MSLSIM_GPU_NUMERICS=1)
   int32_t profile;            // 1: run the profiling twins (GPU numerics, counted) and fill MslsimStats.profile
                               //    (also chosen by MSLSIM_PROFILE=1)
+  // Run only these threadgroups (linear ids x + X * (y + Y * z)); the others are skipped and write nothing.
+  // NULL: the whole grid, or the ids listed (comma-separated) in the environment variable MSLSIM_THREADGROUPS.
+  const uint64_t* threadgroup_subset;
+  uint64_t num_threadgroup_subset;
 };
 
 struct MslsimStats {

@@ -97,14 +97,19 @@ def sdpa_vector_2pass(lib, q, k, v, scale, arch_letter="s", **dispatch):
     return out, [first, second]
 
 
+def steel_tiles(head_dim):
+    """(BQ, BK) of MLX's steel attention: 32 queries per threadgroup, 32 keys per tile (16 for D >= 128)."""
+    return 32, 32 if head_dim < 128 else 16
+
+
 def steel_attention(lib, q, k, v, scale, causal=False, mask=None, sinks=None, **dispatch):
-    """MLX's tiled attention: BQ = 32 queries per threadgroup of 4 simdgroups, BK = 32 keys (16 for D >= 128).
+    """MLX's tiled attention: threadgroups of 4 simdgroups over steel_tiles(D) query rows x keys.
     mask: an optional boolean [qL, kL] mask (True = attend), shared by all batches and heads, as MLX takes a
     window; sinks: optional [H] attention-sink logits."""
     _check_layout(q, k, v)
     B, H, qL, D = q.shape
     Hkv, kL = k.shape[1], k.shape[2]
-    bq, bk = 32, 32 if D < 128 else 16
+    bq, bk = steel_tiles(D)
     nq, nk = -(-qL // bq), -(-kL // bk)
     out = torch.empty_like(q)
     strides = lambda t: t.stride()[:3]   # noqa: E731  (B, H, L; D is contiguous)
