@@ -68,6 +68,43 @@ def test_sdpa_vector_2pass(lib, dtype, D, kL):
     assert first.threadgroups == 2 * 2 * mlx.two_pass_blocks(4, 1, kL) and second.threadgroups == 2 * 8
 
 
+@pytest.mark.parametrize("dtype, D", [(torch.float32, 64), (torch.float16, 128)], ids=str)
+@pytest.mark.parametrize("kL", [77, 1500])
+def test_sdpa_vector_2pass_gqa(lib, dtype, D, kL):
+    """MLX's duplication-free pass 1 (G = 8), forced on few keys (MLX takes it from 8192): ragged key chunks and
+    sub-chunks; each K/V byte read G / HPT times (once per simdgroup handling HPT heads), not G times."""
+    q, k, v = inputs(2, 16, 2, 1, kL, D, dtype, seed=kL + 1)
+    out, (first, second) = mlx.sdpa_vector_2pass(lib, q, k, v, 1 / math.sqrt(D), gqa=True)
+    check(out, q, k, v, 1 / math.sqrt(D), False)
+    blocks = mlx.two_pass_blocks(8, 1, kL)
+    assert first.threadgroups == 2 * 2 * blocks and second.threadgroups == 2 * 16
+    hpt = mlx.GQA_PASS1_HPT[D, 8]
+    assert first.device_bytes_read[1] == 8 // hpt * k.numel() * k.element_size()
+
+
+def test_gqa_pass1_routing():
+    """MLX's condition (scaled_dot_product_attention.cpp, sdpa_vector_2pass): one query, no mask/sinks, G 8 with
+    D 64/128 or G 12/16 with D 128, equal QK/V dims, >= 8192 keys."""
+    use = mlx.uses_gqa_pass1
+    assert use(32, 4, 1, 8192, 128) and use(32, 4, 1, 32768, 128) and use(16, 2, 1, 8192, 64)
+    assert use(48, 4, 1, 8192, 128) and use(32, 2, 1, 8192, 128)
+    assert not use(32, 4, 1, 8191, 128)                        # too few keys
+    assert not use(32, 4, 2, 8192, 128)                        # two queries
+    assert not use(32, 4, 1, 8192, 128, mask=True) and not use(32, 4, 1, 8192, 128, sinks=True)
+    assert not use(32, 8, 1, 8192, 128)                        # G = 4
+    assert not use(48, 4, 1, 8192, 64) and not use(32, 2, 1, 8192, 64)   # G 12/16 only for D 128
+    assert not use(32, 4, 1, 8192, 96) and not use(32, 4, 1, 8192, 128, value_dim=64)
+
+
+def test_sdpa_vector_2pass_routes_gqa(lib):
+    """At MLX's threshold (8192 keys, G = 8, fp32 D 64) sdpa_vector_2pass launches the gqa pass 1 by itself:
+    K bytes read once per simdgroup of HPT = 8 heads, i.e. once."""
+    q, k, v = inputs(1, 8, 1, 1, 8192, 64, torch.float32, seed=5)
+    out, (first, _) = mlx.sdpa_vector_2pass(lib, q, k, v, 0.125)
+    check(out, q, k, v, 0.125, False)
+    assert first.device_bytes_read[1] == k.numel() * k.element_size()
+
+
 def test_steel_attention_window_mask_and_sinks(lib):
     qL = kL = 96
     q, k, v = inputs(1, 4, 4, qL, kL, 64, torch.float16, seed=3)

@@ -71,15 +71,42 @@ def uses_two_pass(heads, kv_heads, n_keys, arch_letter="s"):
     return (arch_letter in "ds" and n_keys >= 1024) or (kv_heads < heads and n_keys >= 4096)
 
 
-def sdpa_vector_2pass(lib, q, k, v, scale, arch_letter="s", **dispatch):
+# MLX's instantiations of sdpa_vector_2pass_1_gqa: (head dim, G) -> HPT (query heads per simdgroup).
+GQA_PASS1_HPT = {(64, 8): 8, (128, 8): 4, (128, 12): 4, (128, 16): 2}
+# ... of which mlx_sdpa_vector.metal instantiates these (dtype, head dim, G).
+GQA_PASS1_BUILT = {(torch.float16, 128, 8), (torch.float32, 64, 8)}
+GQA_PASS1_MIN_KEYS = 8192
+
+
+def uses_gqa_pass1(heads, kv_heads, q_len, n_keys, head_dim, value_dim=None, mask=False, sinks=False):
+    """MLX's choice of the duplication-free pass 1 `sdpa_vector_2pass_1_gqa_<G>` inside sdpa_vector_2pass
+    (ml-explore/mlx, mlx/backend/metal/scaled_dot_product_attention.cpp, the version matching the mlx-metal 0.32.4
+    headers, whose sdpa_vector.h holds the <T, D, V, G, HPT> kernel): no mask, no sinks, one query, H == G x Hkv,
+    equal QK and V head dims, G = 8 with D in {64, 128} or G in {12, 16} with D = 128, and >= 8192 keys.
+    (ml-explore/mlx#4077 first added it for G = 8 only; the G = 12/16 kernels came later, in the same headers.)"""
+    G = heads // kv_heads
+    value_dim = head_dim if value_dim is None else value_dim
+    return (not mask and not sinks and q_len == 1 and heads == G * kv_heads and head_dim == value_dim
+            and (head_dim, G) in GQA_PASS1_HPT and n_keys >= GQA_PASS1_MIN_KEYS)
+
+
+def sdpa_vector_2pass(lib, q, k, v, scale, arch_letter="s", gqa=None, **dispatch):
     """MLX's 2-pass decode: pass 1 grid (Hkv, B, blocks) of (32, G, qL) threads, key i in block i % blocks;
     pass 2 merges the blocks, one threadgroup of 1024 threads per (batch x head, query). Returns the output and
-    both launches' LaunchStats. (MLX picks the `_gqa_8` pass-1 variant for G = 8, D in {64, 128}, >= 8192 keys;
-    not instantiated here.)"""
+    both launches' LaunchStats. Pass 1 is the duplication-free `sdpa_vector_2pass_1_gqa_<G>` (grid (Hkv, B,
+    blocks) of (32, G, 1) threads, each block a contiguous key chunk split among HPT sub-chunks) when MLX picks it
+    (uses_gqa_pass1; gqa=True/False forces the choice, e.g. to test it on few keys), else the generic one."""
     _check_layout(q, k, v)
     B, H, qL, D = q.shape
     Hkv, kL = k.shape[1], k.shape[2]
     G = H // Hkv
+    if gqa is None:
+        gqa = uses_gqa_pass1(H, Hkv, qL, kL, D, v.shape[3])
+    if gqa and qL != 1:
+        raise ValueError(f"sdpa_vector_2pass_1_gqa takes one query per head, got {qL}")
+    if gqa and (q.dtype, D, G) not in GQA_PASS1_BUILT:
+        raise NotImplementedError(f"sdpa_vector_2pass_1_gqa for {q.dtype}, D {D}, G {G} is not instantiated in "
+                                  f"mlx_sdpa_vector.metal (built: {sorted(map(str, GQA_PASS1_BUILT))})")
     blocks = two_pass_blocks(G, qL, kL, arch_letter)
     partials = torch.empty(B, H, qL, blocks, D, dtype=q.dtype)
     sums, maxs = (torch.empty(B, H, qL, blocks) for _ in range(2))
@@ -89,8 +116,8 @@ def sdpa_vector_2pass(lib, q, k, v, scale, arch_letter="s", **dispatch):
                11: struct.pack("<Q", D), 12: struct.pack("<f", scale)}
     constants = {20: False, 21: False, 22: False, 23: False, 24: False, 25: False, 26: blocks}
     name = TYPE_NAMES[q.dtype]
-    first = lib.dispatch(f"sdpa_vector_2pass_1_{name}_{D}_{D}", (Hkv, B, blocks), (32, G, qL), buffers, constants,
-                         **dispatch)
+    pass1 = f"sdpa_vector_2pass_1_gqa_{G}_{name}_{D}_{D}" if gqa else f"sdpa_vector_2pass_1_{name}_{D}_{D}"
+    first = lib.dispatch(pass1, (Hkv, B, blocks), (32, G, 1 if gqa else qL), buffers, constants, **dispatch)
     second = lib.dispatch(f"sdpa_vector_2pass_2_{name}_{D}", (B * H, qL, 1), 1024,
                           {0: partials, 1: sums, 2: maxs, 3: out, 4: struct.pack("<i", blocks)},
                           {20: False, 21: False, 22: False, 23: False, 24: False, 25: False, 26: blocks}, **dispatch)
