@@ -166,6 +166,14 @@ def run_ours(fa, lib, c, q, k, v, sinks, columns=None):
         return out, launches_from_counters(fa.simulator_counters(reset=True))
 
 
+def mlx_pass1(c):
+    """The pass-1 kernel MLX's 2-pass decode launches for a decode case: the duplication-free
+    sdpa_vector_2pass_1_gqa (G = H / Hkv in {8, 12, 16}, >= 8192 keys, no mask/sinks; mlx.uses_gqa_pass1) or the
+    generic sdpa_vector_2pass_1."""
+    gqa = mlx.uses_gqa_pass1(c["heads"], c["kv_heads"], 1, c["seqlen"], c["head_dim"], sinks=c["sinks"])
+    return "sdpa_vector_2pass_1_gqa" if gqa else "sdpa_vector_2pass_1"
+
+
 def run_mlx(fa, lib, c, q, k, v, sinks, columns=None):
     """MLX's kernel for the case, launched as MLX's host code launches it; returns (out, launches). columns: as
     run_ours."""
@@ -176,7 +184,7 @@ def run_mlx(fa, lib, c, q, k, v, sinks, columns=None):
         else:
             out, one = mlx.sdpa_vector(lib, q, k, v, scale_, profile=True, workers=PROFILE_WORKERS)
             stats = [one]
-        kernels = ["sdpa_vector_2pass_1", "sdpa_vector_2pass_2"] if len(stats) == 2 else ["sdpa_vector"]
+        kernels = [mlx_pass1(c), "sdpa_vector_2pass_2"] if len(stats) == 2 else ["sdpa_vector"]
     else:
         mask = None
         if c["window"]:   # MLX takes a window as a boolean mask array (as benchmarks/run.py times it)

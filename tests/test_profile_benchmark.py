@@ -66,3 +66,11 @@ def test_column_plan_simulates_few_blocks():
     assert simulated == [0, 1, 255] and plan[100] == (0, 1)
     plan, simulated = column_plan(8192, 128, 32, 32)
     assert simulated == [0, 1, 2, 3, 4, 5, 255] and plan[100] == (4, 5)
+
+
+def test_mlx_decode_pass1_routing():
+    """MLX's gqa pass 1 is what the G = 8, 32k-key decode case compares against; G = 4 cases keep the generic one."""
+    from benchmarks import profile
+    by_name = {c["case"]: c for c in profile.CASES}
+    assert profile.mlx_pass1(by_name["decode B8 ctx32k Hq32/Hkv4 D128"]) == "sdpa_vector_2pass_1_gqa"
+    assert profile.mlx_pass1(by_name["decode B8 ctx8k Hq32/Hkv8 D128"]) == "sdpa_vector_2pass_1"
