@@ -83,7 +83,8 @@ def uses_gqa_pass1(heads, kv_heads, q_len, n_keys, head_dim, value_dim=None, mas
     (ml-explore/mlx, mlx/backend/metal/scaled_dot_product_attention.cpp, the version matching the mlx-metal 0.32.4
     headers, whose sdpa_vector.h holds the <T, D, V, G, HPT> kernel): no mask, no sinks, one query, H == G x Hkv,
     equal QK and V head dims, G = 8 with D in {64, 128} or G in {12, 16} with D = 128, and >= 8192 keys.
-    (ml-explore/mlx#4077 first added it for G = 8 only; the G = 12/16 kernels came later, in the same headers.)"""
+    Read at ml-explore/mlx commit 00703ea6cc2d (its gqa_dims test); ml-explore/mlx#4077 (fa0d4463e, in 0.32.2)
+    first routed G = 8 only, to a kernel named without the G. The 0.32.4 headers' kernel takes any G (HPT | G)."""
     G = heads // kv_heads
     value_dim = head_dim if value_dim is None else value_dim
     return (not mask and not sinks and q_len == 1 and heads == G * kv_heads and head_dim == value_dim
