@@ -201,6 +201,10 @@ template <typename T, int D>
     const device T* k_head = k_cache + kv_head * p.shape.k_strides[STRIDE_HEAD];
     const device T* v_head = v_cache + kv_head * p.shape.v_strides[STRIDE_HEAD];
     const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
+    // The cache layout in registers: read from the constant params once, not once per tile.
+    const int block_size = p.block_size, num_blocks = p.num_blocks;
+    const int64_t k_block_stride = p.shape.k_strides[STRIDE_BATCH], k_slot_stride = p.shape.k_strides[STRIDE_TOKEN];
+    const int64_t v_block_stride = p.shape.v_strides[STRIDE_BATCH], v_slot_stride = p.shape.v_strides[STRIDE_TOKEN];
 
     for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -209,15 +213,15 @@ template <typename T, int D>
             const int position = keys.kv_start + key;
             const bool wanted = int(lane) < BK && key >= lo && key < hi;
             // Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
-            const int first_lane = int(lane) - min(int(lane), position % p.block_size);
+            const int first_lane = int(lane) - min(int(lane), position % block_size);
             const bool reads = int(lane) < BK && key < keys.count && first_lane == int(lane);
-            const int own_entry = reads ? table_row[position / p.block_size] : -1;
+            const int own_entry = reads ? table_row[position / block_size] : -1;
             const int entry = simd_shuffle(own_entry, ushort(first_lane));
-            const bool exists = wanted && entry >= 0 && entry < p.num_blocks;
+            const bool exists = wanted && entry >= 0 && entry < num_blocks;
             if (int(lane) < BK) {
-                const int slot = position % p.block_size;
-                k_offset[lane] = exists ? entry * p.shape.k_strides[STRIDE_BATCH] + slot * p.shape.k_strides[STRIDE_TOKEN] : -1;
-                v_offset[lane] = exists ? entry * p.shape.v_strides[STRIDE_BATCH] + slot * p.shape.v_strides[STRIDE_TOKEN] : -1;
+                const int slot = position % block_size;
+                k_offset[lane] = exists ? entry * k_block_stride + slot * k_slot_stride : -1;
+                v_offset[lane] = exists ? entry * v_block_stride + slot * v_slot_stride : -1;
             }
             const uint valid = simd_or(exists ? 1u << lane : 0u);
             if (lane == 0) tile_valid = valid;
