@@ -63,7 +63,8 @@ METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& st
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(v.tile_storage);
     Fragments<KEYS / 8> s;
     qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
-    softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, slope, rules, fc);
+    softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
+                          rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     copy_kv_tile<T, D, BK, LD>(tile, static_cast<const device T*>(v.v_head), TableRows{v.v_offset}, v.tid, v.threads);
     if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);

@@ -31,6 +31,19 @@ struct PrefillRows {
         return kv_vector ? int64_t(int(row) * int(token_stride)) : int64_t(row) * token_stride;
     }
 };
+// Whether keys [key0, key0 + BK) may hide some pair from a query block whose rows sit at key positions
+// [first_pos, last_pos]: the tile cuts the sequence end, the causal diagonal or a window edge, or the block has
+// rows past the sequence. Interior tiles skip the mask math (MLX: masks only on the diagonal / last block).
+METAL_FUNC bool edge_tile(int key0, int BK, int seqlen_k, int first_pos, int last_pos, bool rows_valid,
+                          constant MaskParams& mask) {
+    const int64_t last_key = int64_t(key0) + BK - 1;
+    bool edge = !rows_valid || (!align_k && last_key >= seqlen_k);
+    if (do_causal) edge = edge || last_key > first_pos;
+    if (has_window && mask.window_right >= 0) edge = edge || last_key - first_pos > mask.window_right;
+    if (has_window && mask.window_left >= 0) edge = edge || int64_t(last_pos) - key0 > mask.window_left;
+    return edge;
+}
+
 template <typename T, int D>
 [[kernel, max_total_threads_per_threadgroup(PREFILL_THREADS)]] void attention_prefill(
     const device T* q [[buffer(PREFILL_BUFFER_Q)]],
@@ -101,7 +114,9 @@ template <typename T, int D>
             threadgroup_barrier(mem_flags::mem_threadgroup);
             Fragments<BK / 8> s_frag;
             qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
-            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, slope, rules, fc);
+            const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
+                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask);
+            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, edge, slope, rules, fc);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
             copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);

@@ -100,11 +100,12 @@ METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 
 
 // Scores of keys [key0, key0 + BK) for the lane's row at position q_pos -> masked base-2 scores, then
 // probabilities relative to the new running max; the state and O are rescaled to that max. A key exists
-// if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set.
+// if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set. `edge` false (a tile the
+// caller proved wholly visible to every row: inside the band, the sequences and the rows) skips every mask test.
 template <int D, int BK>
 METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& state, thread Fragments<D / 8>& o,
-                             int key0, int key_end, uint tile_valid, int q_pos, bool row_valid, float slope_log2,
-                             ScoreRules rules, FragmentCoord fc) {
+                             int key0, int key_end, uint tile_valid, int q_pos, bool row_valid, bool edge,
+                             float slope_log2, ScoreRules rules, FragmentCoord fc) {
     float block_max = MASKED;
     UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
@@ -116,11 +117,13 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
             if (rules.softcap) score = rules.softcap_value * precise::tanh(score / rules.softcap_value);
             score *= LOG2E;
             if (rules.alibi) score -= slope_log2 * float(abs(distance));
-            bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
-            if (rules.causal) visible = visible && distance >= 0;
-            if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
-            if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
-            score = visible ? score : MASKED;
+            if (edge) {
+                bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
+                if (rules.causal) visible = visible && distance >= 0;
+                if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
+                if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
+                score = visible ? score : MASKED;
+            }
             s.frag[j].thread_elements()[e] = score;
             block_max = max(block_max, score);
         }
@@ -134,7 +137,7 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) {
             const float score = s.frag[j].thread_elements()[e];
-            const float prob = score == MASKED ? 0.0f : fast::exp2(score - new_max);
+            const float prob = edge && score == MASKED ? 0.0f : fast::exp2(score - new_max);
             s.frag[j].thread_elements()[e] = prob;
             block_sum += prob;
         }
