@@ -85,9 +85,12 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   attention.threadgroups[0] = uint32_t(partitions);
   attention.threadgroups[1] = uint32_t(t.num_kv_heads * row_chunks);
   attention.threadgroups[2] = uint32_t(t.num_seqs);
-  attention.threads_per_threadgroup = uint32_t(32 * ceil_div(rows_per_threadgroup, 8));   // a simdgroup per 8 rows
+  // A simdgroup per 8 rows, times the key slices.
+  attention.threads_per_threadgroup =
+      uint32_t(32 * ceil_div(rows_per_threadgroup, 8) * DECODE_KEY_SLICES(rows_per_threadgroup, t.head_dim));
   attention.constants = mask_constants(pb.options);
   attention.constants.push_back({FC_SPLIT_K, plan.split});
+  attention.constants.push_back(kv_vector_constant(t));
   if (plan.split) {
     KernelLaunch& reduce = plan.reduce;
     reduce.kernel = kernel_name("attention_decode_reduce", t.dtype, t.head_dim);
@@ -197,7 +200,8 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   DecodeProblem pb{};
   pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
                 token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
-                token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)}};
+                token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)},
+                rows_aligned_16(k_cache) && rows_aligned_16(v_cache)};
   pb.options = options;
   pb.seqlen_q = q.size(1);
   pb.block_size = k_cache.size(1);

@@ -13,6 +13,7 @@
 #include <metal_stdlib>
 
 #include "common/attention_tile.h"
+#include "common/kv_tile.h"
 #include "common/mask_band.h"
 #include "common/params.h"
 #include "common/strided.h"
@@ -27,29 +28,104 @@ struct SequenceKeys {
     int count;
 };
 
+// The lengths are uniform over the threadgroup: lane 0 of each simdgroup reads them and broadcasts.
 METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device int* kv_start, int seq,
-                                      constant DecodeParams& p) {
+                                      constant DecodeParams& p, ushort lane) {
     // 64-bit: cache_seqlens + the appended tokens can pass 2^31; the capacity itself fits (host check).
     const int64_t capacity = int64_t(p.blocks_per_seq) * p.block_size;
-    const int end = int(clamp(int64_t(seqlens_k[seq]) + p.new_keys, int64_t(0), capacity));
-    const int start = p.has_kv_start ? clamp(kv_start[seq], 0, end) : 0;
+    const int seqlen = simd_broadcast(lane == 0 ? seqlens_k[seq] : 0, 0);
+    const int end = int(clamp(int64_t(seqlen) + p.new_keys, int64_t(0), capacity));
+    const int first = p.has_kv_start ? simd_broadcast(lane == 0 ? kv_start[seq] : 0, 0) : 0;
+    const int start = clamp(first, 0, end);
     return {start, end - start};
 }
 
-// Copy the tile's keys (as cache slots) into threadgroup memory; rows of missing keys are zero.
-template <typename T, int D, int BK, int LD>
-METAL_FUNC void load_paged_tile(threadgroup T* tile, const device T* cache_head, const threadgroup int* block_of,
-                                const threadgroup int* slot_of, int64_t block_stride, int64_t slot_stride,
-                                uint tid, uint threads) {
-    for (int i = int(tid); i < BK * D; i += int(threads)) {
-        const int row = i / D, col = i % D;
-        const int block = block_of[row];
-        tile[row * LD + col] = block >= 0 ? cache_head[block * block_stride + slot_of[row] * slot_stride + col] : T(0);
+// Row offsets of a tile's keys in the cache, mapped once per tile (-1: no key).
+struct TableRows {
+    const threadgroup int64_t* offset;
+    int64_t operator()(uint row) const { return offset[row]; }
+};
+
+// Restores the V tile (barriers + copy) between a tile's softmax and its P V product.
+struct LoadV {
+    threadgroup uint4* tile_storage;
+    const device void* v_head;
+    const threadgroup int64_t* v_offset;
+    uint tid, threads;
+};
+
+// One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T, the
+// online softmax, then the V tile replaces K and O += P V.
+template <typename T, int D, int BK, int KEYS, int LD>
+METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8>& q,
+                            int slice_row, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
+                            ScoreRules rules, FragmentCoord fc, LoadV v) {
+    threadgroup T* tile = reinterpret_cast<threadgroup T*>(v.tile_storage);
+    Fragments<KEYS / 8> s;
+    qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
+    softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
+                          rules, fc);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    copy_kv_tile<T, D, BK, LD>(tile, static_cast<const device T*>(v.v_head), TableRows{v.v_offset}, v.tid, v.threads);
+    if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
+}
+
+// Fragments lane by lane in threadgroup memory (D / 4 x 32 floats: with the two state words below, they fit
+// every head dim's K/V tile), for the key slices of a threadgroup, which hold the same rows.
+template <int D>
+METAL_FUNC void stash(thread const Fragments<D / 8>& f, threadgroup float* scratch, ushort lane) {
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) scratch[(d * 2 + e) * 32 + lane] = f.frag[d].thread_elements()[e];
+    }
+}
+
+// Q is read from the device by slice 0 only (each byte once per threadgroup) and handed to the other slices.
+template <int D>
+METAL_FUNC void share_q(thread Fragments<D / 8>& q, threadgroup float* scratch, int slice, ushort lane) {
+    if (slice == 0) stash<D>(q, scratch, lane);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) q.frag[d].thread_elements()[e] = scratch[(d * 2 + e) * 32 + lane];
+    }
+}
+
+// Fold slices 1.. into slice 0, one at a time.
+template <int D>
+METAL_FUNC void merge_key_slices(thread OnlineSoftmax& state, thread Fragments<D / 8>& o, threadgroup float* scratch,
+                                 int slices, int slice, ushort lane) {
+    constexpr int STATE = D / 4 * 32;   // scratch[STATE + lane]: max, scratch[STATE + 32 + lane]: sum
+    for (int from = 1; from < slices; ++from) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (slice == from) {
+            stash<D>(o, scratch, lane);
+            scratch[STATE + lane] = state.max_log2;
+            scratch[STATE + 32 + lane] = state.denominator;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (slice == 0) {
+            const float other_max = scratch[STATE + lane];
+            const float new_max = max(state.max_log2, other_max);
+            const float mine = fast::exp2(state.max_log2 - new_max), theirs = fast::exp2(other_max - new_max);
+            state.denominator = state.denominator * mine + scratch[STATE + 32 + lane] * theirs;
+            state.max_log2 = new_max;
+            UNROLL_FRAGMENTS
+            for (int d = 0; d < D / 8; ++d) {
+                UNROLL_FRAGMENTS
+                for (int e = 0; e < 2; ++e)
+                    o.frag[d].thread_elements()[e] = o.frag[d].thread_elements()[e] * mine + scratch[(d * 2 + e) * 32 + lane] * theirs;
+            }
+        }
     }
 }
 
 template <typename T, int D>
-[[kernel]] void attention_decode(
+[[kernel, max_total_threads_per_threadgroup(128)]] void attention_decode(
     const device T* q [[buffer(DECODE_BUFFER_Q)]],
     const device T* k_cache [[buffer(DECODE_BUFFER_K_CACHE)]],
     const device T* v_cache [[buffer(DECODE_BUFFER_V_CACHE)]],
@@ -71,16 +147,16 @@ template <typename T, int D>
     ushort lane [[thread_index_in_simdgroup]]) {
     constexpr int BK = KV_TILE_KEYS(D);
     constexpr int LD = D + 8;
-    threadgroup T tile[BK * LD];
-    threadgroup int block_of[BK];   // physical block of each tile key (-1: no key)
-    threadgroup int slot_of[BK];
+    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
+    threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
+    threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
     threadgroup uint tile_valid;
 
     const int seq = int(tgid.z), partition = int(tgid.x);
     const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;
     const int group = p.shape.num_heads / p.shape.num_kv_heads;
     const int rows = group * p.seqlen_q;
-    const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p);
+    const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p, lane);
     const int shift = keys.count - p.seqlen_q;   // bottom-right: new token i sits at key i + shift
 
     // Keys [lo, hi) of this partition that some query row can see.
@@ -88,8 +164,9 @@ template <typename T, int D>
     const int lo = int(max(int64_t(band.begin), int64_t(partition) * p.partition_size));
     const int hi = int(min(int64_t(band.end), (int64_t(partition) + 1) * p.partition_size));
 
+    const int slices = DECODE_KEY_SLICES(rows, D), slice = slices > 1 ? int(sg) : 0;
     const FragmentCoord fc = fragment_coord(lane);
-    const int row = row_chunk * DECODE_MAX_ROWS + int(sg) * 8 + fc.row;
+    const int row = row_chunk * DECODE_MAX_ROWS + (slices > 1 ? 0 : int(sg) * 8) + fc.row;
     const bool row_valid = row < rows;
     const int head = kv_head * group + (row_valid ? row / p.seqlen_q : 0);
     const int token = row_valid ? row % p.seqlen_q : 0;
@@ -98,11 +175,11 @@ template <typename T, int D>
     if (lo >= hi) {   // nothing of this partition is visible: no math, no K/V reads
         if (tid == 0) WORK_COUNT("partitions_skipped", 1);
         if (split_k) {
-            if (row_valid && fc.col == 0) {
+            if (row_valid && slice == 0 && fc.col == 0) {
                 partial_max[partial_row] = -FLT_MAX;
                 partial_sum[partial_row] = 0.0f;
             }
-            if (row_valid) {
+            if (row_valid && slice == 0) {
                 for (int d = fc.col; d < D; d += 8) {   // the row's four lanes cover the head dim
                     for (int e = 0; e < 2; ++e) partial_out[partial_row * D + d + e] = 0.0f;
                 }
@@ -116,12 +193,19 @@ template <typename T, int D>
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
     Fragments<D / 8> q_frag, o_frag;
-    load_q<T, D>(q_frag, q + element_offset(p.shape.q_strides, seq, token, head), row_valid, p.mask.scale, fc);
+    threadgroup float* scratch = reinterpret_cast<threadgroup float*>(tile_storage);
+    static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= (D / 4 + 2) * 32 * sizeof(float), "slice scratch");
+    load_q<T, D>(q_frag, q + element_offset(p.shape.q_strides, seq, token, head), row_valid && slice == 0, p.mask.scale, fc);
+    if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
     clear<D>(o_frag);
     OnlineSoftmax state;
     const device T* k_head = k_cache + kv_head * p.shape.k_strides[STRIDE_HEAD];
     const device T* v_head = v_cache + kv_head * p.shape.v_strides[STRIDE_HEAD];
     const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
+    // The cache layout in registers: read from the constant params once, not once per tile.
+    const int block_size = p.block_size, num_blocks = p.num_blocks;
+    const int64_t k_block_stride = p.shape.k_strides[STRIDE_BATCH], k_slot_stride = p.shape.k_strides[STRIDE_TOKEN];
+    const int64_t v_block_stride = p.shape.v_strides[STRIDE_BATCH], v_slot_stride = p.shape.v_strides[STRIDE_TOKEN];
 
     for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -130,41 +214,43 @@ template <typename T, int D>
             const int position = keys.kv_start + key;
             const bool wanted = int(lane) < BK && key >= lo && key < hi;
             // Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
-            const int first_lane = int(lane) - min(int(lane), position % p.block_size);
+            const int first_lane = int(lane) - min(int(lane), position % block_size);
             const bool reads = int(lane) < BK && key < keys.count && first_lane == int(lane);
-            const int own_entry = reads ? table_row[position / p.block_size] : -1;
+            const int own_entry = reads ? table_row[position / block_size] : -1;
             const int entry = simd_shuffle(own_entry, ushort(first_lane));
-            const bool exists = wanted && entry >= 0 && entry < p.num_blocks;
+            const bool exists = wanted && entry >= 0 && entry < num_blocks;
             if (int(lane) < BK) {
-                block_of[lane] = exists ? entry : -1;
-                slot_of[lane] = position % p.block_size;
+                const int slot = position % block_size;
+                k_offset[lane] = exists ? entry * k_block_stride + slot * k_slot_stride : -1;
+                v_offset[lane] = exists ? entry * v_block_stride + slot * v_slot_stride : -1;
             }
             const uint valid = simd_or(exists ? 1u << lane : 0u);
             if (lane == 0) tile_valid = valid;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_paged_tile<T, D, BK, LD>(tile, k_head, block_of, slot_of, p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN], tid, threads);
+        copy_kv_tile<T, D, BK, LD>(tile, k_head, TableRows{k_offset}, tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        Fragments<BK / 8> s_frag;
-        qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
-        softmax_tile<D, BK>(s_frag, state, o_frag, key0, hi, tile_valid, token + shift, row_valid, slope, rules, fc);
-
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_paged_tile<T, D, BK, LD>(tile, v_head, block_of, slot_of, p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN], tid, threads);
-        if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
+        const LoadV load_v{tile_storage, v_head, v_offset, tid, threads};
+        if (slices > 1)
+            attend_tile<T, D, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift, row_valid,
+                                         slope, rules, fc, load_v);
+        else
+            attend_tile<T, D, BK, BK, LD>(o_frag, state, q_frag, 0, key0, hi, tile_valid, token + shift, row_valid,
+                                          slope, rules, fc, load_v);
     }
+    if (slices > 1) merge_key_slices<D>(state, o_frag, scratch, slices, slice, lane);
 
-    if (!row_valid) return;   // no barrier follows
+    if (!row_valid || slice != 0) return;   // no barrier follows
     if (split_k) {
         if (fc.col == 0) {
             partial_max[partial_row] = state.max_log2;
             partial_sum[partial_row] = state.denominator;
         }
         device float* partial = partial_out + partial_row * D;
+        UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
+            UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) partial[d * 8 + fc.col + e] = o_frag.frag[d].thread_elements()[e];
         }
         return;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <limits>
 
 namespace metal_flash_sdpa {
 
@@ -73,6 +74,11 @@ std::vector<FunctionConstant> mask_constants(const AttentionOptions& o) {
           {FC_HAS_SINKS, o.has_sinks},
           {FC_HAS_SOFTCAP, o.softcap > 0.0f},
           {FC_HAS_ALIBI, o.has_alibi}};
+}
+
+FunctionConstant kv_vector_constant(const AttentionTensors& t) {
+  const int64_t span = (KV_TILE_KEYS(t.head_dim) - 1) * std::max(t.k.token, t.v.token) + t.head_dim;
+  return {FC_KV_VECTOR, t.kv_rows_aligned && span <= std::numeric_limits<int32_t>::max()};
 }
 
 }  // namespace metal_flash_sdpa

@@ -43,6 +43,7 @@ struct AttentionTensors {
   int64_t num_seqs, num_heads, num_kv_heads, head_dim;
   Strides3 q, k, v, out;   // decode: k/v are the caches, {block, slot, head}
   Strides3 lse;            // note: {batch, head, token} order for the LSE
+  bool kv_rows_aligned = false;   // every k/v row starts on a 16-byte boundary (see kv_vector_copies)
 };
 
 // Masks and score options (MaskParams + function constants on the shader side).
@@ -64,5 +65,7 @@ void copy_strides(int64_t dst[3], const Strides3& strides);
 AttentionShape attention_shape(const AttentionTensors& tensors);
 MaskParams mask_params(const AttentionOptions& options);
 std::vector<FunctionConstant> mask_constants(const AttentionOptions& options);   // FC_DO_CAUSAL .. FC_HAS_ALIBI
+// FC_KV_VECTOR (common/kv_tile.h): aligned k/v rows and a K/V tile's token span within 32 bits.
+FunctionConstant kv_vector_constant(const AttentionTensors& tensors);
 
 }  // namespace metal_flash_sdpa

@@ -53,6 +53,7 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
   launch.constants = mask_constants(pb.options);
   launch.constants.push_back({FC_ALIGN_Q, pb.seqlen_q_gcd % PREFILL_BLOCK_Q == 0});
   launch.constants.push_back({FC_ALIGN_K, pb.seqlen_k_gcd % KV_TILE_KEYS(t.head_dim) == 0});
+  launch.constants.push_back(kv_vector_constant(t));
   return launch;
 }
 
@@ -193,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
   pb.tensors = {element_type(q, "q"), g.num_seqs, g.num_heads, g.num_kv_heads, g.head_dim,
                 token_strides(q, g.varlen), token_strides(k, g.varlen), token_strides(v, g.varlen),
                 token_strides(out, g.varlen),
-                g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1}};
+                g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1},
+                rows_aligned_16(k) && rows_aligned_16(v)};
   pb.options = g.options;
   pb.total_q = g.total_q;
   pb.total_k = g.total_k;

@@ -11,6 +11,7 @@
 #include <metal_stdlib>
 
 #include "common/attention_tile.h"
+#include "common/kv_tile.h"
 #include "common/mask_band.h"
 #include "common/params.h"
 #include "common/strided.h"
@@ -20,18 +21,31 @@ using namespace metal;
 constant bool align_q [[function_constant(FC_ALIGN_Q)]];
 constant bool align_k [[function_constant(FC_ALIGN_K)]];
 
-// Copy keys [key0, key0 + BK) of one KV head into the tile (rows past the sequence are zero).
-template <typename T, int D, int BK, int LD>
-METAL_FUNC void load_tile(threadgroup T* tile, const device T* src, int key0, int seqlen_k, int64_t token_stride, uint tid) {
-    for (int i = int(tid); i < BK * D; i += PREFILL_THREADS) {
-        const int row = i / D, col = i % D;
-        const int key = key0 + row;
-        tile[row * LD + col] = align_k || key < seqlen_k ? src[key * token_stride + col] : T(0);
+// Row offsets of keys [key0, key0 + BK) from the tile's first key; rows past the sequence are missing.
+struct PrefillRows {
+    int rows;              // rows that hold a key
+    int64_t token_stride;
+    int64_t operator()(uint row) const {
+        if (int(row) >= rows) return -1;
+        // kv_vector: the host checked that a tile spans < 2^31 elements, so the product is 32-bit.
+        return kv_vector ? int64_t(int(row) * int(token_stride)) : int64_t(row) * token_stride;
     }
+};
+// Whether keys [key0, key0 + BK) may hide some pair from a query block whose rows sit at key positions
+// [first_pos, last_pos]: the tile cuts the sequence end, the causal diagonal or a window edge, or the block has
+// rows past the sequence. Interior tiles skip the mask math (MLX: masks only on the diagonal / last block).
+METAL_FUNC bool edge_tile(int key0, int BK, int seqlen_k, int first_pos, int last_pos, bool rows_valid,
+                          constant MaskParams& mask) {
+    const int64_t last_key = int64_t(key0) + BK - 1;
+    bool edge = !rows_valid || (!align_k && last_key >= seqlen_k);
+    if (do_causal) edge = edge || last_key > first_pos;
+    if (has_window && mask.window_right >= 0) edge = edge || last_key - first_pos > mask.window_right;
+    if (has_window && mask.window_left >= 0) edge = edge || int64_t(last_pos) - key0 > mask.window_left;
+    return edge;
 }
 
 template <typename T, int D>
-[[kernel]] void attention_prefill(
+[[kernel, max_total_threads_per_threadgroup(PREFILL_THREADS)]] void attention_prefill(
     const device T* q [[buffer(PREFILL_BUFFER_Q)]],
     const device T* k [[buffer(PREFILL_BUFFER_K)]],
     const device T* v [[buffer(PREFILL_BUFFER_V)]],
@@ -49,7 +63,8 @@ template <typename T, int D>
     ushort lane [[thread_index_in_simdgroup]]) {
     constexpr int BK = KV_TILE_KEYS(D);
     constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
-    threadgroup T tile[BK * LD];
+    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
+    threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
 
     const int seq = int(tgid.z), head = int(tgid.y);
     int q_start = 0, seqlen_q = p.uniform_seqlen_q, k_start = 0, seqlen_k = p.uniform_seqlen_k;
@@ -91,16 +106,20 @@ template <typename T, int D>
 
         for (int kb = kb_begin; kb < kb_end; ++kb) {
             const int key0 = kb * BK;
+            const PrefillRows k_rows{align_k ? BK : min(BK, seqlen_k - key0), p.shape.k_strides[STRIDE_TOKEN]};
+            const PrefillRows v_rows{k_rows.rows, p.shape.v_strides[STRIDE_TOKEN]};
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            load_tile<T, D, BK, LD>(tile, k_head, key0, seqlen_k, p.shape.k_strides[STRIDE_TOKEN], tid);
+            copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, PREFILL_THREADS);
             if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             Fragments<BK / 8> s_frag;
             qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
-            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, slope, rules, fc);
+            const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
+                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask);
+            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, edge, slope, rules, fc);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            load_tile<T, D, BK, LD>(tile, v_head, key0, seqlen_k, p.shape.v_strides[STRIDE_TOKEN], tid);
+            copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);
             if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);

@@ -38,6 +38,16 @@ inline Strides3 token_strides(const at::Tensor& t, bool varlen) {
   return varlen ? Strides3{0, t.stride(0), t.stride(1)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// True when every [..., D] row of t starts on a 16-byte boundary (Metal buffers are page-aligned, so the storage
+// offset and the strides decide): the kernels then copy K/V tiles 16 bytes at a time.
+inline bool rows_aligned_16(const at::Tensor& t) {
+  const int64_t bytes = t.element_size();
+  if (t.storage_offset() * bytes % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) * bytes % 16 != 0) return false;
+  return true;
+}
+
 inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 }  // namespace metal_flash_sdpa

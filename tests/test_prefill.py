@@ -241,3 +241,19 @@ def test_band_limited_k_loop_at_4096(fa, counters, causal, window):
     if window[0] >= 0:
         assert ideal < (n // block_q) * (n // block_k) / 8    # O(n * window), far from the n^2 tiles of a full pass
     assert_matches_reference(out, lse, q, k, v, cu_q, cu_k, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kv_rows_off_16_byte_boundaries(fa, dtype):
+    """K/V views whose rows do not start on 16-byte boundaries (storage offset of one element) take the
+    element-wise tile copy (FC_KV_VECTOR off) and give exactly what the aligned vector copy gives, for the
+    prefill and decode kernels."""
+    B, S, H, Hkv, D = 2, 77, 4, 2, 72
+    g = torch.Generator().manual_seed(3)
+    q, qd = torch.randn(B, S, H, D, generator=g).to(dtype), torch.randn(B, 1, H, D, generator=g).to(dtype)
+    k, v = (torch.randn(B * S * Hkv * D + 1, generator=g).to(dtype).to(DEVICE)[1:].view(B, S, Hkv, D) for _ in range(2))
+    assert k.storage_offset() == 1
+    lens = torch.tensor([50, 77], dtype=torch.int32, device=DEVICE)
+    for run in (lambda k_, v_: fa.flash_attn_func(q.to(DEVICE), k_, v_, causal=True),
+                lambda k_, v_: fa.flash_attn_with_kvcache(qd.to(DEVICE), k_, v_, cache_seqlens=lens)):
+        assert torch.equal(run(k, v).cpu(), run(k.contiguous(), v.contiguous()).cpu())

@@ -17,6 +17,10 @@ constant constexpr float MASKED = -1.0e30f;
 constant constexpr float LOG2E = 1.4426950408889634f;
 constant constexpr float LN2 = 0.6931471805599453f;
 
+// Every loop over fragments is unrolled: Apple GPUs cannot index registers, so a rolled loop over
+// Fragments<N>::frag[] would put the fragments in stack memory (MLX: STEEL_PRAGMA_UNROLL).
+#define UNROLL_FRAGMENTS _Pragma("clang loop unroll(full)")
+
 struct FragmentCoord {
     int row;   // row of the 8x8 fragment this lane holds
     int col;   // first of its two columns
@@ -63,7 +67,9 @@ METAL_FUNC ScoreRules score_rules(bool causal, bool window, bool softcap, bool a
 // Q fragments for the lane's row, pre-scaled, in fp32; invalid rows are zero.
 template <typename T, int D>
 METAL_FUNC void load_q(thread Fragments<D / 8>& q, const device T* q_row, bool row_valid, float scale, FragmentCoord fc) {
+    UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e)
             q.frag[d].thread_elements()[e] = row_valid ? float(q_row[d * 8 + fc.col + e]) * scale : 0.0f;
     }
@@ -71,14 +77,17 @@ METAL_FUNC void load_q(thread Fragments<D / 8>& q, const device T* q_row, bool r
 
 template <int D>
 METAL_FUNC void clear(thread Fragments<D / 8>& o) {
+    UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) o.frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
 
 // S = Q K^T for 8 rows and the BK keys of `tile` (row-major, leading dimension LD).
 template <typename T, int D, int BK, int LD>
 METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 8>& q, const threadgroup T* tile) {
+    UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
         s.frag[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
             simdgroup_matrix<T, 8, 8> kt;
             simdgroup_load(kt, tile, LD, ulong2(j * 8, d * 8), true);
@@ -91,13 +100,16 @@ METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 
 
 // Scores of keys [key0, key0 + BK) for the lane's row at position q_pos -> masked base-2 scores, then
 // probabilities relative to the new running max; the state and O are rescaled to that max. A key exists
-// if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set.
+// if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set. `edge` false (a tile the
+// caller proved wholly visible to every row: inside the band, the sequences and the rows) skips every mask test.
 template <int D, int BK>
 METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& state, thread Fragments<D / 8>& o,
-                             int key0, int key_end, uint tile_valid, int q_pos, bool row_valid, float slope_log2,
-                             ScoreRules rules, FragmentCoord fc) {
+                             int key0, int key_end, uint tile_valid, int q_pos, bool row_valid, bool edge,
+                             float slope_log2, ScoreRules rules, FragmentCoord fc) {
     float block_max = MASKED;
+    UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
+        UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) {
             const int key = key0 + j * 8 + fc.col + e;
             const int distance = q_pos - key;
@@ -105,11 +117,13 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
             if (rules.softcap) score = rules.softcap_value * precise::tanh(score / rules.softcap_value);
             score *= LOG2E;
             if (rules.alibi) score -= slope_log2 * float(abs(distance));
-            bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
-            if (rules.causal) visible = visible && distance >= 0;
-            if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
-            if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
-            score = visible ? score : MASKED;
+            if (edge) {
+                bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
+                if (rules.causal) visible = visible && distance >= 0;
+                if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
+                if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
+                score = visible ? score : MASKED;
+            }
             s.frag[j].thread_elements()[e] = score;
             block_max = max(block_max, score);
         }
@@ -118,23 +132,28 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
     // exp2 of (MASKED - real max) underflows to 0; a fully masked row keeps p = 0 explicitly (no NaN).
     const float rescale = fast::exp2(state.max_log2 - new_max);
     float block_sum = 0.0f;
+    UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
+        UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) {
             const float score = s.frag[j].thread_elements()[e];
-            const float prob = score == MASKED ? 0.0f : fast::exp2(score - new_max);
+            const float prob = edge && score == MASKED ? 0.0f : fast::exp2(score - new_max);
             s.frag[j].thread_elements()[e] = prob;
             block_sum += prob;
         }
     }
     state.denominator = state.denominator * rescale + row_sum(block_sum);
     state.max_log2 = new_max;
+    UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
 }
 
 // O += P V with the BK x D value tile in threadgroup memory.
 template <typename T, int D, int BK, int LD>
 METAL_FUNC void pv_tile(thread Fragments<D / 8>& o, thread const Fragments<BK / 8>& p, const threadgroup T* tile) {
+    UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
+        UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
             simdgroup_matrix<T, 8, 8> vt;
             simdgroup_load(vt, tile, LD, ulong2(d * 8, j * 8));
@@ -152,6 +171,7 @@ METAL_FUNC void fold_sink(thread OnlineSoftmax& state, thread Fragments<D / 8>& 
     const float rescale = fast::exp2(state.max_log2 - new_max);
     state.denominator = state.denominator * rescale + fast::exp2(sink_log2 - new_max);
     state.max_log2 = new_max;
+    UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
 }
 
@@ -160,7 +180,9 @@ template <typename T, int D>
 METAL_FUNC void store_row(device T* out_row, device float* lse, thread const OnlineSoftmax& state,
                           thread const Fragments<D / 8>& o, FragmentCoord fc) {
     const float inv = state.denominator > 0.0f ? 1.0f / state.denominator : 0.0f;
+    UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) out_row[d * 8 + fc.col + e] = T(o.frag[d].thread_elements()[e] * inv);
     }
     if (fc.col == 0)   // one lane per row

@@ -11,6 +11,7 @@
 // Function-constant indices (as upstream metal-flash-sdpa: 200/201 alignment, 301 causal, 302 window).
 #define FC_ALIGN_Q 200   // every sequence's query count is a multiple of PREFILL_BLOCK_Q: no row bounds checks
 #define FC_ALIGN_K 201   // every key count is a multiple of KV_TILE_KEYS: no key bounds checks
+#define FC_KV_VECTOR 202 // K/V rows start on 16-byte boundaries and a tile spans < 2^31 elements: 16-byte copies
 #define FC_DO_CAUSAL 301
 #define FC_HAS_WINDOW 302
 #define FC_HAS_SINKS 303
@@ -104,6 +105,9 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
 #define DECODE_BUFFER_PARTIAL_OUT 13   // fp32 [B, H, Sq, partitions, D]: unnormalised output
 
 #define DECODE_MAX_ROWS 32             // query rows per threadgroup (4 simdgroups of 8)
+// Simdgroups that split each K/V tile's keys (8 per simdgroup) when a KV head has at most 8 query rows, so a
+// threadgroup keeps 2-4 simdgroups busy instead of one with half its MMA rows idle; else 1.
+#define DECODE_KEY_SLICES(rows, head_dim) ((rows) <= 8 ? KV_TILE_KEYS(head_dim) / 8 : 1)
 #define DECODE_PARTITION_SIZE 256      // keys per split-K partition unless num_splits says otherwise
 #define DECODE_REDUCE_THREADS 32
 
