@@ -214,7 +214,9 @@ def column_plan(seqlen, window, block_q, block_k):
     if seqlen % block_q or seqlen % block_k:
         return {i: (i, i) for i in range(blocks)}, list(range(blocks))
     period = math.lcm(block_q, block_k) // block_q
-    warm_up = min(math.ceil((window - 1) / block_q) if window else 0, blocks)
+    # Block 0 is always its own class: its one tile is both the sequence's first and the diagonal, which a kernel
+    # that masks only edge tiles counts once where later blocks count two edge tiles.
+    warm_up = min(max(math.ceil((window - 1) / block_q) if window else 0, 1), blocks)
     plan = {i: (i, i) for i in range(warm_up)}
     for first in range(warm_up, min(warm_up + period, blocks)):
         members = range(first, blocks, period)

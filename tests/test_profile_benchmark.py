@@ -62,8 +62,8 @@ def test_extrapolation_is_exact(fa, mlx_lib, kind, seqlen, head_dim, window):
 
 def test_column_plan_simulates_few_blocks():
     from benchmarks.profile import column_plan
-    plan, simulated = column_plan(8192, None, 32, 16)
-    assert simulated == [0, 1, 255] and plan[100] == (0, 1)
+    plan, simulated = column_plan(8192, None, 32, 16)   # block 0 alone (first tile = diagonal), then one class
+    assert simulated == [0, 1, 2, 255] and plan[100] == (1, 2)
     plan, simulated = column_plan(8192, 128, 32, 32)
     assert simulated == [0, 1, 2, 3, 4, 5, 255] and plan[100] == (4, 5)
 
