@@ -129,7 +129,7 @@ at::Tensor decode_table(const at::Tensor& q, const at::Tensor& k_cache, const st
   }
   TORCH_CHECK_VALUE(k_cache.dim() != 4 || batch <= k_cache.size(0), "q has batch size ", batch, " but k_cache has ",
                     k_cache.size(0), " rows; pass cache_batch_idx to pick the cache row of each sequence");
-  return at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+  return contiguous_cache_table(batch, q);
 }
 
 DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -18,6 +18,12 @@ constexpr int64_t kDecodeMaxNewTokens = 4;
 constexpr int64_t kDecodeMaxPartitions = 64;
 constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
 
+// The block table of a contiguous cache [B, S, Hkv, D] read as B blocks of S slots: row b -> block b, on like's
+// device (built there: no host round trip).
+inline at::Tensor contiguous_cache_table(int64_t batch, const at::Tensor& like) {
+  return at::arange(batch, like.options().dtype(at::kInt)).view({batch, 1});
+}
+
 // q [B, Sq, H, D] against keys [kv_start[b], seqlens_k[b] + new_keys) of a paged cache read through table
 // (index tensors from index_tensor(); kv_start undefined when absent). Values are clamped by the kernel; max_keys
 // bounds the key ranges and sizes the partitions. Writes out and lse.

@@ -185,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     // Decode steps (generate() calls this with Sq = 1 < Sk): [B, Sk, Hkv, D] k/v are a cache of one Sk-slot
     // block per sequence, so the decode kernel's GQA packing and split-K apply. Indices are built here, on
     // the device, and valid by construction: no host round trip.
-    const auto ints = q.options().dtype(at::kInt);
-    run_decode(q, k, v, at::arange(g.num_seqs, ints).view({g.num_seqs, 1}), at::full({g.num_seqs}, g.total_k, ints),
-               0, at::Tensor(), g.total_k, 0, g.options, alibi_slopes, s_aux, out, lse);
+    const at::Tensor seqlens_k = at::full({g.num_seqs}, g.total_k, q.options().dtype(at::kInt));
+    run_decode(q, k, v, contiguous_cache_table(g.num_seqs, q), seqlens_k, 0, at::Tensor(), g.total_k, 0, g.options,
+               alibi_slopes, s_aux, out, lse);
     return {out, lse};
   }
   PrefillProblem pb{};
