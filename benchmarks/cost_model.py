@@ -7,7 +7,7 @@ plus the bytes it must move from DRAM. Per launch:
     waves                     = ceil(threadgroups / (cores x threadgroups resident per core))
     issue time                = issue cycles per threadgroup x resident threadgroups x waves / clock,
                                 divided by a latency-hiding factor min(1, resident simdgroups / SATURATION)
-    memory time               = DRAM bytes / DRAM bandwidth
+    memory time               = DRAM bytes / (DRAM bandwidth x min(1, simdgroups in flight / (cores x SATURATION)))
     predicted time            = max(issue time, memory time)      (a roofline: overlap is assumed perfect)
 
 Each throughput below carries its source. Where no public figure exists the value is marked "estimate" and is
@@ -89,10 +89,15 @@ def predict_ms(profile: dict, dram_bytes: float, gpu: str) -> float:
     resident = residency(profile["threads_per_threadgroup"], profile["threadgroup_memory"])
     waves = math.ceil(tgs / (g["cores"] * resident))
     per_threadgroup = issue_cycles(profile) / tgs
-    simdgroups = resident * math.ceil(profile["threads_per_threadgroup"] / LANES)
-    hiding = min(1.0, simdgroups / SATURATION_SIMDGROUPS[0])
-    issue_s = per_threadgroup * min(resident, math.ceil(tgs / g["cores"])) * waves / (g["clock_ghz"] * 1e9) / hiding
-    memory_s = dram_bytes / (g["dram_gbps"] * 1e9)
+    # Occupancy: the threadgroups a core actually holds (a small grid leaves slots, and cores, empty). Latency is
+    # hidden, and DRAM kept busy, only with enough simdgroups in flight; the same saturation point is assumed for
+    # both (estimate).
+    occupied = min(resident, math.ceil(tgs / g["cores"]))
+    simdgroups_per_threadgroup = math.ceil(profile["threads_per_threadgroup"] / LANES)
+    hiding = min(1.0, occupied * simdgroups_per_threadgroup / SATURATION_SIMDGROUPS[0])
+    issue_s = per_threadgroup * occupied * waves / (g["clock_ghz"] * 1e9) / hiding
+    in_flight = min(tgs, g["cores"] * resident) * simdgroups_per_threadgroup
+    memory_s = dram_bytes / (g["dram_gbps"] * 1e9 * min(1.0, in_flight / (g["cores"] * SATURATION_SIMDGROUPS[0])))
     return max(issue_s, memory_s) * 1e3
 
 

@@ -7,7 +7,8 @@ MLX's kernels run from the mlx-metal wheel's headers (tests/mslsim/anchors/mlx.p
 Extrapolation, exact (counts per threadgroup are deterministic functions of its band of keys):
 - batches and KV-head groups are independent threadgroups doing identical work (same lengths, no data-dependent
   trip counts), so a case is simulated for one batch and one KV head (its G query heads) and every extensive
-  counter is multiplied by B x Hkv;
+  counter is multiplied by B x Hkv; decode's split-K count depends on B x Hkv (decode_split), so the slice runs
+  with the whole case's split, passed as num_splits;
 - within a head, prefill query blocks (grid columns) are grouped by `column_plan`: a block's counts are affine in
   its index within a class, so two blocks per class are simulated (mslsim's threadgroup subset), plus the class's
   last block, which checks the affine law on every run.
@@ -66,10 +67,18 @@ SMOKE_CASES = [
 ]
 
 
-def sampled(c):
-    """The simulated slice of a case: one batch, one KV head with its query heads; and the factor to scale by."""
+def sampled(c, fa=None):
+    """The simulated slice of a case: one batch, one KV head with its query heads; and the factor to scale by.
+    Decode (given fa): the slice is split into the whole case's partitions (checked to give the same partition size)."""
     group = c["heads"] // c["kv_heads"]
-    return {**c, "batch": 1, "heads": group, "kv_heads": 1}, c["batch"] * c["kv_heads"]
+    small = {**c, "batch": 1, "heads": group, "kv_heads": 1}
+    if fa is not None and c["kind"] == "decode":
+        def split(x, num_splits):
+            return fa._ops.ops.decode_split(x["batch"], x["heads"], x["kv_heads"], 1, x["head_dim"], 2, x["seqlen"],
+                                            x["window"] - 1 if x["window"] else -1, num_splits, 0)[:2]
+        small["num_splits"] = split(c, 0)[0]
+        assert split(small, small["num_splits"]) == split(c, 0), "the slice must run the whole case's partitions"
+    return small, c["batch"] * c["kv_heads"]
 
 
 def scale(launches, factor):
@@ -162,7 +171,8 @@ def run_ours(fa, lib, c, q, k, v, sinks, columns=None):
             table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
             lens = torch.full((B,), n, dtype=torch.int32)
             out = fa.flash_attn_with_kvcache(q.transpose(1, 2).contiguous(), cache(k), cache(v), cache_seqlens=lens,
-                                             block_table=table, causal=True).transpose(1, 2)
+                                             block_table=table, causal=True,
+                                             num_splits=c.get("num_splits", 0)).transpose(1, 2)
         return out, launches_from_counters(fa.simulator_counters(reset=True))
 
 
@@ -275,7 +285,7 @@ def dram_bytes(c, kernel):
 
 def profile_case(fa, lib, c):
     """Two records (ours, MLX) for a case: counters extrapolated exactly from the simulated slice."""
-    small, factor = sampled(c)
+    small, factor = sampled(c, fa)
     q, k, v, sinks = inputs(small)
     records = []
     for kernel in ("ours", "mlx"):
@@ -304,7 +314,7 @@ def profile_case(fa, lib, c):
 
 def extrapolate_check(fa, lib, c):
     """(whole, extrapolated) launches for ours and MLX on a case small enough to simulate whole."""
-    small, factor = sampled(c)
+    small, factor = sampled(c, fa)
     result = {}
     for kernel, run in RUNNERS.items():
         _, whole = run(fa, lib, c, *inputs(c))
@@ -331,7 +341,7 @@ def attention_flops(c):
 def calibrate(fa, lib, c=None):
     """MODEL vs measurement for MLX on the calibration case: predicted ms, measured ms, relative error."""
     c = c or CALIBRATION["case"]
-    small, factor = sampled(c)
+    small, factor = sampled(c, fa)
     launches, _, _ = simulate(fa, lib, "mlx", small, *inputs(small))
     launches = scale(launches, factor)
     predicted = sum(cost_model.predict_ms(l["counters"], dram_bytes(c, "mlx"), CALIBRATION["gpu"]) for l in launches)

@@ -114,8 +114,9 @@ def work_decode(fa, contexts, windows, batch=1, heads=8, kv_heads=1, head_dim=64
                                        window_size=(w - 1 if w else -1, 0))
             c = fa.simulator_counters()
             visible = min(n, w) if w else n
-            partitions = math.ceil(n / fa.DECODE_PARTITION_SIZE)
-            intersecting = partitions - (n - visible) // fa.DECODE_PARTITION_SIZE
+            _, partition, _ = fa._ops.ops.decode_split(batch, heads, kv_heads, 1, head_dim, 2, n, w - 1 if w else -1, 0, 0)
+            partitions = math.ceil(n / partition)
+            intersecting = partitions - (n - visible) // partition
             minimal_kv = batch * kv_heads * visible * head_dim * 2 * 2
             kv_read = c["device_bytes_read[1]"] + c["device_bytes_read[2]"]
             rows.append(dict(kind="decode", context=n, window=w or None,

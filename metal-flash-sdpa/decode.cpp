@@ -30,9 +30,10 @@ struct DecodeProblem {
   int64_t seqlen_q;                 // new query tokens per sequence
   int64_t block_size, num_blocks, blocks_per_seq;
   int64_t max_seqlen_k;             // longest key range, sizes the partitions (capacity when unknown)
-  int64_t num_splits;               // 0: heuristic (DECODE_PARTITION_SIZE keys per partition)
+  int64_t num_splits;               // 0: heuristic (decode_partition_size)
   bool has_kv_start;
   int64_t new_keys;                 // appended by this call, on top of the seqlens buffer
+  int64_t gpu_cores;                // of the device (dispatch.h), for the heuristic
 };
 
 struct DecodePlan {
@@ -47,6 +48,51 @@ int64_t scratch_bytes_per_partition(const AttentionTensors& t, int64_t seqlen_q)
   return t.num_seqs * t.num_heads * seqlen_q * (t.head_dim + 2) * int64_t(sizeof(float));
 }
 
+int64_t element_bytes(ElementType dtype) { return dtype == ElementType::Float32 ? 4 : 2; }
+
+// Query rows per KV head (its heads x the new tokens), and how a threadgroup takes them.
+struct DecodeRows {
+  int64_t chunks;                   // threadgroups per (sequence, KV head, partition)
+  int64_t per_threadgroup;
+  int64_t threads;                  // a simdgroup per 8 rows, times the key slices
+};
+
+DecodeRows decode_rows(const AttentionTensors& t, int64_t seqlen_q) {
+  const int64_t rows = t.num_heads / t.num_kv_heads * seqlen_q;
+  const int64_t per_threadgroup = std::min<int64_t>(rows, DECODE_MAX_ROWS);
+  return {ceil_div(rows, DECODE_MAX_ROWS), per_threadgroup,
+          32 * ceil_div(per_threadgroup, 8) * DECODE_KEY_SLICES(per_threadgroup, t.head_dim)};
+}
+
+// Keys one query row can see at most: the window's span, else all of them.
+int64_t visible_keys(const AttentionOptions& o, int64_t seqlen_q, int64_t max_keys) {
+  if (o.window_left < 0) return max_keys;
+  const int64_t right = o.causal ? 0 : o.window_right < 0 ? max_keys : o.window_right;
+  return std::min(max_keys, o.window_left + right + seqlen_q);
+}
+
+// num_splits = 0: the partition size (whole K tiles) with the least waves x (keys + fixed work) over the GPU's
+// threadgroup slots, the fewest partitions among equals (less scratch, a shorter reduce). At B = 1 this spreads one
+// sequence's keys over every core; with many sequences and heads it splits little or not at all, and it avoids a
+// last wave that is almost empty (a fixed 256-key partition left 256 threadgroups for 240 slots at B=1, 8k keys).
+int64_t decode_partition_size(const DecodeProblem& pb, int64_t visible, int64_t tile) {
+  const AttentionTensors& t = pb.tensors;
+  const DecodeRows rows = decode_rows(t, pb.seqlen_q);
+  const int64_t resident = std::max<int64_t>(
+      1, std::min(kThreadgroupMemoryPerCore / DECODE_THREADGROUP_BYTES(element_bytes(t.dtype), t.head_dim),
+                  kThreadsPerCore / rows.threads));
+  const int64_t slots = std::max<int64_t>(pb.gpu_cores, 1) * resident;
+  const int64_t items = t.num_seqs * t.num_kv_heads * rows.chunks;
+  const int64_t most = std::min(kDecodeMaxPartitions, ceil_div(visible, tile));
+  int64_t best_size = ceil_div(visible, tile) * tile, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t splits = 1; splits <= most; ++splits) {
+    const int64_t size = ceil_div(ceil_div(visible, splits), tile) * tile;   // whole tiles: maybe fewer partitions
+    const int64_t cost = ceil_div(items * ceil_div(visible, size), slots) * (size + kDecodePartitionOverheadKeys);
+    if (cost < best_cost) best_cost = cost, best_size = size;
+  }
+  return best_size;
+}
+
 DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   const AttentionTensors& t = pb.tensors;
   const int64_t tile = KV_TILE_KEYS(t.head_dim);
@@ -55,10 +101,11 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   // that: the grid already holds many threadgroups when the scratch is large), whatever num_splits says.
   const int64_t max_partitions = std::max<int64_t>(
       1, std::min(kDecodeMaxPartitions, kDecodeScratchBytes / std::max<int64_t>(scratch_bytes_per_partition(t, pb.seqlen_q), 1)));
-  // Partition size: DECODE_PARTITION_SIZE keys, or max_keys / num_splits; always whole K tiles. num_splits is
-  // clamped first so the ceil-division cannot overflow (2^63 - 1 splits).
+  // Partition size: the heuristic's, or max_keys / num_splits; always whole K tiles. num_splits is clamped first
+  // so the ceil-division cannot overflow (2^63 - 1 splits).
   const int64_t splits = std::min(pb.num_splits, max_keys);
-  const int64_t wanted = splits > 0 ? ceil_div(max_keys, splits) : DECODE_PARTITION_SIZE;
+  const int64_t wanted = splits > 0 ? ceil_div(max_keys, splits)
+                                    : decode_partition_size(pb, visible_keys(pb.options, pb.seqlen_q, max_keys), tile);
   const int64_t partition = ceil_div(std::max(wanted, ceil_div(max_keys, max_partitions)), tile) * tile;
   const int64_t partitions = ceil_div(max_keys, partition);
 
@@ -77,17 +124,13 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   DecodePlan plan;
   plan.num_partitions = partitions;
   plan.split = partitions > 1;
-  const int64_t rows = t.num_heads / t.num_kv_heads * pb.seqlen_q;   // query rows per KV head
-  const int64_t row_chunks = ceil_div(rows, DECODE_MAX_ROWS);
-  const int64_t rows_per_threadgroup = std::min<int64_t>(rows, DECODE_MAX_ROWS);
+  const DecodeRows rows = decode_rows(t, pb.seqlen_q);
   KernelLaunch& attention = plan.attention;
   attention.kernel = kernel_name("attention_decode", t.dtype, t.head_dim);
   attention.threadgroups[0] = uint32_t(partitions);
-  attention.threadgroups[1] = uint32_t(t.num_kv_heads * row_chunks);
+  attention.threadgroups[1] = uint32_t(t.num_kv_heads * rows.chunks);
   attention.threadgroups[2] = uint32_t(t.num_seqs);
-  // A simdgroup per 8 rows, times the key slices.
-  attention.threads_per_threadgroup =
-      uint32_t(32 * ceil_div(rows_per_threadgroup, 8) * DECODE_KEY_SLICES(rows_per_threadgroup, t.head_dim));
+  attention.threads_per_threadgroup = uint32_t(rows.threads);
   attention.constants = mask_constants(pb.options);
   attention.constants.push_back({FC_SPLIT_K, plan.split});
   attention.constants.push_back(kv_vector_constant(t));
@@ -176,21 +219,31 @@ std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
 
 }  // namespace
 
-int64_t decode_scratch_bytes(int64_t batch, int64_t num_heads, int64_t seqlen_q, int64_t head_dim, int64_t max_keys,
-                             int64_t num_splits) {
-  TORCH_CHECK_VALUE(batch > 0 && num_heads > 0 && seqlen_q > 0 && is_supported_head_dim(head_dim) && num_splits >= 0,
-                    "decode_scratch_bytes: sizes must be positive, head_dim supported, num_splits >= 0");
+std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t seqlen_q,
+                                  int64_t head_dim, int64_t element_bytes, int64_t max_keys, int64_t window_left,
+                                  int64_t num_splits, int64_t gpu_cores) {
+  TORCH_CHECK_VALUE(batch > 0 && num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && seqlen_q > 0 &&
+                        is_supported_head_dim(head_dim) && (element_bytes == 2 || element_bytes == 4) &&
+                        max_keys > 0 && num_splits >= 0 && gpu_cores >= 0,
+                    "decode_split: sizes must be positive, num_heads a multiple of num_kv_heads, head_dim supported, "
+                    "element_bytes 2 or 4, num_splits and gpu_cores >= 0");
   DecodeProblem pb{};
-  pb.tensors.dtype = ElementType::Float32;
+  pb.tensors.dtype = element_bytes == 4 ? ElementType::Float32 : ElementType::Float16;
   pb.tensors.num_seqs = batch;
-  pb.tensors.num_heads = pb.tensors.num_kv_heads = num_heads;
+  pb.tensors.num_heads = num_heads;
+  pb.tensors.num_kv_heads = num_kv_heads;
   pb.tensors.head_dim = head_dim;
+  pb.options.causal = true;
+  pb.options.window_left = window_left;
+  pb.options.window_right = window_left < 0 ? -1 : 0;
   pb.seqlen_q = seqlen_q;
   pb.max_seqlen_k = max_keys;
   pb.num_splits = num_splits;
+  pb.gpu_cores = gpu_cores > 0 ? gpu_cores : gpu_core_count();
   DecodeParams params;
   const DecodePlan plan = plan_decode(pb, &params);
-  return plan.split ? scratch_bytes_per_partition(pb.tensors, seqlen_q) * plan.num_partitions : 0;
+  return {plan.num_partitions, params.partition_size,
+          plan.split ? scratch_bytes_per_partition(pb.tensors, seqlen_q) * plan.num_partitions : 0};
 }
 
 void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
@@ -211,6 +264,7 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   pb.num_splits = num_splits;
   pb.has_kv_start = kv_start.defined();
   pb.new_keys = new_keys;
+  pb.gpu_cores = gpu_core_count();
 
   DecodeParams params;
   const DecodePlan plan = plan_decode(pb, &params);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 #include "launch.h"
 
@@ -18,6 +19,21 @@ constexpr int64_t kDecodeMaxNewTokens = 4;
 constexpr int64_t kDecodeMaxPartitions = 64;
 constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
 
+// The split-K heuristic (num_splits = 0) fills the GPU's threadgroup slots: cores x threadgroups resident per core,
+// bounded by threadgroup memory and threads per core (metal-benchmarks' figures for Apple GPUs, as
+// benchmarks/cost_model.py uses them). A partition costs its keys plus this fixed work (q, key offsets, partials,
+// the reduce), in keys.
+constexpr int64_t kThreadgroupMemoryPerCore = 60 * 1024;
+constexpr int64_t kThreadsPerCore = 1024;
+constexpr int64_t kDecodePartitionOverheadKeys = 64;
+
+// How a causal decode call of these sizes splits its keys: {partitions, keys per partition, scratch bytes (0 without
+// a split, <= kDecodeScratchBytes)}. num_splits as the op takes it; window_left -1: no window; gpu_cores 0: this
+// device's.
+std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t seqlen_q,
+                                  int64_t head_dim, int64_t element_bytes, int64_t max_keys, int64_t window_left,
+                                  int64_t num_splits, int64_t gpu_cores);
+
 // The block table of a contiguous cache [B, S, Hkv, D] read as B blocks of S slots: row b -> block b, on like's
 // device (built there: no host round trip).
 inline at::Tensor contiguous_cache_table(int64_t batch, const at::Tensor& like) {
@@ -31,9 +47,5 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                 const at::Tensor& seqlens_k, int64_t new_keys, const at::Tensor& kv_start, int64_t max_keys,
                 int64_t num_splits, const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
                 const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse);
-
-// The split-K scratch a decode call of these sizes allocates (bytes; 0 without a split), <= kDecodeScratchBytes.
-int64_t decode_scratch_bytes(int64_t batch, int64_t num_heads, int64_t seqlen_q, int64_t head_dim, int64_t max_keys,
-                             int64_t num_splits);
 
 }  // namespace metal_flash_sdpa

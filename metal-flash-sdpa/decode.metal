@@ -151,6 +151,8 @@ template <typename T, int D>
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
     threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
     threadgroup uint tile_valid;
+    static_assert(sizeof(uint4) * KV_TILE_VECTORS(T, BK, LD) + 2 * sizeof(int64_t) * BK + sizeof(uint) ==
+                      DECODE_THREADGROUP_BYTES(sizeof(T), D), "the host's residency estimate");
 
     const int seq = int(tgid.z), partition = int(tgid.x);
     const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;

@@ -30,4 +30,7 @@ inline BufferBinding bind_optional(int index, const at::Tensor& tensor) {
 
 void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buffers);
 
+// GPU cores of the device the launches run on (decode sizes its split-K grid to fill them).
+int64_t gpu_core_count();
+
 }  // namespace metal_flash_sdpa

@@ -67,6 +67,20 @@ id<MTLComputePipelineState> pipeline_for(id<MTLDevice> device, const KernelLaunc
 
 }  // namespace
 
+// Metal does not report core counts: the chip class in the device name ("Apple M3 Max") gives the largest
+// configuration of that class (M1-M4 families: base <= 10, Pro <= 20, Max <= 40, Ultra <= 80 cores). A smaller bin
+// gets a split sized for more cores: more, shorter partitions, never an idle core.
+int64_t gpu_core_count() {
+  static const int64_t cores = [] {
+    const std::string name = [[at::mps::getCurrentMPSStream()->device() name] UTF8String];
+    if (name.find("Ultra") != std::string::npos) return int64_t(80);
+    if (name.find("Max") != std::string::npos) return int64_t(40);
+    if (name.find("Pro") != std::string::npos) return int64_t(20);
+    return int64_t(10);
+  }();
+  return cores;
+}
+
 void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buffers) {
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   TORCH_CHECK(stream, "metal-flash-sdpa: no MPS stream");

@@ -64,6 +64,10 @@ void tally(const std::string& kernel, const MslsimStats& stats) {
 
 }  // namespace
 
+// The profile's GPUs (benchmarks/cost_model.py: M3 Max and M4 Max, 40 cores each), so the simulated plan is the
+// one those Macs run.
+int64_t gpu_core_count() { return 40; }
+
 void dispatch(const KernelLaunch& launch, const std::vector<BufferBinding>& buffers) {
   static char empty_buffer;   // bound for empty tensors: any access is out of bounds, as on a GPU
   MslsimLaunch desc{};

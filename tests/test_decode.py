@@ -8,7 +8,7 @@ import torch
 from tests.helpers import DEVICE, KERNEL, PagedCache, queries
 from tests.reference import assert_matches_reference, attention_reference, visible_keys
 
-PARTITION = KERNEL.DECODE_PARTITION_SIZE
+DECODE_SPLIT = KERNEL._ops.ops.decode_split   # (sizes..., num_splits, gpu_cores) -> [partitions, keys each, scratch]
 
 
 def reference_decode(q, keys, values, causal, window, softcap=0.0, sinks=None, scale=None):
@@ -38,8 +38,8 @@ def check_decode(fa, q, cache, seqlens_k, causal=True, window=(-1, -1), softcap=
     return out.cpu()
 
 
-# Ragged contexts around partition edges (multiples of the partition size +- 1) and tiny ones.
-RAGGED = [1, PARTITION - 1, PARTITION, PARTITION + 1, 2 * PARTITION - 1, 2 * PARTITION + 1, 100, 37]
+# Ragged contexts around K-tile and partition edges (multiples of 256 keys +- 1) and tiny ones.
+RAGGED = [1, 255, 256, 257, 511, 513, 100, 37]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -57,7 +57,7 @@ CONTEXT_WINDOWS = [(100, 200), (256, 256), (257, 256), (511, 256), (513, 128), (
                    (9216, 8192), (300, 0)]
 
 
-def intersecting_partitions(n, Sq, window_left, partition=PARTITION):
+def intersecting_partitions(n, Sq, window_left, partition):
     """Ideal: partitions holding a key visible to some new query, from the explicit mask."""
     visible, _ = visible_keys(Sq, n, True, (window_left, -1))
     keys = visible.any(0).nonzero().flatten()
@@ -74,18 +74,21 @@ def test_contexts_windows_and_partition_skipping(fa, counters, context, W):
     counters()
     check_decode(fa, queries(1, 1, H, D, dtype, seed=W), cache, [context], window=(left, -1 if W <= 0 else 0))
     c = counters()
-    computed, total, visible = intersecting_partitions(context, 1, left)
+    _, partition, _ = DECODE_SPLIT(1, H, Hkv, 1, D, 2, context, left, 0, 0)
+    computed, total, visible = intersecting_partitions(context, 1, left, partition)
     assert c["partitions_computed"] == computed and c["partitions_skipped"] == total - computed
     minimal = visible * Hkv * D * 2   # bytes of the visible keys, each read once
     assert c["device_bytes_read[1]"] == minimal and c["device_bytes_read[2]"] == minimal   # K, V caches
 
 
-@pytest.mark.parametrize("num_splits, bound", [(1, 1.05), (0, 1.06)], ids=["no_split", "split_k"])
+@pytest.mark.parametrize("num_splits, bound", [(1, 1.05), (9, 1.06), (0, 1.15)],
+                         ids=["no_split", "split_k_256_keys", "split_k_heuristic"])
 def test_bytes_read_per_step_with_gqa_packing(fa, counters, num_splits, bound):
     """All query heads of a KV head share each K/V read: K/V cache bytes read == the window's keys once per
     KV head, exactly. Counting every buffer the step reads (q, block table, lengths, split-K partials; params
     excluded: constant memory), the total is <= 1.05x minimal without a split; split-K adds its inherent
-    traffic (q once per partition, fp32 partials of the partitions that did work: 5.7% here), bounded at 1.06."""
+    traffic (q once per partition, fp32 partials of the partitions that did work): 5.7% with 256-key partitions
+    (9 here); the heuristic splits B=4 x Hkv=4 into 15 partitions of 96 keys to fill 40 cores, which costs 13.8%."""
     B, H, Hkv, D, dtype = 4, 32, 4, 128, torch.bfloat16
     seqlens = [2000, 1500, 999, 2049]
     cache = PagedCache(seqlens, Hkv, D, 32, dtype, seed=5)
@@ -100,6 +103,30 @@ def test_bytes_read_per_step_with_gqa_packing(fa, counters, num_splits, bound):
     assert c["device_bytes_read[1]"] + c["device_bytes_read[2]"] == minimal_kv
     assert c["launches"] == (1 if num_splits == 1 else 2)
     assert read / minimal <= bound, f"read {read} bytes for {minimal} minimal ({read / minimal:.3f})"
+
+
+@pytest.mark.parametrize("cores", [10, 40, 80])
+def test_split_heuristic_fills_the_gpu(cores):
+    """num_splits=0 sizes the split-K grid to the GPU (decode.cpp: fewest waves x (partition keys + fixed work)):
+    one sequence at B=1 spreads over every core in one wave instead of a fixed 256-key split (which left 256
+    threadgroups for 240 slots at 8k keys: a second, near-empty wave); a batch that fills the GPU by itself is
+    split little; more cores never get fewer partitions."""
+    resident, tile, overhead = 6, 32, 64   # fp16 D=128: ~9 KiB of threadgroup memory of ~60 KiB per core (decode.h)
+    slots = cores * resident
+    for Hkv, keys in [(8, 8192), (8, 32768), (2, 131072)]:
+        partitions, size, _ = DECODE_SPLIT(1, 4 * Hkv, Hkv, 1, 128, 2, keys, -1, 0, cores)
+        assert partitions * size >= keys and (partitions - 1) * size < keys and size % tile == 0
+
+        def cost(size):   # the documented cost, brute force over every partition size of whole tiles
+            return math.ceil(Hkv * math.ceil(keys / size) / slots) * (size + overhead)
+        sizes = [s for s in range(tile, keys + tile, tile) if math.ceil(keys / s) <= KERNEL.DECODE_MAX_PARTITIONS]
+        assert cost(size) == min(map(cost, sizes))
+        most = min(keys // tile, KERNEL.DECODE_MAX_PARTITIONS) * Hkv
+        assert partitions * Hkv >= min(slots, most) // 2   # at least half the GPU busy
+    fewer = [DECODE_SPLIT(B, 32, 32, 1, 128, 2, 2048, -1, 0, cores)[0] for B in (8, 64)]
+    assert fewer[1] <= fewer[0] and fewer[1] <= 2
+    more_cores = [DECODE_SPLIT(4, 32, 8, 1, 128, 2, 16384, -1, 0, c)[0] for c in (cores, 2 * cores)]
+    assert more_cores[1] >= more_cores[0]
 
 
 def test_seed_validation_case(fa):

@@ -281,23 +281,25 @@ def test_unclear_errors_are_clear_now(fa):
 def test_scratch_is_bounded(fa):
     """The issue's case (B=64, H=64, D=128, 131k keys) asked 1 GiB per decode call; now at most 64 MiB, and the
     partition count at most DECODE_MAX_PARTITIONS, whatever num_splits or the (unread) lengths say."""
-    scratch = fa._ops.ops.decode_scratch_bytes
+    def scratch(batch, heads, keys, splits, cores=0):   # fp32, D=128, one new token, no window, MHA
+        return fa._ops.ops.decode_split(batch, heads, heads, 1, 128, 4, keys, -1, splits, cores)[2]
     budget = fa.DECODE_SCRATCH_BYTES
     assert budget == 64 << 20 and fa.DECODE_MAX_PARTITIONS == 64
     per_partition = 64 * 64 * 1 * (128 + 2) * 4
     for keys, splits in [(131072, 0), (131072, 10**9), (2**31 - 1, 0), (2**31 - 1, 2**63 - 1)]:
-        used = scratch(64, 64, 1, 128, keys, splits)
+        used = scratch(64, 64, keys, splits)
         assert 0 < used <= budget and used % per_partition == 0
-    assert scratch(64, 64, 1, 128, 131072, 0) == 31 * per_partition == 66_027_520   # 63.0 MiB (was 1 GiB)
+    assert scratch(64, 64, 131072, 10**9) == 31 * per_partition == 66_027_520   # 63.0 MiB (was 1 GiB)
     assert "66,027,520 bytes" in (REPO / "README.md").read_text()   # the figure the README states
-    assert scratch(1, 32, 1, 128, 131072, 0) == 64 * 32 * 130 * 4     # small batch: the partition cap binds
-    assert scratch(1, 32, 1, 128, 1000, 0) == 4 * 32 * 130 * 4        # short: 256-key partitions as before
-    assert scratch(1, 32, 1, 128, 200, 0) == 0                        # one partition: no split, no scratch
+    for cores in (8, 40, 80, 10**6):                                    # small batch: the partition cap binds
+        assert scratch(1, 32, 131072, 10**9, cores) == 64 * 32 * 130 * 4
+        assert scratch(1, 32, 131072, 0, cores) <= 64 * 32 * 130 * 4
+    assert scratch(1, 32, 32, 0) == 0                                   # one K tile: no split, no scratch
 
 
 @pytest.mark.skipif(not SIMULATED, reason="reads the simulator's per-buffer byte counters")
 def test_scratch_is_what_the_launch_writes(fa, counters, monkeypatch):
-    """The partials a launch writes (buffers 11-13) are exactly decode_scratch_bytes, with lengths unread."""
+    """The partials a launch writes (buffers 11-13) are exactly decode_split's scratch, with lengths unread."""
     monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
     k_cache, v_cache = contiguous_cache(B=2, S=700)
     q = queries(2, 1, 4, 64, torch.float32).to(DEVICE)
@@ -307,4 +309,4 @@ def test_scratch_is_what_the_launch_writes(fa, counters, monkeypatch):
                                    num_splits=splits)
         c = counters()
         written = sum(c.get(f"device_bytes_written[{i}]", 0) for i in (11, 12, 13))
-        assert written == fa._ops.ops.decode_scratch_bytes(2, 4, 1, 64, 700, splits) > 0
+        assert written == fa._ops.ops.decode_split(2, 4, 4, 1, 64, 4, 700, -1, splits, 0)[2] > 0

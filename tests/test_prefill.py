@@ -202,8 +202,8 @@ def test_flash_attn_func_reads_views_in_place(fa, counters):
 @pytest.mark.parametrize("Sq", [1, KERNEL.DECODE_MAX_NEW_TOKENS])
 def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
     """generate() decodes through flash_attn_func with Sq = 1 < Sk: those calls run the decode kernel, so all
-    query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split over DECODE_PARTITION_SIZE-key
-    partitions."""
+    query heads of a KV head share one read of each K/V byte (GQA 8/2 here), split into the partitions the
+    decode heuristic picks (decode_split); those wholly before the window are skipped."""
     B, Sk, H, Hkv, D = 2, 700, 8, 2, 64
     g = torch.Generator().manual_seed(Sq)
     q = torch.randn(B, H, Sq, D, generator=g).half().transpose(1, 2)
@@ -211,7 +211,10 @@ def test_flash_attn_func_decode_steps_read_kv_once(fa, counters, Sq):
     sinks = torch.randn(H, generator=g)
     out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, window_size=(299, 299), s_aux=sinks, return_attn_probs=True)
     c = counters()
-    assert c["partitions_computed"] == B * Hkv * 2 and c["partitions_skipped"] == B * Hkv * 1   # keys 400..699
+    partitions, size, _ = fa._ops.ops.decode_split(B, H, Hkv, Sq, D, 2, Sk, 299, 0, 0)
+    computed = (Sk - 1) // size - (Sk - Sq - 299) // size + 1   # partitions holding keys Sk - Sq - 299 .. Sk - 1
+    assert partitions > 1 and c["partitions_computed"] == B * Hkv * computed
+    assert c["partitions_skipped"] == B * Hkv * (partitions - computed)
     assert c["device_bytes_read[1]"] == c["device_bytes_read[2]"] == B * Hkv * (299 + Sq) * D * 2
     vq, vk, vv, cu_q, cu_k = batched_as_varlen(q.contiguous(), k.contiguous(), v.contiguous())
     assert_matches_reference(out.reshape(B * Sq, H, D), lse.permute(1, 0, 2).reshape(H, B * Sq), vq, vk, vv, cu_q,

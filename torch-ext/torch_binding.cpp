@@ -16,7 +16,6 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   constants.insert("head_dims", head_dims);
   constants.insert("kv_tile_keys", tile_keys);   // per head dim
   constants.insert("prefill_block_q", std::vector<int64_t>{PREFILL_BLOCK_Q});
-  constants.insert("decode_partition_size", std::vector<int64_t>{DECODE_PARTITION_SIZE});
   constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
   constants.insert("decode_max_partitions", std::vector<int64_t>{kDecodeMaxPartitions});
   constants.insert("decode_scratch_bytes", std::vector<int64_t>{kDecodeScratchBytes});
@@ -37,8 +36,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
       "Tensor cache_seqlens) -> ()");
   ops.def("kernel_constants() -> Dict(str, int[])", &kernel_constants);
-  ops.def("decode_scratch_bytes(int batch, int num_heads, int seqlen_q, int head_dim, int max_keys, int num_splits) -> int",
-          &metal_flash_sdpa::decode_scratch_bytes);
+  ops.def("decode_split(int batch, int num_heads, int num_kv_heads, int seqlen_q, int head_dim, int element_bytes, "
+          "int max_keys, int window_left, int num_splits, int gpu_cores) -> int[]",
+          &metal_flash_sdpa::decode_split);
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);

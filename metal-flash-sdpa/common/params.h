@@ -108,7 +108,10 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
 // Simdgroups that split each K/V tile's keys (8 per simdgroup) when a KV head has at most 8 query rows, so a
 // threadgroup keeps 2-4 simdgroups busy instead of one with half its MMA rows idle; else 1.
 #define DECODE_KEY_SLICES(rows, head_dim) ((rows) <= 8 ? KV_TILE_KEYS(head_dim) / 8 : 1)
-#define DECODE_PARTITION_SIZE 256      // keys per split-K partition unless num_splits says otherwise
+// Threadgroup memory of attention_decode: one K/V tile (rows padded to D + 8 elements) and the tile's key offsets
+// in both caches (int64) and valid-key mask; the host sizes the split-K grid by how many fit on a core.
+#define DECODE_THREADGROUP_BYTES(element_bytes, head_dim) \
+    (KV_TILE_KEYS(head_dim) * ((head_dim) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim) * 8 + 4)
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {

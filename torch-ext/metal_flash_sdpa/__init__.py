@@ -18,14 +18,13 @@ import torch
 from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
-           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_PARTITION_SIZE", "DECODE_MAX_PARTITIONS",
+           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_MAX_PARTITIONS",
            "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS"]
 
 _constants = ops.kernel_constants()
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
 PREFILL_BLOCK_Q: int = _constants["prefill_block_q"][0]                 # query rows per prefill threadgroup
 KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile_keys"]))   # keys per K/V tile
-DECODE_PARTITION_SIZE: int = _constants["decode_partition_size"][0]     # keys per split-K partition (num_splits=0)
 DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
 DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
 DECODE_MAX_NEW_TOKENS: int = _constants["decode_max_new_tokens"][0]     # flash_attn_func runs the decode kernel up to this Sq
@@ -206,7 +205,7 @@ def flash_attn_with_kvcache(
     [B, Sq_new, Hkv, D], if given, are written into the cache in place at cache_seqlens (tokens already
     cached, int or int32 [B]; default: the whole cache) before attending; queries are bottom-right aligned to
     the keys. cache_leftpad (contiguous caches): first valid key per sequence. num_splits: 0 = heuristic
-    (DECODE_PARTITION_SIZE-key partitions), 1 = no split, n = n partitions; at most DECODE_MAX_PARTITIONS and
+    (enough partitions to fill the GPU's cores; see README "Decode"), 1 = no split, n = n partitions; at most DECODE_MAX_PARTITIONS and
     DECODE_SCRATCH_BYTES of scratch either way. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
     with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
     """

@@ -14,6 +14,7 @@ static inline MTLSize MTLSizeMake(NSUInteger w, NSUInteger h, NSUInteger d) { MT
 - (void)setConstantValue:(const void*)value type:(MTLDataType)type atIndex:(NSUInteger)index;
 @end
 @protocol MTLDevice <NSObject>
+@property(readonly) NSString* name;
 - (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function error:(NSError**)error;
 @end
 @protocol MTLLibrary <NSObject>
