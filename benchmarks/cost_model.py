@@ -1,7 +1,8 @@
 """A MODEL, not a timing: predicted kernel time on Apple GPUs from an mslsim execution profile.
 
 Input: one launch's profile (mslsim LaunchStats.profile, per-thread instruction counts; see mslsim/README.md)
-plus the bytes it must move from DRAM. Per launch:
+plus the bytes it must move from DRAM (loads from `constant` kernel arguments, the profile's constant_load_*, are
+served by the constant cache: they cost issue slots, no DRAM bytes). Per launch:
 
     issue cycles (per core)   = sum over classes of (lane count / 32) x core-cycles per simdgroup instruction
     waves                     = ceil(threadgroups / (cores x threadgroups resident per core))
@@ -47,6 +48,11 @@ CYCLES_PER_SIMD_INSTRUCTION = {
 }
 # Memory instructions: issue cost per simdgroup instruction (loads and stores of any width up to 16 B per lane).
 MEMORY_INSTRUCTION_CYCLES = (0.25, "estimate: one issue slot per access; bandwidth below")
+MEMORY_SPACES = ("device_load", "device_store", "threadgroup_load", "threadgroup_store")
+ACCESS_WIDTHS = ("1", "2", "4", "8", "16", "other")
+# Loads from `constant` kernel arguments (parameter structs, strides): uniform data, the same for every thread.
+CONSTANT_LOAD_CYCLES = (MEMORY_INSTRUCTION_CYCLES[0], "estimate: one issue slot per load like other memory instructions; "
+                        "served by the constant cache (uniform data read by every thread), so no DRAM bytes")
 THREADGROUP_BYTES_PER_CYCLE = (128, "estimate: threadgroup memory 128 B/core-cycle (32 lanes x 4 B)")
 
 # GPUs. Core count and DRAM bandwidth: Apple spec sheets. Clock: not published by Apple; third-party figures.
@@ -74,10 +80,10 @@ def residency(threads_per_threadgroup: int, threadgroup_memory: int) -> int:
 def issue_cycles(profile: dict) -> float:
     """Core-cycles of issue for the whole launch (all threadgroups)."""
     cycles = sum(profile.get(name, 0) / LANES * cost for name, (cost, _) in CYCLES_PER_SIMD_INSTRUCTION.items())
-    memory_instructions = sum(profile.get(f"{space}_{w}", 0) for space in
-                              ("device_load", "device_store", "threadgroup_load", "threadgroup_store")
-                              for w in ("1", "2", "4", "8", "16", "other"))
-    cycles += memory_instructions / LANES * MEMORY_INSTRUCTION_CYCLES[0]
+    def instructions(*spaces):
+        return sum(profile.get(f"{space}_{w}", 0) for space in spaces for w in ACCESS_WIDTHS)
+    cycles += instructions(*MEMORY_SPACES) / LANES * MEMORY_INSTRUCTION_CYCLES[0]
+    cycles += instructions("constant_load") / LANES * CONSTANT_LOAD_CYCLES[0]
     tg_bytes = profile.get("threadgroup_load_bytes", 0) + profile.get("threadgroup_store_bytes", 0)
     return cycles + tg_bytes / THREADGROUP_BYTES_PER_CYCLE[0]
 
@@ -104,7 +110,8 @@ def predict_ms(profile: dict, dram_bytes: float, gpu: str) -> float:
 def sources() -> dict:
     """Every figure the model uses, with its source (written into profile.json)."""
     table = {name: dict(value=v, source=s) for name, (v, s) in CYCLES_PER_SIMD_INSTRUCTION.items()}
-    for name, (v, s) in dict(memory_instruction=MEMORY_INSTRUCTION_CYCLES, threadgroup_bytes_per_cycle=THREADGROUP_BYTES_PER_CYCLE,
+    for name, (v, s) in dict(memory_instruction=MEMORY_INSTRUCTION_CYCLES, constant_load=CONSTANT_LOAD_CYCLES,
+                             threadgroup_bytes_per_cycle=THREADGROUP_BYTES_PER_CYCLE,
                              threadgroup_memory_per_core=THREADGROUP_MEMORY_PER_CORE,
                              max_threads_per_core=MAX_THREADS_PER_CORE, saturation_simdgroups=SATURATION_SIMDGROUPS).items():
         table[name] = dict(value=v, source=s)

@@ -283,6 +283,12 @@ def dram_bytes(c, kernel):
     return total
 
 
+def device_bytes(counters):
+    """Bytes a launch's (or a record's) device loads and stores moved (constant-argument loads are not device
+    loads: mslsim counts them as constant_load_*)."""
+    return counters.get("device_load_bytes", 0) + counters.get("device_store_bytes", 0)
+
+
 def profile_case(fa, lib, c):
     """Two records (ours, MLX) for a case: counters extrapolated exactly from the simulated slice."""
     small, factor = sampled(c, fa)
@@ -294,8 +300,7 @@ def profile_case(fa, lib, c):
         total_bytes = dram_bytes(c, kernel)
         predicted = {}
         for gpu in cost_model.PREDICTED_GPUS:   # DRAM bytes shared between launches in proportion to device bytes
-            device = [l["counters"].get("device_load_bytes", 0) + l["counters"].get("device_store_bytes", 0)
-                      for l in launches]
+            device = [device_bytes(l["counters"]) for l in launches]
             predicted[gpu] = sum(cost_model.predict_ms(l["counters"], total_bytes * d / max(sum(device), 1), gpu)
                                  for l, d in zip(launches, device))
         counters = {}
@@ -307,6 +312,7 @@ def profile_case(fa, lib, c):
                             shape={k_: c[k_] for k_ in ("kind", "batch", "heads", "kv_heads", "head_dim", "seqlen",
                                                         "window", "sinks", "dtype")},
                             counters=counters, launches=launches, predicted_ms=predicted,
+                            device_bytes=device_bytes(counters), minimal_bytes=total_bytes,
                             max_abs_err=err, simulated=dict(batch=1, kv_heads=1, scale_factor=factor,
                                                             query_blocks=blocks)))
     return records

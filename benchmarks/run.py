@@ -354,6 +354,8 @@ def profile_main(args):
         for gpu in cost_model.PREDICTED_GPUS:
             row[f"ours_{gpu}_ms_model"], row[f"mlx_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
             row[f"ours/mlx_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
+        for r in (ours, theirs):   # device bytes moved / the minimal DRAM bytes (issue 15: <= 1.05 x minimal)
+            row[f"{r['kernel']}_bytes/min"] = r["device_bytes"] / r["minimal_bytes"]
         row["ours_err"], row["mlx_err"] = ours["max_abs_err"], theirs["max_abs_err"]
         rows.append(row)
     table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs MLX")

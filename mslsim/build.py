@@ -119,6 +119,7 @@ _FUNCTION_CONSTANT = re.compile(
 _CONDITIONAL_BUFFER = re.compile(  # [[buffer(n), function_constant(c)]] in either order
     r"\[\[\s*(?:buffer\s*\((?P<n1>[^()]*)\)\s*,\s*function_constant\s*\((?P<c1>[^()]*)\)"
     r"|function_constant\s*\((?P<c2>[^()]*)\)\s*,\s*buffer\s*\((?P<n2>[^()]*)\))\s*\]\]")
+_BUFFER = re.compile(r"\[\[\s*buffer\s*\((?P<n>[^()]*)\)\s*\]\]")
 _PROGRAM_CONSTANT = re.compile(
     r"\bconstant\s+(?P<type>[A-Za-z_]\w*)\s+(?P<name>[A-Za-z_]\w*)\s*=\s*(?P<init>[^;{}]*);")
 _KERNEL = re.compile(r"(?:\[\[\s*kernel\b[^\]]*\]\]|\bkernel)\s+void\s+(?P<name>[A-Za-z_]\w*)\s*\(")
@@ -184,6 +185,27 @@ def _helper_parameter_attributes(masked: str) -> list:
     return spans
 
 
+def _constant_space_buffers(masked: str) -> set:
+    """Start of the attribute (`[[buffer(n)...]]`) of each kernel parameter in the `constant` address space
+    (`constant T& p [[buffer(n)]]`, `const constant T* p [[buffer(n), function_constant(c)]]`): the runtime counts its
+    reads as constant-cache loads."""
+    starts = set()
+    for m in _KERNEL.finditer(masked):
+        close, depth, begin = _matching(masked, m.end() - 1, 1), 0, m.end()
+        for i in range(m.end(), close + 1):   # split the parameter list at commas outside brackets
+            c = masked[i]
+            if c in "([{<":
+                depth += 1
+            elif c in ")]}>":
+                depth -= 1
+            if i == close or (c == "," and depth == 0):
+                head, attribute, _ = masked[begin:i].partition("[[")
+                if attribute and re.search(r"\bconstant\b", head):
+                    starts.add(begin + len(head))
+                begin = i + 1
+    return starts
+
+
 def _address_space_overloads(masked: str) -> list:
     """(start, end) of each function definition (or class template specialisation) that repeats an earlier one
     of its scope up to address spaces."""
@@ -231,9 +253,14 @@ def prepass(src: str) -> Prepassed:
             text += (f"using mslsim_type_{name} = threadgroup {m.group('type')}{dims}; "
                      f"MSLSIM_THREADGROUP_VARIABLE(mslsim_type_{name}, {name}); ")
         edits.append((m.start(), m.end(), same_lines(text, m.group(0))))
+    constant_space = _constant_space_buffers(masked)
+    for m in _BUFFER.finditer(masked):
+        if m.start() in constant_space:
+            edits.append((m.start(), m.end(), same_lines(f"[[mslsim_constant_buffer({m.group('n')})]]", m.group(0))))
     for m in _CONDITIONAL_BUFFER.finditer(masked):
         n, c = m.group("n1") or m.group("n2"), m.group("c1") or m.group("c2")
-        edits.append((m.start(), m.end(), same_lines(f"[[mslsim_conditional_buffer({n}, {c})]]", m.group(0))))
+        macro = "mslsim_conditional_constant_buffer" if m.start() in constant_space else "mslsim_conditional_buffer"
+        edits.append((m.start(), m.end(), same_lines(f"[[{macro}({n}, {c})]]", m.group(0))))
     derived = set()   # function constants, and program-scope constants computed from them
     for m in _FUNCTION_CONSTANT.finditer(masked):
         text = f"MSLSIM_FUNCTION_CONSTANT({m.group('type')}, {m.group('name')}, {m.group('index')});"

@@ -34,10 +34,14 @@ def test_json_shape(records):
     from benchmarks.profile import SMOKE_CASES
     assert [(r["kernel"], r["case"]) for r in records] == [(k, c["case"]) for c in SMOKE_CASES for k in ("ours", "mlx")]
     for r in records:
-        assert set(r) >= {"kernel", "case", "shape", "counters", "predicted_ms", "max_abs_err"}
+        assert set(r) >= {"kernel", "case", "shape", "counters", "predicted_ms", "max_abs_err", "device_bytes",
+                          "minimal_bytes"}
         assert set(r["predicted_ms"]) == {"m3_max", "m4_max"}
         assert all(math.isfinite(v) and v > 0 for v in r["predicted_ms"].values())
         assert r["counters"]["fp32"] > 0 and r["counters"]["device_load_bytes"] > 0
+        assert r["device_bytes"] == r["counters"]["device_load_bytes"] + r["counters"]["device_store_bytes"]
+        # both read their parameters from `constant` arguments: constant-cache loads, not device bytes
+        assert r["counters"]["constant_load_bytes"] > 0
 
 
 def test_outputs_match_the_reference(records):

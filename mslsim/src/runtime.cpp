@@ -102,7 +102,11 @@ struct Region {              // one group of (possibly aliasing) bound buffers, 
   ShadowByte* shadow;        // race-checker state per byte (reserved, touched only if `writable`)
   size_t shadow_len;
   volatile bool writable;    // bound to a non-const pointer or reference: may be written, so race-checked
+  // Bound to `constant` arguments (BUFFER_CONSTANT) / to device ones: a region bound only as constant is in the
+  // constant address space (read-only; its reads are constant-cache loads in the profile).
+  volatile bool bound_constant, bound_device;
 };
+static inline bool constant_space(const Region& r) { return r.bound_constant && !r.bound_device; }
 struct Binding { unsigned char* sim; uint64_t size; int region; };
 
 static pthread_mutex_t g_dispatch_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -366,14 +370,17 @@ SimdExchange* simd_exchange(const void* value, size_t bytes, const char* file, u
 }
 
 // ------------------------------------------------------------------------------------------ bindings
-void* bind_buffer(int index, size_t bytes_needed, bool is_reference, bool writable) {
+void* bind_buffer(int index, size_t bytes_needed, bool is_reference, BufferUse use) {
   if (index < 0 || index >= MSLSIM_MAX_BUFFERS) fail("[[buffer(%d)]] is out of range 0..30", index);
   const Binding& b = g_bindings[index];
   if (!b.sim) fail("the kernel takes [[buffer(%d)]] but no buffer was bound at index %d", index, index);
   if (is_reference && bytes_needed > b.size)
     fail("[[buffer(%d)]] is bound to %llu bytes but the kernel reads a %zu-byte object from it", index,
          (unsigned long long)b.size, bytes_needed);
-  if (writable && !g_regions[b.region].writable) g_regions[b.region].writable = true;
+  Region& r = g_regions[b.region];   // flags set once per launch (written only when they change)
+  if (use == BUFFER_WRITE && !r.writable) r.writable = true;
+  volatile bool& bound = use == BUFFER_CONSTANT ? r.bound_constant : r.bound_device;
+  if (!bound) bound = true;
   return b.sim;
 }
 // Place an array in threadgroup slot `slot`: poisoned (0xFF: an unwritten float reads as NaN), shadow
@@ -527,7 +534,9 @@ static void check_order(Worker* w, ShadowByte* shadow, int kind, size_t off, siz
   }
 }
 // Profile accounting of one access: a memory instruction of its width, or part of a matrix load/store.
-static void profile_access(Worker* w, bool threadgroup, size_t n, bool store) {
+enum Space { DEVICE_SPACE, THREADGROUP_SPACE, CONSTANT_SPACE };
+static void profile_access(Worker* w, Space space, size_t n, bool store) {
+  const bool threadgroup = space == THREADGROUP_SPACE;
   uint64_t* p = w->stats.profile;
   if (w->matrix_kind) {
     if (!w->matrix_counted)
@@ -536,8 +545,9 @@ static void profile_access(Worker* w, bool threadgroup, size_t n, bool store) {
     w->matrix_counted = true;
     return;
   }
-  const int base = threadgroup ? (store ? MSLSIM_PROFILE_threadgroup_store_1 : MSLSIM_PROFILE_threadgroup_load_1)
-                               : (store ? MSLSIM_PROFILE_device_store_1 : MSLSIM_PROFILE_device_load_1);
+  const int base = space == CONSTANT_SPACE ? MSLSIM_PROFILE_constant_load_1   // (stores there fail before)
+                   : threadgroup ? (store ? MSLSIM_PROFILE_threadgroup_store_1 : MSLSIM_PROFILE_threadgroup_load_1)
+                                 : (store ? MSLSIM_PROFILE_device_store_1 : MSLSIM_PROFILE_device_load_1);
   const int width = n == 1 ? 0 : n == 2 ? 1 : n == 4 ? 2 : n == 8 ? 3 : n == 16 ? 4 : 5;   // 1 2 4 8 16 other
   p[base + width]++;
   p[base + 6] += n;   // <space>_bytes
@@ -552,7 +562,7 @@ static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
   if (!t.name || a < t.base || a + n > t.base + t.size) threadgroup_out_of_bounds(t, a, n, store);
   if (store) w->stats.threadgroup_bytes_written += n;
   else w->stats.threadgroup_bytes_read += n;
-  if (w->profiling) profile_access(w, true, n, store);
+  if (w->profiling) profile_access(w, THREADGROUP_SPACE, n, store);
   if (!w->check) return;
   check_order(w, w->shadow + t.packed, THREADGROUP_MEMORY, a - t.base, n, store,
               [&](char* out, size_t len) { snprintf(out, len, "threadgroup array '%s'", t.name); });
@@ -560,8 +570,12 @@ static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
 static void device_access(Worker* w, uintptr_t a, size_t n, bool store) {
   const Region& r = g_regions[(a - g_window_lo) >> kSlotBits];
   if (a < r.lo || a + n > r.hi) device_out_of_bounds(r, a, n, store);
+  const bool constant = constant_space(r);
+  if (constant && store)
+    fail("write of %zu bytes to [[buffer(%d)]], a `constant` kernel argument: the constant address space is read-only",
+         n, r.first_index);
   (store ? w->stats.device_bytes_written : w->stats.device_bytes_read)[r.first_index] += n;
-  if (w->profiling) profile_access(w, false, n, store);
+  if (w->profiling) profile_access(w, constant ? CONSTANT_SPACE : DEVICE_SPACE, n, store);
   if (!w->check || !r.writable) return;
   check_order(w, r.shadow, DEVICE_MEMORY, a - r.lo, n, store,
               [&](char* out, size_t len) { snprintf(out, len, "[[buffer(%d)]]", r.first_index); });
@@ -907,7 +921,7 @@ static int map_window(const MslsimLaunch* L, char* err, size_t n) {
       return -1;
     }
     g_regions[g] = {(uintptr_t)sim, (uintptr_t)sim + bytes, (unsigned char*)groups[g].lo, groups[g].first,
-                    (ShadowByte*)shadow, shadow_len, false};
+                    (ShadowByte*)shadow, shadow_len, false, false, false};
     g_num_regions = g + 1;
     for (int k = 0; k < m; k++) {
       uintptr_t lo = (uintptr_t)L->buffers[idx[k]].data;

@@ -47,6 +47,15 @@ def test_seeded_bug_is_reported(bugs, kernel, threads, message):
     assert f"kernel '{kernel}', threadgroup (0,0,0), thread " in str(e.value)
 
 
+def test_write_through_a_constant_argument_is_reported():
+    """The static pass rejects the seeded write through `constant float* cst`; the simulator reports it too."""
+    lib = mslsim.load(KERNELS / "static" / "address_spaces.metal")
+    out, cst = np.zeros(4, np.float32), np.ones(1, np.float32)
+    with pytest.raises(SimulationError, match=r"write of 4 bytes to \[\[buffer\(1\)\]\], a `constant` kernel argument"):
+        lib.dispatch("k", 1, 1, {0: out, 1: cst})
+    assert cst[0] == 1 and not out.any()
+
+
 def test_out_of_bounds_accesses_name_buffer_and_offset(bugs):
     x, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
     with pytest.raises(SimulationError, match=r"thread 63 .*reads 4 bytes at byte offset 256 of \[\[buffer\(0\)\]\], which is 256 bytes long"):

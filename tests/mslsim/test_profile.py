@@ -48,6 +48,26 @@ def test_memory_matrix_simd_and_barriers(lib):
     np.testing.assert_allclose(c[:64].reshape(8, 8), m @ m + m, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", ["affine_constant", "affine_device"])
+def test_constant_arguments_count_as_constant_loads(lib, kernel):
+    """Per lane: x[lane] (4 B, device), p.scale (4 B), p.shift (8 B) and bias (4 B, a conditional argument) from
+    the parameter buffers: constant loads when they are `constant` arguments, device loads when `const device`."""
+    x, out = np.arange(32, dtype=np.float32), np.zeros(32, np.float32)
+    params, bias = struct.pack("<fiQ", 0.5, 0, 3), struct.pack("<f", 0.25)
+    stats = lib.dispatch(kernel, 1, 32, {0: x, 1: params, 2: out, 3: bias}, constants={0: True}, profile=True)
+    np.testing.assert_array_equal(out, x * 0.5 + 3.25)
+    params_loads = {"load_4": 2 * 32, "load_8": 32, "load_bytes": 16 * 32}
+    space = "constant" if kernel == "affine_constant" else "device"
+    expected = {f"{space}_{k}": v for k, v in params_loads.items()}
+    for k, v in {"device_load_4": 32, "device_load_bytes": 4 * 32}.items():
+        expected[k] = expected.get(k, 0) + v
+    memory = {k: v for k, v in nonzero(stats.profile).items() if k.startswith(("device_load", "constant_load"))}
+    assert memory == expected
+    assert stats.profile["device_store_4"] == 32 and stats.profile["device_store_bytes"] == 4 * 32
+    # the per-buffer byte counts do not depend on the address space
+    assert stats.device_bytes_read == {0: 4 * 32, 1: 12 * 32, 2: 0, 3: 4 * 32}
+
+
 def test_profile_is_opt_in(lib):
     a, c = np.arange(64, dtype=np.float32), np.zeros(65, np.float32)
     assert lib.dispatch("matrix", 1, 32, {0: a, 1: c}).profile == {}

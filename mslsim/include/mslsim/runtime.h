@@ -18,7 +18,8 @@
 
 // Profile counters (a launch with profile=1 runs each kernel's profiling twin, see build.py). Every count is per
 // GPU thread (a lane): an instruction a full simdgroup executes counts 32. Memory instructions by access width
-// (bytes; "other": whole-struct copies and fills), counted from the traced loads and stores; the accesses a
+// (bytes; "other": whole-struct copies and fills), counted from the traced loads and stores (loads from buffers
+// bound to `constant` kernel arguments count as constant loads, not device loads); the accesses a
 // simdgroup_load/simdgroup_store makes count as one matrix load/store of the lane instead. The arithmetic
 // classes are basic-block execution counts times each block's LLVM IR instruction mix (kernel code only, see
 // build.py): LLVM IR, an approximation of Apple's ISA. MSLSIM_ARITHMETIC_CLASSES is read by build.py (one list).
@@ -29,6 +30,7 @@
   X(compare_select) X(branch)
 #define MSLSIM_PROFILE_COUNTERS(X)                                                                        \
   MSLSIM_MEMORY_COUNTERS(X, device_load) MSLSIM_MEMORY_COUNTERS(X, device_store)                           \
+  MSLSIM_MEMORY_COUNTERS(X, constant_load)                                                                \
   MSLSIM_MEMORY_COUNTERS(X, threadgroup_load) MSLSIM_MEMORY_COUNTERS(X, threadgroup_store)                 \
   X(matrix_load_device) X(matrix_load_threadgroup) X(matrix_store_device) X(matrix_store_threadgroup)      \
   X(matrix_multiply_accumulate) X(simd_function) X(threadgroup_barrier) X(simdgroup_barrier)              \
@@ -140,7 +142,10 @@ enum MemFlags : int { MEM_DEVICE = 1, MEM_THREADGROUP = 2 };
 
 [[noreturn]] __attribute__((format(printf, 1, 2))) void fail(const char* fmt, ...);
 
-void* bind_buffer(int index, size_t bytes_needed, bool is_reference, bool writable);
+// How a kernel argument uses its buffer: read-only device memory, writable device memory (race-checked), or the
+// `constant` address space (read-only, served by the constant cache: counted as constant loads in the profile).
+enum BufferUse : int { BUFFER_READ = 0, BUFFER_WRITE = 1, BUFFER_CONSTANT = 2 };
+void* bind_buffer(int index, size_t bytes_needed, bool is_reference, BufferUse use);
 void* bind_threadgroup_arg(int index);
 // What a [[function_constant]] reference argument that does not exist refers to: zeros, readable because the
 // compiler may hoist a load through a reference above the branch that guards it.

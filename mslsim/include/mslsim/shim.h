@@ -3,7 +3,8 @@
 // A .metal file compiles unmodified against this header after mslsim's line-preserving prepass
 // (mslsim/build.py), which rewrites only what the C++ grammar cannot express with macros:
 // kernel-scope `threadgroup` variables, `[[function_constant(n)]]` declarations, `[[threadgroup(n)]]`
-// arguments and the attributes on MLX-style explicit instantiations. Everything else is here:
+// arguments, the `[[buffer(n)]]` of `constant` kernel parameters (so the runtime knows their address space) and
+// the attributes on MLX-style explicit instantiations. Everything else is here:
 //  * types: half (_Float16, every operation rounded: -ffloat16-excess-precision=none), bfloat (__bf16,
 //    likewise), vectors as clang ext_vector_type (swizzles, 3-vectors padded to 4 as in MSL), packed_*;
 //  * kernel parameter attributes ([[buffer(n)]], [[thread_position_in_grid]], ...) become default
@@ -736,32 +737,41 @@ struct BuiltinArg {
 struct BuiltinTable { constexpr BuiltinArg operator[](int w) const { return {w}; } };
 constexpr BuiltinTable builtin{};
 
+// A `[[buffer(n)]]` argument; `constant_space`: the parameter is in the `constant` address space (the prepass
+// rewrites its attribute), a read-only region whose reads the profile counts as constant-cache loads.
 struct BufferArg {
   int i;
+  bool constant_space;
+  template <class T> static constexpr rt::BufferUse use(bool constant_space) {
+    return constant_space ? rt::BUFFER_CONSTANT : std::is_const_v<T> ? rt::BUFFER_READ : rt::BUFFER_WRITE;
+  }
 #ifdef MSLSIM_CHECK_ADDRESS_SPACES   // a pointer without an address space converts to void*; device/constant ones do not
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
-  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, use<T>(constant_space)); }
+  template <class T, std::enable_if_t<!std::is_convertible_v<T*, const volatile void*>, int> = 0> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, use<T>(constant_space)); }
 #else
-  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, !std::is_const_v<T>); }
-  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, !std::is_const_v<T>); }
+  template <class T> operator T*() const { return (T*)rt::bind_buffer(i, 0, false, use<T>(constant_space)); }
+  template <class T> operator T&() const { return *(T*)rt::bind_buffer(i, sizeof(T), true, use<T>(constant_space)); }
 #endif
 };
-struct BufferTable { constexpr BufferArg operator[](int i) const { return {i}; } };
-constexpr BufferTable buffer_arg{};
+struct BufferTable {
+  bool constant_space;
+  constexpr BufferArg operator[](int i) const { return {i, constant_space}; }
+};
+constexpr BufferTable buffer_arg{false}, constant_buffer_arg{true};
 // `[[buffer(n), function_constant(c)]]`: the argument exists only when c is true; otherwise it is null and
 // need not be bound (rewritten by the prepass).
 struct ConditionalBufferArg {
-  int i;
+  BufferArg arg;
   bool exists;
-  template <class T> operator T*() const { return exists ? (T*)BufferArg{i} : nullptr; }
+  template <class T> operator T*() const { return exists ? (T*)arg : nullptr; }
   // An absent reference refers to zeros (runtime.h: absent_argument).
-  template <class T> operator T&() const { return exists ? (T&)BufferArg{i} : *(T*)rt::absent_argument(); }
+  template <class T> operator T&() const { return exists ? (T&)arg : *(T*)rt::absent_argument(); }
 };
 struct ConditionalBufferTable {
-  bool exists;
-  constexpr ConditionalBufferArg operator[](int i) const { return {i, exists}; }
+  bool exists, constant_space;
+  constexpr ConditionalBufferArg operator[](int i) const { return {{i, constant_space}, exists}; }
 };
-inline ConditionalBufferTable conditional_buffer_arg(bool exists) { return {exists}; }
+inline ConditionalBufferTable conditional_buffer_arg(bool exists, bool constant_space) { return {exists, constant_space}; }
 struct ThreadgroupArg { int i; template <class T> operator T*() const { return (T*)rt::bind_threadgroup_arg(i); } };
 struct ThreadgroupArgTable { constexpr ThreadgroupArg operator[](int i) const { return {i}; } };
 constexpr ThreadgroupArgTable threadgroup_arg{};
@@ -864,7 +874,9 @@ using namespace metal;
 #define is_function_constant_defined(x) (mslsim::is_defined(x))
 #define buffer(n) ]] = mslsim::buffer_arg[mslsim::index[n
 #define mslsim_threadgroup_arg(n) ]] = mslsim::threadgroup_arg[mslsim::index[n
-#define mslsim_conditional_buffer(n, c) ]] = mslsim::conditional_buffer_arg(c)[mslsim::index[n
+#define mslsim_constant_buffer(n) ]] = mslsim::constant_buffer_arg[mslsim::index[n
+#define mslsim_conditional_buffer(n, c) ]] = mslsim::conditional_buffer_arg(c, false)[mslsim::index[n
+#define mslsim_conditional_constant_buffer(n, c) ]] = mslsim::conditional_buffer_arg(c, true)[mslsim::index[n
 #define thread_position_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TPITG
 #define thread_index_in_threadgroup ]] = mslsim::builtin[mslsim::index[mslsim::TIITG
 #define threadgroup_position_in_grid ]] = mslsim::builtin[mslsim::index[mslsim::TGPIG

@@ -27,3 +27,17 @@ kernel void matrix(device const float* a [[buffer(0)]], device float* c [[buffer
   float s = simd_sum(a[lane]);
   if (lane == 0) c[64] = s;
 }
+
+// One body with its parameters in the `constant` address space (as our shaders and MLX's take them) and, seeded,
+// as `const device` memory: only the class of the parameter loads may differ. Scale and shift differ in width,
+// so they stay two loads.
+struct Affine { float scale; int pad; ulong shift; };
+constant bool has_bias [[function_constant(0)]];
+#define AFFINE_KERNEL(name, space)                                                                              \
+  kernel void name(device const float* x [[buffer(0)]], space Affine& p [[buffer(1)]], device float* out [[buffer(2)]], \
+                   space float& bias [[buffer(3), function_constant(has_bias)]],                               \
+                   ushort lane [[thread_index_in_simdgroup]]) {                                                 \
+    out[lane] = x[lane] * p.scale + float(p.shift) + (has_bias ? bias : 0.0f);                                 \
+  }
+AFFINE_KERNEL(affine_constant, constant)
+AFFINE_KERNEL(affine_device, const device)
