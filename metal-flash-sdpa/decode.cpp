@@ -113,7 +113,7 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   params->shape = attention_shape(t);
   params->mask = mask_params(pb.options);
   params->seqlen_q = int32_t(pb.seqlen_q);
-  params->block_size = int32_t(pb.block_size);
+  params->block_size = fast_divisor(std::max<int64_t>(pb.block_size, 1));
   params->num_blocks = int32_t(pb.num_blocks);
   params->blocks_per_seq = int32_t(pb.blocks_per_seq);
   params->partition_size = int32_t(partition);

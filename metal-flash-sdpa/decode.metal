@@ -32,7 +32,7 @@ struct SequenceKeys {
 METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device int* kv_start, int seq,
                                       constant DecodeParams& p, ushort lane) {
     // 64-bit: cache_seqlens + the appended tokens can pass 2^31; the capacity itself fits (host check).
-    const int64_t capacity = int64_t(p.blocks_per_seq) * p.block_size;
+    const int64_t capacity = int64_t(p.blocks_per_seq) * p.block_size.divisor;
     const int seqlen = simd_broadcast(lane == 0 ? seqlens_k[seq] : 0, 0);
     const int end = int(clamp(int64_t(seqlen) + p.new_keys, int64_t(0), capacity));
     const int first = p.has_kv_start ? simd_broadcast(lane == 0 ? kv_start[seq] : 0, 0) : 0;
@@ -205,7 +205,8 @@ template <typename T, int D>
     const device T* v_head = v_cache + kv_head * p.shape.v_strides[STRIDE_HEAD];
     const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
     // The cache layout in registers: read from the constant params once, not once per tile.
-    const int block_size = p.block_size, num_blocks = p.num_blocks;
+    const FastDivisor block_size = p.block_size;
+    const int num_blocks = p.num_blocks;
     const int64_t k_block_stride = p.shape.k_strides[STRIDE_BATCH], k_slot_stride = p.shape.k_strides[STRIDE_TOKEN];
     const int64_t v_block_stride = p.shape.v_strides[STRIDE_BATCH], v_slot_stride = p.shape.v_strides[STRIDE_TOKEN];
 
@@ -215,14 +216,14 @@ template <typename T, int D>
             const int key = key0 + int(lane);
             const int position = keys.kv_start + key;
             const bool wanted = int(lane) < BK && key >= lo && key < hi;
+            const int block = fast_divide(position, block_size), slot = position - block * block_size.divisor;
             // Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
-            const int first_lane = int(lane) - min(int(lane), position % block_size);
+            const int first_lane = int(lane) - min(int(lane), slot);
             const bool reads = int(lane) < BK && key < keys.count && first_lane == int(lane);
-            const int own_entry = reads ? table_row[position / block_size] : -1;
+            const int own_entry = reads ? table_row[block] : -1;
             const int entry = simd_shuffle(own_entry, ushort(first_lane));
             const bool exists = wanted && entry >= 0 && entry < num_blocks;
             if (int(lane) < BK) {
-                const int slot = position % block_size;
                 k_offset[lane] = exists ? entry * k_block_stride + slot * k_slot_stride : -1;
                 v_offset[lane] = exists ? entry * v_block_stride + slot * v_slot_stride : -1;
             }

@@ -43,6 +43,14 @@ void copy_strides(int64_t dst[3], const Strides3& s) {
   dst[STRIDE_HEAD] = s.head;
 }
 
+FastDivisor fast_divisor(int64_t divisor) {
+  uint32_t shift = 0;
+  while ((int64_t(1) << shift) < divisor) ++shift;   // ceil(log2(divisor))
+  // multiplier = floor(2^32 (2^shift - divisor) / divisor) + 1, < 2^32 for every divisor >= 1
+  const uint64_t multiplier = (uint64_t(1) << 32) * ((uint64_t(1) << shift) - uint64_t(divisor)) / uint64_t(divisor) + 1;
+  return {uint32_t(multiplier), shift, int32_t(divisor), 0};
+}
+
 AttentionShape attention_shape(const AttentionTensors& t) {
   AttentionShape shape{};
   copy_strides(shape.q_strides, t.q);

@@ -58,6 +58,8 @@ struct AttentionOptions {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The FastDivisor (common/params.h) of 1 <= divisor < 2^31.
+FastDivisor fast_divisor(int64_t divisor);
 
 // "<base>_<type>_<head_dim>", as the [[host_name]] of the shader instantiations (head_dim < 0: no suffix).
 std::string kernel_name(const char* base, ElementType dtype, int64_t head_dim = -1);

@@ -13,7 +13,10 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
   - vector instructions count one per element (Apple GPU ALUs are scalar per lane);
   - loads and stores are not in the mix: the runtime traces them exactly, with their widths;
   - free in this model: phi, bitcast/trunc, vector element moves, unconditional branches, constant-offset
-    address arithmetic. A getelementptr with a variable index counts one 64-bit add per such index.
+    address arithmetic. A getelementptr with a variable index counts one 64-bit add per such index;
+  - a division or remainder by a constant counts as a multiply (of its width): LLVM's IR keeps `udiv %x, 18`,
+    and every backend, Apple's included, lowers it to a multiply-high and shifts; only a runtime divisor is an
+    int_div.
 """
 from __future__ import annotations
 
@@ -101,6 +104,9 @@ def classify(inst: str) -> tuple:
     if op == "mul" and bits:
         return ("int64_mul" if bits > 32 else "int32_mul"), n
     if op in _DIV_OPS:
+        constant_divisor = re.search(r",\s*(?:-?\d+|<[^>]*>)\s*(?:,|$)", inst)   # `udiv i32 %x, 18`
+        if constant_divisor and bits:
+            return ("int64_mul" if bits > 32 else "int32_mul"), n
         return "int_div", n
     return None, 0
 

@@ -114,11 +114,21 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
     (KV_TILE_KEYS(head_dim) * ((head_dim) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim) * 8 + 4)
 #define DECODE_REDUCE_THREADS 32
 
+// n / divisor for 0 <= n < 2^31 by a multiply-high, an add and a shift instead of a divide (Granlund and Montgomery,
+// 1994): (mulhi(n, multiplier) + n) >> shift, exact since n < 2^31 keeps the add within 32 bits. Built by the host
+// (fast_divisor(), launch.cpp), used by the shaders (fast_divide(), strided.h).
+struct FastDivisor {
+  uint32_t multiplier;
+  uint32_t shift;
+  int32_t divisor;
+  int32_t pad_;
+};
+
 struct DecodeParams {
   AttentionShape shape;     // k/v strides are the caches' [block, slot, head]
   MaskParams mask;
+  FastDivisor block_size;   // slots per cache block: a position's block and slot every tile, without a divide
   int32_t seqlen_q;         // new query tokens per sequence (>= 1), bottom-right aligned
-  int32_t block_size;
   int32_t num_blocks;       // block_table entries outside [0, num_blocks) hide their keys
   int32_t blocks_per_seq;   // block_table row length
   int32_t partition_size;   // keys per partition, a multiple of the K tile
@@ -126,7 +136,7 @@ struct DecodeParams {
   int32_t has_kv_start;     // 1: DECODE_BUFFER_KV_START holds each sequence's first key
   int32_t new_keys;         // tokens appended by this call: sequence b has DECODE_BUFFER_SEQLENS_K[b] + new_keys keys
 };
-static_assert(sizeof(DecodeParams) == 192, "DecodeParams layout is shared by host and shader");
+static_assert(sizeof(DecodeParams) == 208, "DecodeParams layout is shared by host and shader");
 
 // Appends new K/V tokens to a paged cache at cache_seqlens[b] + i through block_table.
 #define KV_WRITE_BUFFER_K 0

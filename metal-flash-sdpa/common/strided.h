@@ -1,5 +1,6 @@
 // Element offsets in the strided [batch, token, head, dim] views every kernel reads and writes (decode
-// caches: [block, slot, head, dim]); strides are int64 elements, the head dim is contiguous.
+// caches: [block, slot, head, dim]); strides are int64 elements, the head dim is contiguous. And the index
+// arithmetic that finds them.
 #pragma once
 #include <metal_stdlib>
 
@@ -10,6 +11,9 @@ using namespace metal;
 METAL_FUNC int64_t element_offset(constant const int64_t* strides, int64_t batch, int64_t token, int64_t head) {
     return batch * strides[STRIDE_BATCH] + token * strides[STRIDE_TOKEN] + head * strides[STRIDE_HEAD];
 }
+
+// n / d.divisor for 0 <= n < 2^31 (FastDivisor, params.h).
+METAL_FUNC int fast_divide(int n, FastDivisor d) { return int((mulhi(uint(n), d.multiplier) + uint(n)) >> d.shift); }
 
 // Offset in elements of (batch, head, token) in the fp32 LSE, strides {batch, head, token} (LseStride).
 METAL_FUNC int64_t lse_offset(constant const int64_t* strides, int64_t batch, int64_t head, int64_t token) {

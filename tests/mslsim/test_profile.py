@@ -33,6 +33,15 @@ def test_arithmetic_classes(lib):
     assert stats.profile["device_store_4"] == 6 and stats.profile["device_store_bytes"] == 24
 
 
+def test_division_by_a_constant_is_a_multiply(lib):
+    inputs = struct.pack("<4fe6xQQii", 1.0, 2.0, 3.0, 4.0, 1.5, 95, 5, 100, 41)
+    out = np.zeros(3, np.float32)
+    stats = lib.dispatch("constant_divisors", 1, 1, {0: inputs, 1: out}, profile=True)
+    np.testing.assert_array_equal(out, [100 // 7, 41 % 18, 95 // 10])
+    arithmetic = {k: v for k, v in nonzero(stats.profile).items() if k in ir_mix.CLASSES}
+    assert arithmetic.get("int_div", 0) == 0 and arithmetic["int32_mul"] >= 2 and arithmetic["int64_mul"] >= 1
+
+
 def test_memory_matrix_simd_and_barriers(lib):
     a, c = np.arange(64, dtype=np.float32), np.zeros(65, np.float32)
     stats = lib.dispatch("matrix", 1, 32, {0: a, 1: c}, profile=True)

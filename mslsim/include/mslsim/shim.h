@@ -353,6 +353,16 @@ MSLSIM_LIMITS(bfloat, 0x0080, 0x7F7F, 0x3C00)
 #define MSLSIM_MATRIX_ACCESS(kind) ((void)0)
 #endif
 #define MSLSIM_SITE const char* file = __builtin_FILE(), unsigned line = __builtin_LINE()
+// mulhi (MSL integer functions): the high half of the full product, one 32-bit multiply in the profile.
+template <class T> inline T mulhi(T a, T b) {
+  MSLSIM_PROFILE_COUNT(int32_mul);
+  return detail::map([](auto x, auto y) {
+    using E = decltype(x);
+    static_assert(std::is_integral_v<E> && sizeof(E) <= 4, "mulhi: 8- to 32-bit integers");
+    using Wide = std::conditional_t<std::is_signed_v<E>, int64_t, uint64_t>;
+    return (E)(((Wide)x * (Wide)y) >> (8 * sizeof(E)));
+  }, a, b);
+}
 MSLSIM_SYNC void threadgroup_barrier(mem_flags flags, MSLSIM_SITE) {
   MSLSIM_PROFILE_COUNT(threadgroup_barrier);
   mslsim::rt::threadgroup_barrier((int)flags, file, line);

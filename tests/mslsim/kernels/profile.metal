@@ -14,6 +14,13 @@ kernel void arithmetic(device const Inputs& in [[buffer(0)]], device float* out 
   out[5] = in.a < in.b ? in.c : in.d;           // compare_select: fcmp + select
 }
 
+// Division by a constant compiles to a multiply-high and shifts on every GPU: a multiply, not an int_div.
+kernel void constant_divisors(device const Inputs& in [[buffer(0)]], device float* out [[buffer(1)]]) {
+  out[0] = float(in.i / 7);                     // sdiv by 7: int32_mul
+  out[1] = float(uint(in.j) % 18u);             // urem by 18: int32_mul
+  out[2] = float(in.l / 10);                    // udiv i64 by 10: int64_mul
+}
+
 kernel void matrix(device const float* a [[buffer(0)]], device float* c [[buffer(1)]],
                    ushort lane [[thread_index_in_simdgroup]]) {
   threadgroup float tile[64];
