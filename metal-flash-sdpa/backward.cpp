@@ -104,6 +104,21 @@ struct BackwardPlan {
   KernelLaunch dq, dkv;   // in this order: dkv reads the delta dq writes
 };
 
+// One pass: blocks of `block` rows (query rows or keys) of up to `rows` per sequence, x heads x sequences; the
+// vector-copy constant of the tiles it streams (K/V for dQ, Q/dO for dK/dV).
+KernelLaunch backward_launch(const char* base, const BackwardProblem& pb, int64_t rows, int64_t block, int64_t heads,
+                             FunctionConstant vector_copies) {
+  KernelLaunch launch;
+  launch.kernel = kernel_name(base, pb.tensors.dtype, pb.tensors.head_dim);
+  launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(rows, block), 1));
+  launch.threadgroups[1] = uint32_t(heads);
+  launch.threadgroups[2] = uint32_t(pb.tensors.num_seqs);
+  launch.threads_per_threadgroup = BACKWARD_THREADS;
+  launch.constants = mask_constants(pb.options);
+  launch.constants.push_back(vector_copies);
+  return launch;
+}
+
 BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   const AttentionTensors& t = pb.tensors;
   *params = BackwardParams{};
@@ -119,25 +134,12 @@ BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   params->uniform_seqlen_k = int32_t(pb.uniform_seqlen_k);
   params->has_dlse = pb.has_dlse;
 
-  BackwardPlan plan;
-  plan.dq.kernel = kernel_name("attention_backward_dq", t.dtype, t.head_dim);
-  plan.dq.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(pb.grid_seqlen_q, BACKWARD_BLOCK_Q), 1));
-  plan.dq.threadgroups[1] = uint32_t(t.num_heads);
-  plan.dq.threadgroups[2] = uint32_t(t.num_seqs);
-  plan.dq.threads_per_threadgroup = BACKWARD_THREADS;
-  plan.dq.constants = mask_constants(pb.options);
-  plan.dq.constants.push_back(kv_vector_constant(t));
-
-  plan.dkv.kernel = kernel_name("attention_backward_dkv", t.dtype, t.head_dim);
-  plan.dkv.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(pb.grid_seqlen_k, BACKWARD_BLOCK_K), 1));
-  plan.dkv.threadgroups[1] = uint32_t(t.num_kv_heads);
-  plan.dkv.threadgroups[2] = uint32_t(t.num_seqs);
-  plan.dkv.threads_per_threadgroup = BACKWARD_THREADS;
-  plan.dkv.constants = mask_constants(pb.options);
   const int64_t tile_queries = BACKWARD_TILE_QUERIES(t.dtype == ElementType::Float32 ? 4 : 2, t.head_dim);
-  plan.dkv.constants.push_back(vector_copy_constant(pb.q_rows_aligned, tile_queries,
-                                                    std::max(t.q.token, pb.dout.token), t.head_dim));
-  return plan;
+  return {backward_launch("attention_backward_dq", pb, pb.grid_seqlen_q, BACKWARD_BLOCK_Q, t.num_heads,
+                          kv_vector_constant(t)),
+          backward_launch("attention_backward_dkv", pb, pb.grid_seqlen_k, BACKWARD_BLOCK_K, t.num_kv_heads,
+                          vector_copy_constant(pb.q_rows_aligned, tile_queries, std::max(t.q.token, pb.dout.token),
+                                               t.head_dim))};
 }
 
 // The gradients' tensors. Varlen outputs start zeroed: tokens of no sequence (possible only with cu_seqlens the
