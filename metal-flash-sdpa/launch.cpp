@@ -85,8 +85,12 @@ std::vector<FunctionConstant> mask_constants(const AttentionOptions& o) {
 }
 
 FunctionConstant kv_vector_constant(const AttentionTensors& t) {
-  const int64_t span = (KV_TILE_KEYS(t.head_dim) - 1) * std::max(t.k.token, t.v.token) + t.head_dim;
-  return {FC_KV_VECTOR, t.kv_rows_aligned && span <= std::numeric_limits<int32_t>::max()};
+  return vector_copy_constant(t.kv_rows_aligned, KV_TILE_KEYS(t.head_dim), std::max(t.k.token, t.v.token), t.head_dim);
+}
+
+FunctionConstant vector_copy_constant(bool rows_aligned, int64_t tile_rows, int64_t token_stride, int64_t head_dim) {
+  const int64_t span = (tile_rows - 1) * token_stride + head_dim;
+  return {FC_KV_VECTOR, rows_aligned && span <= std::numeric_limits<int32_t>::max()};
 }
 
 }  // namespace metal_flash_sdpa

@@ -69,5 +69,7 @@ MaskParams mask_params(const AttentionOptions& options);
 std::vector<FunctionConstant> mask_constants(const AttentionOptions& options);   // FC_DO_CAUSAL .. FC_HAS_ALIBI
 // FC_KV_VECTOR (common/kv_tile.h): aligned k/v rows and a K/V tile's token span within 32 bits.
 FunctionConstant kv_vector_constant(const AttentionTensors& tensors);
+// The same for any copy_kv_tile source: tiles of tile_rows tokens, token_stride elements apart.
+FunctionConstant vector_copy_constant(bool rows_aligned, int64_t tile_rows, int64_t token_stride, int64_t head_dim);
 
 }  // namespace metal_flash_sdpa

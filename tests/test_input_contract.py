@@ -223,18 +223,20 @@ def test_non_finite_scalars_rejected(fa, name, value):
 
 # ------------------------------------------------------------------ 5. autograd
 
-def test_backward_raises_instead_of_dropping_the_gradient(fa):
+def test_backward_flows_through_prefill_and_raises_for_decode(fa):
+    """The prefill op is differentiable (values: tests/test_backward.py); the decode op has no backward, and
+    backward() through it raises instead of silently dropping the gradient."""
     q, k, v, cu_q, cu_k = varlen([5, 7], [6, 7])
     q.requires_grad_(True)
-    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7)   # the forward works with grad enabled
+    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7)
     assert out.requires_grad
     with torch.no_grad():
         assert torch.equal(out, fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 7, 7))
-    with pytest.raises(NotImplementedError, match="flash_attn_varlen has no backward"):
-        out.sum().backward()
-    qb = torch.randn(2, 1, 4, 64, device=DEVICE, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="no backward"):
-        fa.flash_attn_func(qb, qb[:, :, :2], qb[:, :, :2]).sum().backward()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+    qb = torch.randn(2, 1, 4, 64, device=DEVICE, requires_grad=True)   # Sq = 1: the decode kernel's forward
+    fa.flash_attn_func(qb, qb[:, :, :2], qb[:, :, :2]).sum().backward()
+    assert qb.grad.shape == qb.shape and torch.isfinite(qb.grad).all()
     k_cache, v_cache = contiguous_cache()
     new = torch.randn(3, 1, 2, 64, device=DEVICE, requires_grad=True)
     out = fa.flash_attn_with_kvcache(queries(3, 1, 4, 64, torch.float32).to(DEVICE), k_cache, v_cache, k=new,

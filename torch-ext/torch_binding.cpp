@@ -16,6 +16,15 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   constants.insert("head_dims", head_dims);
   constants.insert("kv_tile_keys", tile_keys);   // per head dim
   constants.insert("prefill_block_q", std::vector<int64_t>{PREFILL_BLOCK_Q});
+  std::vector<int64_t> backward_tile_queries_32bit, backward_tile_queries_16bit;   // per head dim
+  for (int64_t d : head_dims) {
+    backward_tile_queries_32bit.push_back(BACKWARD_TILE_QUERIES(4, d));
+    backward_tile_queries_16bit.push_back(BACKWARD_TILE_QUERIES(2, d));
+  }
+  constants.insert("backward_block_q", std::vector<int64_t>{BACKWARD_BLOCK_Q});
+  constants.insert("backward_block_k", std::vector<int64_t>{BACKWARD_BLOCK_K});
+  constants.insert("backward_tile_queries_32bit", backward_tile_queries_32bit);
+  constants.insert("backward_tile_queries_16bit", backward_tile_queries_16bit);
   constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
   constants.insert("decode_max_partitions", std::vector<int64_t>{kDecodeMaxPartitions});
   constants.insert("decode_scratch_bytes", std::vector<int64_t>{kDecodeScratchBytes});
@@ -27,6 +36,11 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float? softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+  ops.def(
+      "flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor? dsoftmax_lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
+      "Tensor? s_aux) -> (Tensor dq, Tensor dk, Tensor dv, Tensor ds_aux)");
   ops.def(
       "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor? block_table, Tensor? cache_batch_idx, Tensor? cache_seqlens, Tensor? kv_start, int num_splits, "
@@ -40,16 +54,19 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
           "int max_keys, int window_left, int num_splits, int gpu_cores) -> int[]",
           &metal_flash_sdpa::decode_split);
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
+  ops.impl("flash_attn_varlen_backward", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_backward_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);
 #if defined(CPU_KERNEL)
   // The CPU build runs the Metal shaders in the MSL simulator (dispatch_simulator.cpp also registers
   // simulator_counters there).
   ops.impl("flash_attn_varlen", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen);
+  ops.impl("flash_attn_varlen_backward", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen_backward);
   ops.impl("flash_attn_decode", c10::kCPU, &metal_flash_sdpa::flash_attn_decode);
   ops.impl("kv_cache_write", c10::kCPU, &metal_flash_sdpa::kv_cache_write);
 #elif defined(METAL_KERNEL)
   ops.impl("flash_attn_varlen", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen);
+  ops.impl("flash_attn_varlen_backward", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen_backward);
   ops.impl("flash_attn_decode", c10::kMPS, &metal_flash_sdpa::flash_attn_decode);
   ops.impl("kv_cache_write", c10::kMPS, &metal_flash_sdpa::kv_cache_write);
 #endif

@@ -20,6 +20,18 @@ using FlashAttnVarlen = std::tuple<at::Tensor, at::Tensor>(
 FlashAttnVarlen flash_attn_varlen;        // MPS or CPU (simulator), per build
 FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fake tensors
 
+// Backward of flash_attn_varlen: (dq, dk, dv, d s_aux) from the gradient of the output (and optionally of the LSE),
+// the forward's arguments, output and LSE. d s_aux is [H] in s_aux's dtype, or empty without sinks.
+using FlashAttnVarlenBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux);
+FlashAttnVarlenBackward flash_attn_varlen_backward;
+FlashAttnVarlenBackward flash_attn_varlen_backward_meta;
+
 // Decode over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table [B, max_blocks] (or a
 // contiguous cache [B_cache, S, Hkv, D], rows cache_batch_idx[b], default b): optional new k/v [B, n, Hkv, D]
 // are first written in place at cache_seqlens[b] (tokens already cached; default: the whole cache), then

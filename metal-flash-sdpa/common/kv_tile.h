@@ -35,3 +35,15 @@ METAL_FUNC void copy_kv_tile(threadgroup T* tile, const device T* src, RowOffset
         }
     }
 }
+
+// Row offsets for copy_kv_tile of `rows` consecutive tokens `token_stride` elements apart, from the tile's first
+// token; rows past them are missing (zeroed).
+struct TokenRows {
+    int rows;
+    int64_t token_stride;
+    int64_t operator()(uint row) const {
+        if (int(row) >= rows) return -1;
+        // kv_vector: the host checked that a tile spans < 2^31 elements, so the product is 32-bit.
+        return kv_vector ? int64_t(int(row) * int(token_stride)) : int64_t(row) * token_stride;
+    }
+};

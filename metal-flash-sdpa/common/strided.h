@@ -19,3 +19,20 @@ METAL_FUNC int fast_divide(int n, FastDivisor d) { return int((mulhi(uint(n), d.
 METAL_FUNC int64_t lse_offset(constant const int64_t* strides, int64_t batch, int64_t head, int64_t token) {
     return batch * strides[LSE_BATCH] + head * strides[LSE_HEAD] + token * strides[LSE_TOKEN];
 }
+
+// Where sequence `seq` of a prefill-style call sits. Packed varlen (uniform_seqlen_q < 0): from cu_seqlens, which
+// come from user data, clamped to the totals so no bad value can index outside the tensors. Batched: the uniform
+// lengths. Params: any struct with total_q/k and uniform_seqlen_q/k (PrefillParams, BackwardParams).
+struct SequenceSpan {
+    int q_start, seqlen_q, k_start, seqlen_k;
+};
+
+template <typename Params>
+METAL_FUNC SequenceSpan sequence_span(int seq, constant Params& p, const device int* cu_seqlens_q,
+                                      const device int* cu_seqlens_k) {
+    if (p.uniform_seqlen_q >= 0) return {0, p.uniform_seqlen_q, 0, p.uniform_seqlen_k};
+    const int q_start = clamp(cu_seqlens_q[seq], 0, p.total_q);
+    const int k_start = clamp(cu_seqlens_k[seq], 0, p.total_k);
+    return {q_start, clamp(cu_seqlens_q[seq + 1], q_start, p.total_q) - q_start,
+            k_start, clamp(cu_seqlens_k[seq + 1], k_start, p.total_k) - k_start};
+}

@@ -19,7 +19,8 @@ from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
            "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_MAX_PARTITIONS",
-           "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS"]
+           "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS", "BACKWARD_BLOCK_Q", "BACKWARD_BLOCK_K",
+           "BACKWARD_TILE_QUERIES"]
 
 _constants = ops.kernel_constants()
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
@@ -28,6 +29,11 @@ KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile
 DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
 DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
 DECODE_MAX_NEW_TOKENS: int = _constants["decode_max_new_tokens"][0]     # flash_attn_func runs the decode kernel up to this Sq
+BACKWARD_BLOCK_Q: int = _constants["backward_block_q"][0]               # query rows per dQ threadgroup
+BACKWARD_BLOCK_K: int = _constants["backward_block_k"][0]               # keys per dK/dV threadgroup
+BACKWARD_TILE_QUERIES: dict[torch.dtype, dict[int, int]] = {            # query rows per dK/dV tile
+    dtype: dict(zip(SUPPORTED_HEAD_DIMS, _constants[f"backward_tile_queries_{bits}bit"]))
+    for dtype, bits in [(torch.float32, 32), (torch.float16, 16), (torch.bfloat16, 16)]}
 
 IntOrTensor = Union[int, torch.Tensor]
 _INT64 = range(-2**63, 2**63)
@@ -74,7 +80,7 @@ def _softmax_scale(q: torch.Tensor, dropout_p: float, softmax_scale: Optional[fl
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa is inference-only; pass dropout_p=0.0")
+        raise NotImplementedError(f"dropout_p={dropout_p}: metal-flash-sdpa has no dropout; pass dropout_p=0.0")
     return None if softmax_scale is None else float(softmax_scale)
 
 
@@ -228,13 +234,28 @@ def flash_attn_with_kvcache(
 
 def _no_backward_error(op_name: str) -> NotImplementedError:
     return NotImplementedError(
-        f"metal-flash-sdpa's {op_name} has no backward pass yet (inference only): run the forward under "
-        "torch.no_grad() / torch.inference_mode(), or detach its inputs; for training use an attention with a "
-        "backward (e.g. torch.nn.functional.scaled_dot_product_attention)")
+        f"metal-flash-sdpa's {op_name} has no backward pass (KV-cache inference only): run it under "
+        "torch.no_grad() / torch.inference_mode(), or detach its inputs; for training call flash_attn_varlen_func "
+        "or flash_attn_func, which have a backward")
 
 
-def _varlen_backward(ctx, *grads):
-    raise _no_backward_error("flash_attn_varlen")
+def _varlen_setup_context(ctx, inputs, output):
+    """Runs only when some input requires grad: saves what the backward reads (no n^2 tensor: the LSE stands in for P)."""
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes, s_aux = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux)
+    ctx.options = options   # max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap
+    ctx.set_materialize_grads(False)   # an unused LSE gives None, not a zero tensor the kernel would read
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
+    none = (None,) * 10   # cu_seqlens, max_seqlen, scale, causal, window, softcap, alibi_slopes: no gradient
+    if dout is None and dlse is None:
+        return None, None, None, *none, None
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv, ds_aux = ops.flash_attn_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                                        *ctx.options, alibi_slopes, s_aux)
+    return dq, dk, dv, *none, (ds_aux if s_aux is not None else None)
 
 
 class _DecodeNoBackward(torch.autograd.Function):
@@ -258,12 +279,14 @@ def _decode_autograd(*args):
     return out, lse
 
 
-# Inputs that require grad must not make backward() silently drop attention's gradient: the forward works (as
-# transformers sometimes runs inference with grad enabled) and backward() through these ops raises.
-# register_autograd takes functional ops only; the decode op mutates the caches, so it gets an Autograd kernel.
-# Registered once per process (the compat sub-folder executes this module a second time).
+# The prefill op (flash_attn_varlen_func, flash_attn_func) has a fused backward (backward.metal). The decode op
+# has none: the forward works (as transformers sometimes runs inference with grad enabled) and backward() raises
+# rather than silently drop attention's gradient. register_autograd takes functional ops only; the decode op
+# mutates the caches, so it gets an Autograd kernel. Registered once per process (the compat sub-folder executes
+# this module a second time).
 if not torch._C._dispatch_has_kernel_for_dispatch_key(add_op_namespace_prefix("flash_attn_decode"), "Autograd"):
-    torch.library.register_autograd(add_op_namespace_prefix("flash_attn_varlen"), _varlen_backward)
+    torch.library.register_autograd(add_op_namespace_prefix("flash_attn_varlen"), _varlen_backward,
+                                    setup_context=_varlen_setup_context)
     _autograd_lib = torch.library.Library(add_op_namespace_prefix("x").split("::")[0], "IMPL")
     _autograd_lib.impl("flash_attn_decode", _decode_autograd, "Autograd")
 

@@ -1,0 +1,244 @@
+// The backward op of flash_attn_varlen (backward.metal): dq, dk, dv and d s_aux from the forward's inputs, its
+// output and LSE, and the gradients of both outputs. Validates what it is given (every message names the argument),
+// plans the two launches (dQ + delta first, then dK/dV, which reads delta) and hands them to dispatch(). The meta
+// kernel runs the same checks.
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../torch-ext/torch_binding.h"
+#include "attention_options.h"
+#include "dispatch.h"
+#include "index_checks.h"
+#include "launch.h"
+#include "tensor_checks.h"
+
+namespace metal_flash_sdpa {
+
+namespace {
+
+struct BackwardGeometry {
+  bool varlen;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t total_q, total_k;   // tokens per batch entry (varlen: all tokens)
+  at::Tensor cu_seqlens_q, cu_seqlens_k;
+  AttentionOptions options;
+};
+
+BackwardGeometry check_backward_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& dlse,
+                                     const std::optional<at::Tensor>& cu_seqlens_q,
+                                     const std::optional<at::Tensor>& cu_seqlens_k, std::optional<double> softmax_scale,
+                                     bool causal, int64_t window_left, int64_t window_right, double softcap,
+                                     const std::optional<at::Tensor>& alibi_slopes,
+                                     const std::optional<at::Tensor>& s_aux) {
+  element_type(q, "q");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&out, "out"}, std::pair{&dout, "dout"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
+                     t->scalar_type());
+    check_same_device(*t, q, name);
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+                    "pass both cu_seqlens_q and cu_seqlens_k (varlen) or neither (batched)");
+  BackwardGeometry g{};
+  g.varlen = cu_seqlens_q.has_value();
+  const int64_t rank = g.varlen ? 3 : 4;
+  const char* layout = g.varlen ? "[total_tokens, heads, head_dim]" : "[batch, seqlen, heads, head_dim]";
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank && k.size(-1) == q.size(-1), "k must be ", layout, " with q's head_dim, got shape ",
+                    k.sizes(), " for q of shape ", q.sizes());
+  TORCH_CHECK_VALUE(g.varlen || k.size(0) == q.size(0), "k has batch size ", k.size(0), " but q has ", q.size(0));
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
+  g.head_dim = q.size(-1);
+  g.num_heads = q.size(-2);
+  g.num_kv_heads = k.size(-2);
+  check_heads(g.num_heads, g.num_kv_heads, g.head_dim);
+  if (g.varlen) {
+    g.cu_seqlens_q = index_tensor(*cu_seqlens_q, "cu_seqlens_q", q);
+    g.cu_seqlens_k = index_tensor(*cu_seqlens_k, "cu_seqlens_k", q);
+    TORCH_CHECK_VALUE(cu_seqlens_q->dim() == 1 && cu_seqlens_q->size(0) >= 1 && cu_seqlens_k->sizes() == cu_seqlens_q->sizes(),
+                      "cu_seqlens_q and cu_seqlens_k must be 1-D [batch + 1], got shapes ", cu_seqlens_q->sizes(),
+                      " and ", cu_seqlens_k->sizes());
+    g.num_seqs = cu_seqlens_q->size(0) - 1;
+    g.total_q = q.size(0);
+    g.total_k = k.size(0);
+  } else {
+    g.num_seqs = q.size(0);
+    g.total_q = q.size(1);
+    g.total_k = k.size(1);
+  }
+  constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_tokens = int_max - BACKWARD_BLOCK_K;
+  TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= max_tokens && g.total_k <= max_tokens && g.num_seqs <= int_max &&
+                              g.num_heads <= int_max, "more than 2^31 - 33 tokens, or 2^31 - 1 sequences or heads");
+  const auto lse_shape = g.varlen ? std::vector<int64_t>{g.num_heads, g.total_q}
+                                  : std::vector<int64_t>{g.num_seqs, g.num_heads, g.total_q};
+  for (const auto& [t, name] : {std::pair{&lse, "softmax_lse"}, std::pair{dlse ? &*dlse : &lse, "dsoftmax_lse"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(lse_shape) && t->scalar_type() == at::kFloat, name,
+                      " must be float32 of shape ", at::IntArrayRef(lse_shape), " (the forward's LSE), got ",
+                      t->scalar_type(), " of shape ", t->sizes());
+    check_same_device(*t, q, name);
+  }
+  g.options = check_attention_options(q, g.num_seqs, g.num_heads, g.head_dim, g.total_q, g.total_k, softmax_scale,
+                                      causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  return g;
+}
+
+struct BackwardProblem {
+  AttentionTensors tensors;   // q, k, v, out; lse strides (dlse and delta share them)
+  Strides3 dout, dq, dk, dv;
+  AttentionOptions options;
+  int64_t total_q, total_k, uniform_seqlen_q, uniform_seqlen_k;
+  int64_t grid_seqlen_q, grid_seqlen_k;   // size the grids; longer sequences are still covered (grid-stride)
+  bool has_dlse;
+  bool q_rows_aligned;                    // q and dout rows on 16-byte boundaries (the dK/dV pass's tile copies)
+};
+
+struct BackwardPlan {
+  KernelLaunch dq, dkv;   // in this order: dkv reads the delta dq writes
+};
+
+// One pass: blocks of `block` rows (query rows or keys) of up to `rows` per sequence, x heads x sequences; the
+// vector-copy constant of the tiles it streams (K/V for dQ, Q/dO for dK/dV).
+KernelLaunch backward_launch(const char* base, const BackwardProblem& pb, int64_t rows, int64_t block, int64_t heads,
+                             FunctionConstant vector_copies) {
+  KernelLaunch launch;
+  launch.kernel = kernel_name(base, pb.tensors.dtype, pb.tensors.head_dim);
+  launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(rows, block), 1));
+  launch.threadgroups[1] = uint32_t(heads);
+  launch.threadgroups[2] = uint32_t(pb.tensors.num_seqs);
+  launch.threads_per_threadgroup = BACKWARD_THREADS;
+  launch.constants = mask_constants(pb.options);
+  launch.constants.push_back(vector_copies);
+  return launch;
+}
+
+BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
+  const AttentionTensors& t = pb.tensors;
+  *params = BackwardParams{};
+  params->shape = attention_shape(t);
+  params->mask = mask_params(pb.options);
+  copy_strides(params->dout_strides, pb.dout);
+  copy_strides(params->dq_strides, pb.dq);
+  copy_strides(params->dk_strides, pb.dk);
+  copy_strides(params->dv_strides, pb.dv);
+  params->total_q = int32_t(pb.total_q);
+  params->total_k = int32_t(pb.total_k);
+  params->uniform_seqlen_q = int32_t(pb.uniform_seqlen_q);
+  params->uniform_seqlen_k = int32_t(pb.uniform_seqlen_k);
+  params->has_dlse = pb.has_dlse;
+
+  const int64_t tile_queries = BACKWARD_TILE_QUERIES(t.dtype == ElementType::Float32 ? 4 : 2, t.head_dim);
+  return {backward_launch("attention_backward_dq", pb, pb.grid_seqlen_q, BACKWARD_BLOCK_Q, t.num_heads,
+                          kv_vector_constant(t)),
+          backward_launch("attention_backward_dkv", pb, pb.grid_seqlen_k, BACKWARD_BLOCK_K, t.num_kv_heads,
+                          vector_copy_constant(pb.q_rows_aligned, tile_queries, std::max(t.q.token, pb.dout.token),
+                                               t.head_dim))};
+}
+
+// The gradients' tensors. Varlen outputs start zeroed: tokens of no sequence (possible only with cu_seqlens the
+// forward did not check) get no writer. d s_aux is [H] (empty when there are no sinks).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_grads(const at::Tensor& q, const at::Tensor& k,
+                                                                       const BackwardGeometry& g,
+                                                                       const std::optional<at::Tensor>& s_aux) {
+  const auto make = [&](const at::Tensor& like) { return g.varlen ? at::zeros_like(like, at::MemoryFormat::Contiguous)
+                                                                  : at::empty_like(like, at::MemoryFormat::Contiguous); };
+  return {make(q), make(k), make(k), s_aux ? at::empty({g.num_heads}, s_aux->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_backward(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+  const BackwardGeometry g = check_backward_args(dout_in, q_in, k_in, v_in, out_in, lse_in, dlse_in, cu_seqlens_q,
+                                                 cu_seqlens_k, softmax_scale, causal, window_left, window_right,
+                                                 softcap, alibi_slopes, s_aux);
+  auto [dq, dk, dv, ds_aux] = empty_grads(q_in, k_in, g, s_aux);
+  if (g.num_seqs == 0 || g.num_heads == 0) {
+    if (!g.varlen) dq.zero_(), dk.zero_(), dv.zero_();
+    if (s_aux) ds_aux.zero_();
+    return {dq, dk, dv, ds_aux};
+  }
+  const at::Tensor q = unit_stride_head_dim(q_in), k = unit_stride_head_dim(k_in), v = unit_stride_head_dim(v_in);
+  const at::Tensor out = unit_stride_head_dim(out_in), dout = unit_stride_head_dim(dout_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor dlse = dlse_in ? dlse_in->contiguous() : at::Tensor();
+  // Rows of no sequence keep delta 0 (d s_aux sums every row).
+  const at::Tensor delta = g.varlen ? at::zeros_like(lse) : at::empty_like(lse);
+
+  BackwardProblem pb{};
+  pb.tensors = {element_type(q, "q"), g.num_seqs, g.num_heads, g.num_kv_heads, g.head_dim,
+                token_strides(q, g.varlen), token_strides(k, g.varlen), token_strides(v, g.varlen),
+                token_strides(out, g.varlen),
+                g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1},
+                rows_aligned_16(k) && rows_aligned_16(v)};
+  pb.dout = token_strides(dout, g.varlen);
+  pb.dq = token_strides(dq, g.varlen);
+  pb.dk = token_strides(dk, g.varlen);
+  pb.dv = token_strides(dv, g.varlen);
+  pb.options = g.options;
+  pb.total_q = g.total_q;
+  pb.total_k = g.total_k;
+  pb.uniform_seqlen_q = g.varlen ? -1 : g.total_q;
+  pb.uniform_seqlen_k = g.varlen ? -1 : g.total_k;
+  // The forward checked max_seqlen against cu_seqlens (data checks on); an understated bound costs time, not rows.
+  pb.grid_seqlen_q = max_seqlen_q >= 0 ? std::min(max_seqlen_q, g.total_q) : g.total_q;
+  pb.grid_seqlen_k = max_seqlen_k >= 0 ? std::min(max_seqlen_k, g.total_k) : g.total_k;
+  pb.has_dlse = dlse.defined();
+  pb.q_rows_aligned = rows_aligned_16(q) && rows_aligned_16(dout);
+
+  BackwardParams params;
+  const BackwardPlan plan = plan_backward(pb, &params);
+  const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
+  const std::vector<BufferBinding> buffers = {
+      bind_tensor(BACKWARD_BUFFER_Q, q),
+      bind_tensor(BACKWARD_BUFFER_K, k),
+      bind_tensor(BACKWARD_BUFFER_V, v),
+      bind_tensor(BACKWARD_BUFFER_OUT, out),
+      bind_tensor(BACKWARD_BUFFER_DOUT, dout),
+      bind_tensor(BACKWARD_BUFFER_LSE, lse),
+      bind_optional(BACKWARD_BUFFER_DLSE, dlse),
+      bind_tensor(BACKWARD_BUFFER_DELTA, delta),
+      bind_tensor(BACKWARD_BUFFER_DQ, dq),
+      bind_tensor(BACKWARD_BUFFER_DK, dk),
+      bind_tensor(BACKWARD_BUFFER_DV, dv),
+      bind_optional(BACKWARD_BUFFER_CU_SEQLENS_Q, g.cu_seqlens_q),
+      bind_optional(BACKWARD_BUFFER_CU_SEQLENS_K, g.cu_seqlens_k),
+      bind_bytes(BACKWARD_BUFFER_PARAMS, params),
+      bind_optional(BACKWARD_BUFFER_ALIBI, extras.slopes),
+  };
+  dispatch(plan.dq, buffers);
+  dispatch(plan.dkv, buffers);
+  if (s_aux) {
+    // The sink is one more logit with no value: P_sink = exp(s_aux - LSE) and dLoss/ds_aux = P_sink (dLSE - dO.O)
+    // = -P_sink delta, summed over the rows of its head (rows of no sequence have LSE -inf and delta 0).
+    const at::Tensor sinks = g.varlen ? extras.sinks.view({g.num_heads, 1}) : extras.sinks.view({1, g.num_heads, 1});
+    const at::Tensor per_row = at::where(at::isfinite(lse), at::exp(sinks - lse) * delta, at::zeros({}, lse.options()));
+    ds_aux.copy_(g.varlen ? -per_row.sum(1) : -per_row.sum(at::IntArrayRef{0, 2}));
+  }
+  return {dq, dk, dv, ds_aux};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_backward_meta(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+  const BackwardGeometry g = check_backward_args(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                                 softmax_scale, causal, window_left, window_right, softcap,
+                                                 alibi_slopes, s_aux);
+  return empty_grads(q, k, g, s_aux);
+}
+
+}  // namespace metal_flash_sdpa
