@@ -354,6 +354,10 @@ def profile_main(args):
             row[f"ours_{gpu}_ms_model"], row[f"mlx_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
             row[f"ours/mlx_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
         row["ours_err"], row["mlx_err"] = ours["max_abs_err"], theirs["max_abs_err"]
+        for name, record in (("ours", ours), ("mlx", theirs)):   # residency inputs of the first (main) launch
+            c = record["launches"][0]["counters"]
+            row[f"{name}_tg_bytes/regs_est/resident"] = (f"{c['threadgroup_memory']}/{c.get('registers_per_thread', '-')}/"
+                                                        f"{cost_model.residency(c['threads_per_threadgroup'], c['threadgroup_memory'], c.get('registers_per_thread', 0))}")
         rows.append(row)
     table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs MLX")
     def ratio(o, t, n):
