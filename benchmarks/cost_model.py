@@ -5,6 +5,8 @@ plus the bytes it must move from DRAM (loads from `constant` kernel arguments, t
 served by the constant cache: they cost issue slots, no DRAM bytes). Per launch:
 
     issue cycles (per core)   = sum over classes of (lane count / 32) x core-cycles per simdgroup instruction
+    resident threadgroups     = min over threadgroup memory, threads and (when the profile carries an estimate of
+                                registers per thread) the register file
     waves                     = ceil(threadgroups / (cores x threadgroups resident per core))
     issue time                = issue cycles per threadgroup x resident threadgroups x waves / clock,
                                 divided by a latency-hiding factor min(1, resident simdgroups / SATURATION)
@@ -66,15 +68,22 @@ GPUS = {
 }
 THREADGROUP_MEMORY_PER_CORE = (60 * 1024, "metal-benchmarks 'On-Chip Memory': ~60 KB threadgroup memory per core (M1/M2)")
 MAX_THREADS_PER_CORE = (1024, "estimate: register-limited residency at ~100 registers/thread (208 KB file)")
+REGISTER_FILE_PER_CORE = (208 * 1024, "metal-benchmarks 'On-Chip Memory': ~208 KB register file per core (M1/M2; M3+ "
+                          "allocate registers dynamically, so only indicative there)")
+MAX_REGISTERS_PER_THREAD = (128, "applegpu ISA notes (Dougall Johnson): r0-r127 32-bit registers per thread; more "
+                            "spill to memory (spills are not modelled)")
 SATURATION_SIMDGROUPS = (16, "metal-benchmarks ILP graphs: ALU saturates near 16-24 resident simdgroups per core")
 PREDICTED_GPUS = ("m3_max", "m4_max")
 
 
-def residency(threads_per_threadgroup: int, threadgroup_memory: int) -> int:
-    """Threadgroups resident on one core: limited by threadgroup memory and by threads."""
+def residency(threads_per_threadgroup: int, threadgroup_memory: int, registers_per_thread: int = 0) -> int:
+    """Threadgroups resident on one core: limited by threadgroup memory, by threads and, given an estimate of a
+    thread's 32-bit registers, by the register file."""
     by_memory = THREADGROUP_MEMORY_PER_CORE[0] // max(threadgroup_memory, 1)
     by_threads = MAX_THREADS_PER_CORE[0] // threads_per_threadgroup
-    return max(1, min(by_memory, by_threads))
+    by_registers = (REGISTER_FILE_PER_CORE[0] // (4 * registers_per_thread * threads_per_threadgroup)
+                    if registers_per_thread else by_threads)
+    return max(1, min(by_memory, by_threads, by_registers))
 
 
 def issue_cycles(profile: dict) -> float:
@@ -92,7 +101,8 @@ def predict_ms(profile: dict, dram_bytes: float, gpu: str) -> float:
     """MODEL: predicted milliseconds of one launch on `gpu` (not a measurement)."""
     g = GPUS[gpu]
     tgs = max(profile["threadgroups"], 1)
-    resident = residency(profile["threads_per_threadgroup"], profile["threadgroup_memory"])
+    resident = residency(profile["threads_per_threadgroup"], profile["threadgroup_memory"],
+                         profile.get("registers_per_thread", 0))
     waves = math.ceil(tgs / (g["cores"] * resident))
     per_threadgroup = issue_cycles(profile) / tgs
     # Occupancy: the threadgroups a core actually holds (a small grid leaves slots, and cores, empty). Latency is
@@ -113,7 +123,9 @@ def sources() -> dict:
     for name, (v, s) in dict(memory_instruction=MEMORY_INSTRUCTION_CYCLES, constant_load=CONSTANT_LOAD_CYCLES,
                              threadgroup_bytes_per_cycle=THREADGROUP_BYTES_PER_CYCLE,
                              threadgroup_memory_per_core=THREADGROUP_MEMORY_PER_CORE,
-                             max_threads_per_core=MAX_THREADS_PER_CORE, saturation_simdgroups=SATURATION_SIMDGROUPS).items():
+                             max_threads_per_core=MAX_THREADS_PER_CORE, register_file_per_core=REGISTER_FILE_PER_CORE,
+                             max_registers_per_thread=MAX_REGISTERS_PER_THREAD,
+                             saturation_simdgroups=SATURATION_SIMDGROUPS).items():
         table[name] = dict(value=v, source=s)
     table["gpus"] = GPUS
     return table

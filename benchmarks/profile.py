@@ -29,7 +29,7 @@ from tests.mslsim.anchors import mlx
 from tests.reference import attention_reference
 
 # Counters that do not scale with the number of threadgroups.
-INTENSIVE = ("threads_per_threadgroup", "threadgroup_memory", "launches")
+INTENSIVE = ("threads_per_threadgroup", "threadgroup_memory", "launches", "registers_per_thread")
 PROFILE_PREFIX = "profile["
 # Profiled launches run on one simulator worker: with two, our prefill was seen to count one branch and one
 # compare/select more per extra worker (not yet explained; it also varies by that much with the inputs).
@@ -142,6 +142,24 @@ def environment(**variables):
 def prefill_tiles(fa, kernel, head_dim):
     """(query rows per threadgroup, keys per K tile) of an implementation's prefill kernel."""
     return (fa.PREFILL_BLOCK_Q, fa.KV_TILE_KEYS[head_dim]) if kernel == "ours" else mlx.steel_tiles(head_dim)
+
+
+# Registers (32-bit) per thread of a prefill kernel, for the cost model's residency: an ESTIMATE from the fragments
+# a lane holds at once, not a compiler figure. An 8x8 fragment is 2 elements per lane: 2 registers in fp32, 1 in a
+# 16-bit type. Ours: Q (D/8 fragments in the input type), O (D/8), S (BK/8) and one K/V operand. MLX steel: per 8-row fragment row, O (D/8) and S (BK/8), plus one Q and one K/V
+# fragment (its Q stays in threadgroup memory, reloaded per head-dim step). Both: SCALAR_REGISTERS for row
+# coordinates, offsets, pointers and the softmax state (estimate).
+SCALAR_REGISTERS = 16
+
+
+def prefill_registers(fa, kernel, head_dim, element_bytes):
+    block_q, block_k = prefill_tiles(fa, kernel, head_dim)
+    registers = lambda fragments, element=4: fragments * 2 * element // 4   # noqa: E731
+    if kernel == "ours":
+        return (registers(head_dim // 8, element_bytes) + registers(head_dim // 8) + registers(block_k // 8) + registers(1)
+                + SCALAR_REGISTERS)
+    rows = block_q // (4 * 8)   # 8-row fragments per simdgroup (4 simdgroups)
+    return rows * (registers(head_dim // 8) + registers(block_k // 8)) + registers(2) + SCALAR_REGISTERS
 
 
 def column_ids(c, block_q, columns):
@@ -297,6 +315,9 @@ def profile_case(fa, lib, c):
     for kernel in ("ours", "mlx"):
         launches, err, blocks = simulate(fa, lib, kernel, small, q, k, v, sinks)
         launches = scale(launches, factor)
+        if c["kind"] == "prefill":
+            registers = prefill_registers(fa, kernel, c["head_dim"], torch.finfo(getattr(torch, c["dtype"])).bits // 8)
+            launches = [{**l, "counters": {**l["counters"], "registers_per_thread": registers}} for l in launches]
         total_bytes = dram_bytes(c, kernel)
         predicted = {}
         for gpu in cost_model.PREDICTED_GPUS:   # DRAM bytes shared between launches in proportion to device bytes

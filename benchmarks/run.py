@@ -357,6 +357,10 @@ def profile_main(args):
         for r in (ours, theirs):   # device bytes moved / the minimal DRAM bytes (issue 15: <= 1.05 x minimal)
             row[f"{r['kernel']}_bytes/min"] = r["device_bytes"] / r["minimal_bytes"]
         row["ours_err"], row["mlx_err"] = ours["max_abs_err"], theirs["max_abs_err"]
+        for name, record in (("ours", ours), ("mlx", theirs)):   # residency inputs of the first (main) launch
+            c = record["launches"][0]["counters"]
+            row[f"{name}_tg_bytes/regs_est/resident"] = (f"{c['threadgroup_memory']}/{c.get('registers_per_thread', '-')}/"
+                                                        f"{cost_model.residency(c['threads_per_threadgroup'], c['threadgroup_memory'], c.get('registers_per_thread', 0))}")
         rows.append(row)
     table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs MLX")
     def ratio(o, t, n):

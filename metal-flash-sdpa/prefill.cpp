@@ -172,9 +172,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
     lengths_k = check_cu_seqlens(g.cu_seqlens_k, g.total_k, max_seqlen_k, "cu_seqlens_k", "max_seqlen_k");
   }
   auto [out, lse] = empty_outputs(q_in, g);
-  if (lengths_q.longest < 0) {
-    // Unchecked cu_seqlens_q may leave tokens in no sequence, which no threadgroup writes: give them what a row
-    // without keys gets (0, LSE -inf), never uninitialised memory. One fill pass, only when lengths are unread.
+  if (g.num_seqs == 0) {
+    // No sequence, so no threadgroup: any tokens (unchecked cu_seqlens_q = [x]) are in no sequence and get what a
+    // row without keys gets. With sequences the kernel writes such rows itself (prefill.metal).
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
   }

@@ -7,7 +7,8 @@
 // packed varlen [total, H, D] with cu_seqlens, or batched [B, S, H, D] with uniform lengths.
 // K and V tiles of BK keys stream through threadgroup memory (attention_tile.h does the math). The K
 // loop visits only the key blocks that intersect the causal/window band of the query block, so the
-// work is O(n * window).
+// work is O(n * window). Every row of out and lse is written by this kernel, also the rows of tokens that
+// unchecked cu_seqlens_q leave in no sequence (zeros, LSE -inf), so the host allocates them uninitialised.
 #include <metal_stdlib>
 
 #include "common/attention_tile.h"
@@ -42,6 +43,37 @@ METAL_FUNC bool edge_tile(int key0, int BK, int seqlen_k, int first_pos, int las
     if (has_window && mask.window_right >= 0) edge = edge || last_key - first_pos > mask.window_right;
     if (has_window && mask.window_left >= 0) edge = edge || int64_t(last_pos) - key0 > mask.window_left;
     return edge;
+}
+
+// Whether packed token `token` lies in no sequence. Sequence s owns tokens [c_s, c_s+1) of c = cu_seqlens_q clamped
+// to [0, total_q], as the kernel reads them (a step that does not go up owns nothing).
+METAL_FUNC bool in_no_sequence(const device int* cu_seqlens_q, int num_seqs, int total_q, int token) {
+    int start = clamp(cu_seqlens_q[0], 0, total_q);
+    for (int s = 0; s < num_seqs; ++s) {
+        const int end = clamp(cu_seqlens_q[s + 1], 0, total_q);
+        if (start <= token && token < end) return false;
+        start = end;
+    }
+    return true;
+}
+
+// Rows of tokens [first, last) that no sequence owns get what a row without keys gets: zeros and LSE -inf. Unchecked
+// cu_seqlens_q can leave such tokens only before its first entry or past its last, so the threadgroups of the first
+// and last sequence write them here and out / lse need no fill pass. Four threads per row, PREFILL_BLOCK_Q rows per
+// block; the blocks stride over the grid's columns as the query blocks do.
+template <typename T, int D>
+METAL_FUNC void clear_rows_in_no_sequence(device T* out, device float* lse, const device int* cu_seqlens_q,
+                                          constant PrefillParams& p, int head, int first, int last, uint column,
+                                          uint columns, uint tid) {
+    static_assert(PREFILL_THREADS == 4 * PREFILL_BLOCK_Q, "four threads per row");
+    const int part = int(tid % 4);
+    for (int64_t token = first + int64_t(column) * PREFILL_BLOCK_Q + tid / 4; token < last;
+         token += int64_t(columns) * PREFILL_BLOCK_Q) {
+        if (!in_no_sequence(cu_seqlens_q, p.shape.num_seqs, p.total_q, int(token))) continue;
+        device T* row = out + element_offset(p.shape.out_strides, 0, token, head);
+        for (int col = part; col < D; col += 4) row[col] = T(0);
+        if (part == 0) lse[lse_offset(p.shape.lse_strides, 0, head, token)] = -INFINITY;
+    }
 }
 
 template <typename T, int D>
@@ -86,7 +118,8 @@ template <typename T, int D>
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);
-    const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
+    // Q is loaded unscaled (exact in its 16-bit type) and the scale applied to the scores.
+    const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask, p.mask.scale);
 
     // Uniform over the threadgroup, so the barriers inside stay convergent. The block counter is 64-bit: the
     // next block's first row can pass 2^31 when seqlen_q is near it.
@@ -99,8 +132,12 @@ template <typename T, int D>
 
         const int row = block_row0 + int(sg) * 8 + fc.row;   // query row in the sequence
         const bool row_valid = align_q || row < seqlen_q;
-        Fragments<D / 8> q_frag, o_frag;
-        load_q<T, D>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN], row_valid, p.mask.scale, fc);
+        // Q stays in the input type at every head dim: D/8 registers per lane in 16 bits instead of D/4 in fp32 (at
+        // D = 256 fp32 Q and O alone, 64 + 64 floats, overrun a thread's 128 registers), and the K fragments it
+        // multiplies need no conversion. Nothing is lost: products of 16-bit values are exact in the fp32 sums.
+        Fragments<D / 8, T> q_frag;
+        Fragments<D / 8> o_frag;
+        load_q<T, D>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN], row_valid, 1.0f, fc);
         clear<D>(o_frag);
         OnlineSoftmax state;
 
@@ -110,17 +147,21 @@ template <typename T, int D>
             const PrefillRows v_rows{k_rows.rows, p.shape.v_strides[STRIDE_TOKEN]};
             threadgroup_barrier(mem_flags::mem_threadgroup);
             copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, PREFILL_THREADS);
-            if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
+            // Counted by thread 0 without a branch: a divergent `if` right before a barrier lets the compiler copy
+            // the barrier into both paths, and the simulator then sees two barriers.
+            WORK_COUNT("k_tiles_loaded", tid == 0);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             Fragments<BK / 8> s_frag;
             qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
-            const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
-                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask);
-            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, edge, slope, rules, fc);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
             copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);
-            if (tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+            WORK_COUNT("v_tiles_loaded", tid == 0);
+            // The softmax runs between issuing the V loads and the barrier that waits for them, so its math hides
+            // their latency (MLX steel orders it so too); it reads only registers.
+            const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
+                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask);
+            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, edge, slope, rules, fc);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
         }
@@ -129,6 +170,13 @@ template <typename T, int D>
         if (!row_valid) continue;   // only ever true in the last block, so no barrier follows
         store_row<T, D>(out_seq + row * p.shape.out_strides[STRIDE_TOKEN], lse_seq + row * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
     }
+    // After the last barrier: the threads take different paths through this.
+    if (p.uniform_seqlen_q < 0 && seq == 0)
+        clear_rows_in_no_sequence<T, D>(out, lse, cu_seqlens_q, p, head, 0, clamp(cu_seqlens_q[0], 0, p.total_q),
+                                        tgid.x, grid.x, tid);
+    if (p.uniform_seqlen_q < 0 && seq == p.shape.num_seqs - 1)
+        clear_rows_in_no_sequence<T, D>(out, lse, cu_seqlens_q, p, head, clamp(cu_seqlens_q[seq + 1], 0, p.total_q),
+                                        p.total_q, tgid.x, grid.x, tid);
 }
 
 #define INSTANTIATE_PREFILL(type, d) \

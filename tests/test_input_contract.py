@@ -136,16 +136,30 @@ def test_overstated_max_seqlen_unchecked(fa, counters, monkeypatch):
         assert counters(reset=True)["threadgroups"] == baseline
 
 
-def test_tokens_outside_every_sequence_unchecked(fa, monkeypatch):
+@pytest.mark.parametrize("cu_q", [[2, 5, 7], [0, 4, 10], [9, 3, 12]], ids=["gaps", "exact", "backwards"])
+def test_unchecked_outputs_written_once_by_the_kernel(fa, monkeypatch, counters, cu_q):
     """Unchecked cu_seqlens_q that leave tokens in no sequence: those rows are 0 with LSE -inf (what a row without
-    keys gets), never uninitialised memory (the fuzz suite found NaN there)."""
+    keys gets), never uninitialised memory (the fuzz suite found NaN there). The kernel writes every byte of out and
+    lse exactly once, those rows included: no fill pass over the outputs before it (issue 15)."""
     monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
     q, k, v, _, cu_k = varlen([4, 6], [5, 5])
-    cu_q = torch.tensor([2, 5, 7], dtype=torch.int32, device=DEVICE)   # tokens 0, 1 and 7..9 in no sequence
-    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 3, 5, return_attn_probs=True)
-    outside = torch.tensor([0, 1, 7, 8, 9])
+    cu = torch.tensor(cu_q, dtype=torch.int32, device=DEVICE)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as trace:
+        out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu, cu_k, 10, 5, return_attn_probs=True)
+    assert not {e.name for e in trace.events()} & {"aten::zero_", "aten::fill_", "aten::full"}
+    c = counters()
+    assert c["device_bytes_written[3]"] == out.numel() * out.element_size()   # PREFILL_BUFFER_OUT
+    assert c["device_bytes_written[9]"] == lse.numel() * lse.element_size()   # PREFILL_BUFFER_LSE
+    clamped = [min(max(x, 0), q.shape[0]) for x in cu_q]
+    owned = {t for a, b in zip(clamped, clamped[1:]) for t in range(a, b)}
+    outside = torch.tensor(sorted(set(range(q.shape[0])) - owned), dtype=torch.long)
     assert torch.equal(out[outside], torch.zeros_like(out[outside]))
     assert torch.equal(lse[:, outside], torch.full_like(lse[:, outside], -math.inf))
+    for b, (start, end) in enumerate(zip(clamped, clamped[1:])):   # owned rows: their sequence's attention
+        if end > start:
+            one = lambda n: torch.tensor([0, n], dtype=torch.int32)   # noqa: E731
+            assert_matches_reference(out[start:end], lse[:, start:end], q[start:end].cpu(), k[5 * b:5 * b + 5].cpu(),
+                                     v[5 * b:5 * b + 5].cpu(), one(end - start), one(5))
 
 
 def test_size_limits(fa):

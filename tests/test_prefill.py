@@ -81,6 +81,15 @@ def test_sinks_and_softcap(fa, causal, window, feature):
     check_varlen(fa, [0, 1, 7, 130, 70], [0, 1, 7, 130, 150], 4, 2, 64, torch.float16, seed=2, q_scale=3.0, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 256])
+def test_query_fragments_in_the_input_type(fa, dtype, D):
+    """Q fragments stay in the 16-bit input type and the scale is applied to the scores instead: softcap bends the
+    scaled scores (q_scale 3 makes them large), sinks and the window as elsewhere."""
+    check_varlen(fa, [70, 9], [130, 9], 4, 2, D, dtype, seed=6, q_scale=3.0, causal=True, window_size=(50, 0),
+                 softmax_scale=0.125, softcap=20.0, s_aux=torch.randn(4))
+
+
 @pytest.mark.parametrize("slopes_shape", ["per_head", "per_sequence"])
 def test_alibi(fa, slopes_shape):
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])

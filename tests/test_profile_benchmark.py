@@ -78,3 +78,15 @@ def test_mlx_decode_pass1_routing():
     by_name = {c["case"]: c for c in profile.CASES}
     assert profile.mlx_pass1(by_name["decode B8 ctx32k Hq32/Hkv4 D128"]) == "sdpa_vector_2pass_1_gqa"
     assert profile.mlx_pass1(by_name["decode B8 ctx8k Hq32/Hkv8 D128"]) == "sdpa_vector_2pass_1"
+
+
+def test_registers_limit_residency(fa):
+    """The cost model's register term: with an estimate, resident threadgroups are bounded by the register file;
+    without one (decode), by threads alone. Our prefill's estimate stays within a thread's registers at every head
+    dim (16-bit Q: at D = 256 fp32 Q and O alone would take 128)."""
+    from benchmarks import cost_model, profile
+    registers = 150
+    assert cost_model.residency(128, 1024, registers) == cost_model.REGISTER_FILE_PER_CORE[0] // (4 * registers * 128) == 2
+    assert cost_model.residency(128, 1024) == cost_model.MAX_THREADS_PER_CORE[0] // 128
+    for D in fa.SUPPORTED_HEAD_DIMS:
+        assert profile.prefill_registers(fa, "ours", D, 2) <= cost_model.MAX_REGISTERS_PER_THREAD[0], D

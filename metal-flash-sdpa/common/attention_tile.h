@@ -40,10 +40,11 @@ METAL_FUNC float row_sum(float x) {
     return x + simd_shuffle_xor(x, 8);
 }
 
-// N fp32 8x8 fragments side by side: 8 rows x 8N columns.
-template <int N>
+// N 8x8 fragments side by side: 8 rows x 8N columns; fp32 unless E says otherwise (a Q operand may stay in
+// its 16-bit input type: half the registers, and the MMA still accumulates in fp32).
+template <int N, typename E = float>
 struct Fragments {
-    simdgroup_float8x8 frag[N];
+    simdgroup_matrix<E, 8, 8> frag[N];
 };
 
 // Running softmax state of the row this lane holds.
@@ -57,21 +58,23 @@ struct ScoreRules {
     bool causal, window, softcap, alibi;   // function constants of the calling kernel
     int window_left, window_right;         // -1: unbounded
     float softcap_value;
+    float raw_scale;                       // applied to q.k: the softmax scale, or 1 when Q was loaded pre-scaled
 };
 
 // The rules in thread registers, from the constant-space params and the calling kernel's function constants.
-METAL_FUNC ScoreRules score_rules(bool causal, bool window, bool softcap, bool alibi, constant MaskParams& mask) {
-    return {causal, window, softcap, alibi, mask.window_left, mask.window_right, mask.softcap};
+METAL_FUNC ScoreRules score_rules(bool causal, bool window, bool softcap, bool alibi, constant MaskParams& mask,
+                                  float raw_scale = 1.0f) {
+    return {causal, window, softcap, alibi, mask.window_left, mask.window_right, mask.softcap, raw_scale};
 }
 
-// Q fragments for the lane's row, pre-scaled, in fp32; invalid rows are zero.
-template <typename T, int D>
-METAL_FUNC void load_q(thread Fragments<D / 8>& q, const device T* q_row, bool row_valid, float scale, FragmentCoord fc) {
+// Q fragments for the lane's row, times `scale`, in the fragments' element type; invalid rows are zero.
+template <typename T, int D, typename E>
+METAL_FUNC void load_q(thread Fragments<D / 8, E>& q, const device T* q_row, bool row_valid, float scale, FragmentCoord fc) {
     UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e)
-            q.frag[d].thread_elements()[e] = row_valid ? float(q_row[d * 8 + fc.col + e]) * scale : 0.0f;
+            q.frag[d].thread_elements()[e] = row_valid ? E(float(q_row[d * 8 + fc.col + e]) * scale) : E(0);
     }
 }
 
@@ -81,9 +84,10 @@ METAL_FUNC void clear(thread Fragments<D / 8>& o) {
     for (int d = 0; d < D / 8; ++d) o.frag[d] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 }
 
-// S = Q K^T for 8 rows and the BK keys of `tile` (row-major, leading dimension LD).
-template <typename T, int D, int BK, int LD>
-METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 8>& q, const threadgroup T* tile) {
+// S = Q K^T for 8 rows and the BK keys of `tile` (row-major, leading dimension LD); K fragments are converted
+// to Q's element type (nothing to convert when Q stays in T).
+template <typename T, int D, int BK, int LD, typename E>
+METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 8, E>& q, const threadgroup T* tile) {
     UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
         s.frag[j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -91,9 +95,10 @@ METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 
         for (int d = 0; d < D / 8; ++d) {
             simdgroup_matrix<T, 8, 8> kt;
             simdgroup_load(kt, tile, LD, ulong2(j * 8, d * 8), true);
-            simdgroup_float8x8 kt_f;
-            kt_f.thread_elements() = float2(kt.thread_elements());
-            simdgroup_multiply_accumulate(s.frag[j], q.frag[d], kt_f, s.frag[j]);
+            simdgroup_matrix<E, 8, 8> kt_e;
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) kt_e.thread_elements()[e] = E(kt.thread_elements()[e]);
+            simdgroup_multiply_accumulate(s.frag[j], q.frag[d], kt_e, s.frag[j]);
         }
     }
 }
@@ -114,8 +119,8 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
             const int key = key0 + j * 8 + fc.col + e;
             const int distance = q_pos - key;
             float score = s.frag[j].thread_elements()[e];
-            if (rules.softcap) score = rules.softcap_value * precise::tanh(score / rules.softcap_value);
-            score *= LOG2E;
+            if (rules.softcap) score = rules.softcap_value * precise::tanh(score * rules.raw_scale / rules.softcap_value) * LOG2E;
+            else score *= rules.raw_scale * LOG2E;   // one multiply: the product is loop-invariant
             if (rules.alibi) score -= slope_log2 * float(abs(distance));
             if (edge) {
                 bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
