@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -264,9 +263,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv_outputs(const at::Ten
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % group_size == 0, "x must be [..., D] with D a multiple of group_size ",
                     group_size, ", got shape ", x.sizes());
   const int64_t dim = x.size(-1);
-  TORCH_CHECK_NOT_IMPLEMENTED(dim <= std::numeric_limits<int32_t>::max() &&
-                              x.numel() / std::max<int64_t>(dim, 1) <= std::numeric_limits<int32_t>::max(),
-                              "quantize_kv of more than 2^31 - 1 rows or elements per row");
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = dim * bits / 32;
   at::Tensor packed = at::empty(shape, x.options().dtype(at::kUInt32));
@@ -307,6 +303,9 @@ void kv_cache_write_meta(const at::Tensor& k, const at::Tensor& v, at::Tensor& k
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_kv(const at::Tensor& x, int64_t bits, int64_t group_size) {
   auto [packed, scales, biases] = quantize_kv_outputs(x, bits, group_size);
   const int64_t dim = x.size(-1), rows = dim == 0 ? 0 : x.numel() / dim;
+  // Rows are the write kernel's tokens and D its head dim: int32 there (the meta kernel cannot count them).
+  TORCH_CHECK_NOT_IMPLEMENTED(dim <= std::numeric_limits<int32_t>::max() && rows <= std::numeric_limits<int32_t>::max(),
+                              "quantize_kv of more than 2^31 - 1 rows or elements per row");
   if (rows == 0) return {packed, scales, biases};
   const at::Tensor tokens = unit_stride_head_dim(x).reshape({1, rows, 1, dim});
   const at::Tensor cache = packed.view({1, rows, 1, dim * bits / 32});

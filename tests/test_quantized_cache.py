@@ -337,3 +337,110 @@ def test_quantization_error_report(fa, capsys):
         print("\nquantized KV cache, max |out - fp64 attention on the fp16 cache| (fp16, D 128, N(0, 1) K/V):",
               ", ".join(f"{b}-bit g{g}: {e:.2e}" for (b, g), e in errors.items()))
     assert max(errors[8, g] for g in GROUPS) < min(errors[4, g] for g in GROUPS)
+
+
+# ------------------------------------------------------------------------------------------------ fp8 e4m3 caches
+def fp8_cache(B, slots, Hkv, D, seed, view_uint8):
+    g = torch.Generator().manual_seed(seed)
+    cache = (torch.randn(B, slots, Hkv, D, generator=g) * 3).to(torch.float8_e4m3fn)
+    return (cache.view(torch.uint8) if view_uint8 else cache).to(DEVICE)
+
+
+def fp8_values(cache, descale, dtype):
+    """The dequantized fp8 cache as the kernel reads it: e4m3 * descale[b, kv_head], rounded to the attention dtype."""
+    return (cache.cpu().view(torch.float8_e4m3fn).float() * descale.cpu()[:, None, :, None]).to(dtype)
+
+
+@pytest.mark.parametrize("view_uint8", [False, True], ids=["float8_e4m3fn", "uint8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_write_matches_torch_cast(fa, dtype, view_uint8):
+    """Appended rows are x / descale cast to e4m3 exactly as torch casts (round to nearest even, saturating at 448),
+    including values past the range and subnormals."""
+    B, Hkv, D = 2, 2, 64
+    k_cache, v_cache = fp8_cache(B, 8, Hkv, D, 0, view_uint8), fp8_cache(B, 8, Hkv, D, 1, view_uint8)
+    g = torch.Generator().manual_seed(2)
+    k = (torch.randn(B, 3, Hkv, D, generator=g) * torch.logspace(-4, 3, D)).to(dtype)
+    k[0, 0, 0, :4] = torch.tensor([float("inf"), -1e6, 464.0, -0.0])
+    descale = torch.rand(B, Hkv, generator=g) + 0.5
+    seqlens = torch.tensor([2, 5], dtype=torch.int32)
+    table = torch.arange(B, dtype=torch.int32).view(B, 1)
+    expected = [bytes_of(c).view(B, 8, Hkv, D).clone() for c in (k_cache, v_cache)]
+    for b in range(B):
+        for c, x in zip(expected, (k, -k)):
+            cast = (x[b].float() / descale[b][None, :, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+            c[b, int(seqlens[b]):int(seqlens[b]) + 3] = cast
+    fa.kv_cache_write(k.to(DEVICE), (-k).to(DEVICE), k_cache, v_cache, table.to(DEVICE), seqlens.to(DEVICE),
+                      k_descale=descale.to(DEVICE), v_descale=descale.to(DEVICE))
+    assert torch.equal(bytes_of(k_cache).view(B, 8, Hkv, D), expected[0])
+    assert torch.equal(bytes_of(v_cache).view(B, 8, Hkv, D), expected[1])
+
+
+@pytest.mark.parametrize("view_uint8", [False, True], ids=["float8_e4m3fn", "uint8"])
+@pytest.mark.parametrize("dtype, D, heads, feature", [(torch.float16, 128, (8, 2), "window"),
+                                                      (torch.bfloat16, 64, (4, 4), "sinks"),
+                                                      (torch.float32, 72, (16, 2), "softcap")], ids=str)
+def test_fp8_decode(fa, dtype, D, heads, feature, view_uint8):
+    """fp8 caches (contiguous, with an append of 2 tokens quantized on the way in) against the float64 reference on
+    the dequantized cache, split-K and all."""
+    (H, Hkv), B, slots = heads, 3, 300
+    k_cache, v_cache = fp8_cache(B, slots, Hkv, D, 3, view_uint8), fp8_cache(B, slots, Hkv, D, 4, view_uint8)
+    g = torch.Generator().manual_seed(5)
+    k_descale, v_descale = torch.rand(B, Hkv, generator=g) + 0.1, torch.rand(B, Hkv, generator=g) + 0.1
+    seqlens = [280, 33, 0]
+    q = torch.randn(B, 2, H, D, generator=g).to(dtype)
+    new = [torch.randn(B, 2, Hkv, D, generator=g).to(dtype) for _ in range(2)]
+    extra = {"window": dict(window_size=(50, 0)), "sinks": dict(s_aux=torch.randn(H, generator=g)),
+             "softcap": dict(softcap=5.0)}[feature]
+    out, lse = fa.flash_attn_with_kvcache(q.to(DEVICE), k_cache, v_cache, new[0].to(DEVICE), new[1].to(DEVICE),
+                                          cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEVICE),
+                                          causal=True, k_descale=k_descale.to(DEVICE), v_descale=v_descale.to(DEVICE),
+                                          return_softmax_lse=True,
+                                          **{k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in extra.items()})
+    k_all, v_all = fp8_values(k_cache, k_descale, dtype), fp8_values(v_cache, v_descale, dtype)
+    lengths = [n + 2 for n in seqlens]
+    cu_k = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    rkw = dict(causal=True, window=extra.get("window_size", (-1, -1)), softcap=extra.get("softcap", 0.0),
+               sinks=extra.get("s_aux"))
+    assert_matches_reference(out.cpu().reshape(B * 2, H, D), lse.cpu().permute(1, 0, 2).reshape(H, B * 2),
+                             q.reshape(B * 2, H, D), torch.cat([k_all[b, :n] for b, n in enumerate(lengths)]),
+                             torch.cat([v_all[b, :n] for b, n in enumerate(lengths)]),
+                             torch.arange(B + 1, dtype=torch.int32) * 2, cu_k, **rkw)
+
+
+def test_mixed_fp8_keys_and_affine_values(fa):
+    """K and V formats are independent: fp8 keys with 4-bit values."""
+    B, Hkv, D, H, dtype = 2, 2, 64, 4, torch.float16
+    k_cache = fp8_cache(B, 40, Hkv, D, 6, False)
+    g = torch.Generator().manual_seed(8)
+    values = torch.randn(B, 40, Hkv, D, generator=g).to(dtype)
+    v_cache, v_scales, v_biases = fa.quantize_kv(values.to(DEVICE), 4, 32)
+    k_descale = torch.rand(B, Hkv, generator=g) + 0.5
+    q = torch.randn(B, 1, H, D, generator=g).to(dtype)
+    out = fa.flash_attn_with_kvcache(q.to(DEVICE), k_cache, v_cache, cache_seqlens=torch.tensor(
+        [40, 17], dtype=torch.int32, device=DEVICE), k_descale=k_descale.to(DEVICE), v_scales=v_scales,
+        v_biases=v_biases, kv_bits=(0, 4), kv_group_size=32, causal=True)
+    k_all = fp8_values(k_cache, k_descale, dtype)
+    v_all = fa.dequantize_kv(v_cache, v_scales, v_biases, 4, 32).cpu()
+    ref, _ = attention_reference(q.reshape(B, H, D), torch.cat([k_all[0], k_all[1, :17]]),
+                                 torch.cat([v_all[0], v_all[1, :17]]), torch.arange(B + 1, dtype=torch.int32),
+                                 torch.tensor([0, 40, 57], dtype=torch.int32), causal=True)
+    assert (out.cpu().reshape(B, H, D).double() - ref).abs().max() < 2e-3
+
+
+# ------------------------------------------------------------------------------------------ ops under torch.compile
+def test_opcheck_quantized_ops(fa):
+    ops = fa._ops.ops
+    torch.library.opcheck(ops.quantize_kv.default, (torch.randn(3, 5, 64, device=DEVICE).half(), 4, 32))
+    cache, args = write_args()
+    q = torch.randn(2, 1, 4, 64, device=DEVICE).half()
+    quant = (cache.k[1], cache.k[2], cache.v[1], cache.v[2], 8, 4, 32)
+    torch.library.opcheck(ops.flash_attn_decode.default,
+                          (q, cache.k[0], cache.v[0], args["k"], args["v"], cache.table, None, args["cache_seqlens"],
+                           None, 0, None, True, -1, -1, 0.0, None, None, *quant))
+    torch.library.opcheck(ops.kv_cache_write.default,
+                          (args["k"], args["v"], cache.k[0], cache.v[0], cache.table, args["cache_seqlens"], *quant))
+    k_cache = fp8_cache(2, 20, 2, 64, 0, True)   # the uint8 view: opcheck's schema test does arithmetic on inputs
+    torch.library.opcheck(ops.flash_attn_decode.default,
+                          (q, k_cache, k_cache.clone(), None, None, None, None, None, None, 0, None, True, -1, -1, 0.0,
+                           None, None, None, None, None, None, 0, 0, 0, torch.ones(2, 2, device=DEVICE),
+                           torch.ones(2, 2, device=DEVICE)))

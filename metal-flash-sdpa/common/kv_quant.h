@@ -80,16 +80,17 @@ METAL_FUNC float e4m3_to_float(uint byte) {
     return (byte & 0x7Fu) == 0x7Fu ? NAN : value;
 }
 
-// float -> e4m3fn, round to nearest even, as torch's .to(torch.float8_e4m3fn): magnitudes that round past 448
-// become NaN (0x7F), not saturated.
+// float -> e4m3fn, round to nearest even, as torch's .to(torch.float8_e4m3fn): magnitudes past 448 (infinities
+// included) saturate to +-448, NaN stays NaN (tested on its bits: fast math may assume no NaN).
 METAL_FUNC uchar float_to_e4m3(float x) {
-    const uint sign = (as_type<uint>(x) >> 24) & 0x80u;
+    const uint bits = as_type<uint>(x);
+    const uint sign = (bits >> 24) & 0x80u;
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return uchar(sign | 0x7Fu);
     const float magnitude = fabs(x);
     uint code;
     if (magnitude >= 0.015625f) {   // normal (>= 2^-6): keep 3 mantissa bits, ties to even
-        uint bits = as_type<uint>(magnitude);
-        bits += 0x7FFFFu + ((bits >> 20) & 1u);
-        code = min((((bits >> 23) - 120u) << 3) | ((bits >> 20) & 7u), 0x7Fu);
+        const uint rounded = (bits & 0x7FFFFFFFu) + 0x7FFFFu + ((bits >> 20) & 1u);
+        code = min((((rounded >> 23) - 120u) << 3) | ((rounded >> 20) & 7u), 0x7Eu);
     } else {                        // subnormal: multiples of 2^-9 (2^-6 itself rounds to the smallest normal)
         code = uint(rint(magnitude * 512.0f));
     }
