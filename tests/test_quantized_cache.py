@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import DEVICE, DTYPES, KERNEL, PagedCache
+from tests.helpers import DEVICE, DTYPES, KERNEL, REPO, PagedCache
 from tests.reference import assert_matches_reference, attention_reference
 
+REPO_README = (REPO / "README.md").read_text()
 BITS = [4, 8]
 GROUPS = [32, 64, 128]
 
@@ -444,3 +445,17 @@ def test_opcheck_quantized_ops(fa):
                           (q, k_cache, k_cache.clone(), None, None, None, None, None, None, 0, None, True, -1, -1, 0.0,
                            None, None, None, None, None, None, 0, 0, 0, torch.ones(2, 2, device=DEVICE),
                            torch.ones(2, 2, device=DEVICE)))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the README block uses CPU tensors (the simulator build)")
+def test_readme_mlx_same_bytes(fa):
+    """The README's "Quantized KV caches" example: MLX's quantized bytes are ours, and the decode op takes them."""
+    block = REPO_README.split("<!-- mlx-same-bytes -->\n```python\n")[1].split("```")[0]
+    g = torch.Generator().manual_seed(4)
+    values = torch.randn(4, 16, 2, 128, generator=g).half()
+    v_packed, v_scales, v_biases = fa.quantize_kv(values, 4, 64)
+    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    namespace = dict(fa=fa, q=torch.randn(2, 1, 4, 128, generator=g).half(), v_packed=v_packed, v_scales=v_scales,
+                     v_biases=v_biases, table=table, lens=torch.tensor([20, 32], dtype=torch.int32))
+    exec(block, namespace)
+    assert namespace["out"].shape == (2, 1, 4, 128) and not torch.isnan(namespace["out"]).any()
