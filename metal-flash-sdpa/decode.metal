@@ -200,8 +200,7 @@ template <typename T, int D>
     if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
     clear<D>(o_frag);
     OnlineSoftmax state;
-    const CacheFormat k_format = kv_quantized ? quant.k : CacheFormat{};
-    const CacheFormat v_format = kv_quantized ? quant.v : CacheFormat{};
+    const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
     const CacheTile<T> k_tile = cache_tile<T>(k_cache, k_scales, k_biases, k_offset, k_scale_offset, k_format,
                                               p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,

@@ -49,11 +49,12 @@ template <typename T>
     const int block = block_table[int64_t(seq) * p.blocks_per_seq + position / p.block_size];
     if (block < 0 || block >= p.num_blocks) return;
     const int slot = int(position % p.block_size);
-    const CacheFormat k_format = kv_quantized ? quant.k : CacheFormat{};
-    const CacheFormat v_format = kv_quantized ? quant.v : CacheFormat{};
+    const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
     // fp8 descales [B, Hkv] live in the scales slot; affine scales and biases at the row's (block, slot, head).
     const auto scale_offset = [&](CacheFormat f) {
-        return f.kind == KV_AFFINE ? element_offset(f.scale_strides, block, slot, kv_head) : int64_t(0);
+        return f.kind == KV_AFFINE ? block * f.scale_strides[STRIDE_BATCH] + slot * f.scale_strides[STRIDE_TOKEN] +
+                                         kv_head * f.scale_strides[STRIDE_HEAD]
+                                   : int64_t(0);
     };
     const auto descale = [&](CacheFormat f, const device T* scales) {
         return f.kind == KV_FP8_E4M3 ? reinterpret_cast<const device float*>(scales)[seq * f.descale_seq_stride + kv_head]

@@ -16,6 +16,13 @@ struct TableRows {
     int64_t operator()(uint row) const { return offset[row]; }
 };
 
+// A cache's format in registers (plain unless FC_KV_QUANTIZED: the params are then not read).
+METAL_FUNC CacheFormat cache_format(constant const CacheFormat& format) {
+    CacheFormat thread_copy{};
+    if (kv_quantized) thread_copy = format;
+    return thread_copy;
+}
+
 // Bytes of one cache element (the unit of the cache's strides): T, a uint32 word of packed groups, an fp8 byte.
 template <typename T>
 METAL_FUNC int64_t cache_element_bytes(int kind) {
@@ -147,18 +154,23 @@ METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, ui
         const int64_t offset = src.offset[row];
         threadgroup T* out = tile + row * LD + group * group_size;
         if (offset < 0) {
-            for (int e = 0; e < group_size; ++e) out[e] = T(0);
+            for (int e = 0; e < group_size; e += 4) *reinterpret_cast<threadgroup vec<T, 4>*>(out + e) = vec<T, 4>(0);
             continue;
         }
         const int64_t scale_at = src.scale_offset[row] + group;
         const float scale = float(src.scales[scale_at]), bias = float(src.biases[scale_at]);
         const device uint* packed = words + offset + group * group_words;
+        // Four elements per threadgroup store (rows and groups start on multiples of 4 elements).
+        threadgroup vec<T, 4>* out4 = reinterpret_cast<threadgroup vec<T, 4>*>(out);
         for (int w = 0; w < group_words; w += 4) {
             const uint4 four = kv_vector ? *reinterpret_cast<const device uint4*>(packed + w)
                                          : uint4(packed[w], packed[w + 1], packed[w + 2], packed[w + 3]);
             for (int c = 0; c < 4; ++c) {
-                for (int e = 0; e < PER_WORD; ++e)
-                    out[(w + c) * PER_WORD + e] = dequantize<T>((four[c] >> (e * BITS)) & MASK, scale, bias);
+                for (int e = 0; e < PER_WORD; e += 4) {
+                    vec<T, 4> values;
+                    for (int i = 0; i < 4; ++i) values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias);
+                    out4[((w + c) * PER_WORD + e) / 4] = values;
+                }
             }
         }
     }
@@ -171,7 +183,7 @@ METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint 
     for (uint i = tid; i < uint(BK * CHUNKS); i += threads) {
         const uint row = i / CHUNKS, chunk = i % CHUNKS;
         const int64_t offset = src.offset[row];
-        threadgroup T* out = tile + row * LD + chunk * 8;
+        threadgroup vec<T, 4>* out4 = reinterpret_cast<threadgroup vec<T, 4>*>(tile + row * LD + chunk * 8);
         const device uchar* bytes = src.head + offset + chunk * 8;
         uint2 eight = uint2(0);
         if (offset >= 0 && kv_vector) {
@@ -179,7 +191,11 @@ METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint 
         } else if (offset >= 0) {
             for (int e = 0; e < 8; ++e) eight[e / 4] |= uint(bytes[e]) << ((e % 4) * 8);
         }
-        for (int e = 0; e < 8; ++e) out[e] = T(e4m3_to_float((eight[e / 4] >> ((e % 4) * 8)) & 0xFFu) * src.descale);
+        for (int half_chunk = 0; half_chunk < 2; ++half_chunk) {
+            vec<T, 4> values;
+            for (int i = 0; i < 4; ++i) values[i] = T(e4m3_to_float((eight[half_chunk] >> (i * 8)) & 0xFFu) * src.descale);
+            out4[half_chunk] = values;
+        }
     }
 }
 
