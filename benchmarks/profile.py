@@ -44,9 +44,15 @@ def agrees(name, value, expected):
     return abs(value - expected) <= (NOISE * abs(expected) if name in NOISY_COUNTERS else 0)
 
 
-def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False):
+def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False, kv_bits=None):
     return dict(case=name, kind=kind, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqlen=seqlen,
-                window=window, sinks=sinks, dtype="float16")
+                window=window, sinks=sinks, dtype="float16", kv_bits=kv_bits)
+
+
+# Quantized decode (issue 16): kv_bits-bit affine caches in groups of KV_GROUP (quantize_kv, MLX's layout). MLX has
+# no fused equivalent (its sdpa_vector reads fp16/bf16/fp32 K/V only; mlx-lm's quantized cache runs
+# quantized_matmul + softmax unfused), so these cases compare with our own fp16 decode of the same shape.
+KV_GROUP = 64
 
 
 # The issue's cases (#14). MLX runs D=256 prefill unfused on M1-M4 (ScaledDotProductAttention::use_fallback);
@@ -60,6 +66,8 @@ CASES = [
     case("decode B8 ctx8k Hq32/Hkv8 D128", "decode", 8, 32, 8, 128, 8192),
     case("decode B8 ctx32k Hq32/Hkv4 D128", "decode", 8, 32, 4, 128, 32768),
     case("decode B32 ctx2k Hq32/Hkv32 D128", "decode", 32, 32, 32, 128, 2048),
+    case("decode B8 ctx32k Hq32/Hkv4 D128 8-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=8),
+    case("decode B8 ctx32k Hq32/Hkv4 D128 4-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=4),
 ]
 SMOKE_CASES = [
     case("smoke prefill 128 window32+sinks H2 D64", "prefill", 1, 2, 2, 64, 128, window=32, sinks=True),
@@ -95,6 +103,16 @@ def inputs(c, seed=0):
     k, v = (torch.randn(B, Hkv, n, D, generator=g).half() for _ in range(2))
     sinks = torch.randn(H, generator=g).half().float() if c["sinks"] else None
     return q, k, v, sinks
+
+
+def quantized(fa, x, bits):
+    """(packed, scales, biases) of fp16 K or V rows, as a quantized cache holds them."""
+    return fa.quantize_kv(x, bits, KV_GROUP)
+
+
+def as_cached(fa, c, x):
+    """K or V as the kernel reads it: the dequantized cache for quantized cases."""
+    return fa.dequantize_kv(*quantized(fa, x, c["kv_bits"]), c["kv_bits"], KV_GROUP) if c["kv_bits"] else x
 
 
 def max_abs_err(out, q, k, v, c, sinks, rows=slice(None)):
@@ -188,9 +206,16 @@ def run_ours(fa, lib, c, q, k, v, sinks, columns=None):
                 B * blocks, block_size, Hkv, D).contiguous()
             table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
             lens = torch.full((B,), n, dtype=torch.int32)
-            out = fa.flash_attn_with_kvcache(q.transpose(1, 2).contiguous(), cache(k), cache(v), cache_seqlens=lens,
-                                             block_table=table, causal=True,
-                                             num_splits=c.get("num_splits", 0)).transpose(1, 2)
+            k_cache, v_cache, quant = cache(k), cache(v), {}
+            if c["kv_bits"]:
+                (k_cache, k_scales, k_biases), (v_cache, v_scales, v_biases) = (
+                    quantized(fa, x, c["kv_bits"]) for x in (k_cache, v_cache))
+                quant = dict(k_scales=k_scales, k_biases=k_biases, v_scales=v_scales, v_biases=v_biases,
+                             kv_bits=c["kv_bits"], kv_group_size=KV_GROUP)
+                fa.simulator_counters(reset=True)   # the decode step only, not the quantization
+            out = fa.flash_attn_with_kvcache(q.transpose(1, 2).contiguous(), k_cache, v_cache, cache_seqlens=lens,
+                                             block_table=table, causal=True, num_splits=c.get("num_splits", 0),
+                                             **quant).transpose(1, 2)
         return out, launches_from_counters(fa.simulator_counters(reset=True))
 
 
@@ -279,7 +304,7 @@ def simulate(fa, lib, kernel, c, q, k, v, sinks):
     run = RUNNERS[kernel]
     if c["kind"] == "decode":
         out, launches = run(fa, lib, c, q, k, v, sinks)
-        return launches, max_abs_err(out, q, k, v, c, sinks), None
+        return launches, max_abs_err(out, q, as_cached(fa, c, k), as_cached(fa, c, v), c, sinks), None
     block_q, block_k = prefill_tiles(fa, kernel, c["head_dim"])
     plan, blocks = column_plan(c["seqlen"], c["window"], block_q, block_k)
     simulated, err = {}, 0.0
@@ -295,7 +320,9 @@ def dram_bytes(c, kernel):
     boolean window mask is read too."""
     B, H, Hkv, D, n = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["seqlen"]
     q_len = 1 if c["kind"] == "decode" else n
-    total = 2 * (2 * B * H * q_len * D + 2 * B * Hkv * n * D)
+    # per K or V row: fp16 elements, or packed words + an fp16 scale and bias per group
+    row_bytes = D * c["kv_bits"] // 8 + 2 * 2 * D // KV_GROUP if c["kv_bits"] else 2 * D
+    total = 2 * 2 * B * H * q_len * D + 2 * B * Hkv * n * row_bytes
     if kernel == "mlx" and c["window"]:
         total += n * n
     return total
@@ -308,17 +335,19 @@ def device_bytes(counters):
 
 
 def profile_case(fa, lib, c):
-    """Two records (ours, MLX) for a case: counters extrapolated exactly from the simulated slice."""
+    """Two records (ours, then MLX; for quantized caches our fp16 decode, kernel "ours fp16") for a case: counters
+    extrapolated exactly from the simulated slice."""
     small, factor = sampled(c, fa)
     q, k, v, sinks = inputs(small)
     records = []
-    for kernel in ("ours", "mlx"):
-        launches, err, blocks = simulate(fa, lib, kernel, small, q, k, v, sinks)
+    comparator = ("ours fp16", "ours", {**small, "kv_bits": None}) if c["kv_bits"] else ("mlx", "mlx", small)
+    for kernel, runner, shape in (("ours", "ours", small), comparator):
+        launches, err, blocks = simulate(fa, lib, runner, shape, q, k, v, sinks)
         launches = scale(launches, factor)
         if c["kind"] == "prefill":
-            registers = prefill_registers(fa, kernel, c["head_dim"], torch.finfo(getattr(torch, c["dtype"])).bits // 8)
+            registers = prefill_registers(fa, runner, c["head_dim"], torch.finfo(getattr(torch, c["dtype"])).bits // 8)
             launches = [{**l, "counters": {**l["counters"], "registers_per_thread": registers}} for l in launches]
-        total_bytes = dram_bytes(c, kernel)
+        total_bytes = dram_bytes({**c, "kv_bits": shape["kv_bits"]}, runner)
         predicted = {}
         for gpu in cost_model.PREDICTED_GPUS:   # DRAM bytes shared between launches in proportion to device bytes
             device = [device_bytes(l["counters"]) for l in launches]

@@ -152,6 +152,7 @@ struct DecodeArgs {
   CacheIndices indices;
   int64_t seqlen_q, num_heads, new_tokens;
   AttentionOptions options;
+  KvQuant quant;
 };
 
 // The block table: block_table (paged cache), else cache_batch_idx or rows 0..B-1 of a contiguous cache [B, S,
@@ -182,11 +183,12 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
                              const std::optional<at::Tensor>& cache_seqlens, const std::optional<at::Tensor>& kv_start,
                              int64_t num_splits, std::optional<double> softmax_scale, bool causal, int64_t window_left,
                              int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                             const std::optional<at::Tensor>& s_aux) {
+                             const std::optional<at::Tensor>& s_aux, const KvQuantArgs& quant_args) {
   element_type(q, "q");
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [batch, seqlen_q, heads, head_dim], got shape ", q.sizes());
   const at::Tensor table = decode_table(q, k_cache, block_table, cache_batch_idx, kv_start);
-  const CacheGeometry c = check_cache(k_cache, v_cache, table, !block_table, q, "q");
+  KvQuant quant;
+  const CacheGeometry c = check_cache(k_cache, v_cache, table, !block_table, q, "q", quant_args, &quant);
   TORCH_CHECK_VALUE(q.size(0) == c.num_seqs, "q has batch size ", q.size(0), " but block_table has ", c.num_seqs,
                     " rows");
   TORCH_CHECK_VALUE(q.size(3) == c.head_dim, "q has head_dim ", q.size(3), " but the cache has ", c.head_dim);
@@ -204,12 +206,12 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k and v (new tokens to append) or neither");
   TORCH_CHECK_VALUE(!k_new || cache_seqlens, "pass cache_seqlens with k and v: the new tokens are written at "
                     "cache_seqlens[b] (the tokens already in the cache)");
-  if (k_new) check_new_tokens(*k_new, *v_new, k_cache, c);
+  if (k_new) check_new_tokens(*k_new, *v_new, q, c);
   // A sequence has at most capacity keys; the new queries are the last seqlen_q of them.
   const AttentionOptions options = check_attention_options(q, c.num_seqs, H, c.head_dim, q.size(1), c.capacity(),
                                                            softmax_scale, causal, window_left, window_right, softcap,
                                                            alibi_slopes, s_aux);
-  return {c, indices, q.size(1), H, k_new ? k_new->size(1) : 0, options};
+  return {c, indices, q.size(1), H, k_new ? k_new->size(1) : 0, options, quant};
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
@@ -249,7 +251,8 @@ std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_
 void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
                 const at::Tensor& seqlens_k, int64_t new_keys, const at::Tensor& kv_start, int64_t max_keys,
                 int64_t num_splits, const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
-                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse) {
+                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse,
+                const KvQuant& quant) {
   DecodeProblem pb{};
   pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
                 token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
@@ -267,7 +270,9 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   pb.gpu_cores = gpu_core_count();
 
   DecodeParams params;
-  const DecodePlan plan = plan_decode(pb, &params);
+  DecodePlan plan = plan_decode(pb, &params);
+  plan.attention.constants.push_back(kv_quant_constant(quant));
+  const KvQuantParams quant_params = kv_quant_params(quant);
   const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
   const int64_t partials = plan.split ? q.size(0) * q.size(2) * q.size(1) * plan.num_partitions : 0;
   const auto partial = [&](int64_t size) {
@@ -294,6 +299,7 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
       bind_optional(DECODE_BUFFER_KV_START, kv_start),
       bind_optional(DECODE_BUFFER_ALIBI, extras.slopes),
   });
+  for (BufferBinding& b : kv_quant_bindings(quant, quant_params, DECODE_BUFFER_K_SCALES)) attention.push_back(b);
   dispatch(plan.attention, attention);
   if (plan.split) dispatch(plan.reduce, shared);
 }
@@ -304,19 +310,23 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
     const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
     const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux) {
+    const std::optional<at::Tensor>& s_aux, const std::optional<at::Tensor>& k_scales,
+    const std::optional<at::Tensor>& k_biases, const std::optional<at::Tensor>& v_scales,
+    const std::optional<at::Tensor>& v_biases, int64_t k_bits, int64_t v_bits, int64_t group_size,
+    const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale) {
+  const KvQuantArgs quant_args{k_scales, k_biases, v_scales, v_biases, k_bits, v_bits, group_size, k_descale, v_descale};
   // Every check runs before the append, so a rejected call leaves the cache as it was.
   const DecodeArgs a = check_decode_args(q_in, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx,
                                          cache_seqlens, kv_start, num_splits, softmax_scale, causal, window_left,
-                                         window_right, softcap, alibi_slopes, s_aux);
+                                         window_right, softcap, alibi_slopes, s_aux, quant_args);
   // Unread lengths: the partitions cover the whole table (their count and the scratch are capped anyway).
   const int64_t max_keys = data_checks_enabled(q_in) ? check_cache_indices(a.indices, a.new_tokens, true, a.cache)
                                                      : a.cache.capacity();
-  if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, a.indices, a.cache);
+  if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, a.indices, a.cache, a.quant);
   auto [out, lse] = decode_outputs(q_in);
   if (a.cache.num_seqs == 0 || a.num_heads == 0) return {out, lse};
   run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, a.indices.table, a.indices.seqlens, a.new_tokens,
-             a.indices.kv_start, max_keys, num_splits, a.options, alibi_slopes, s_aux, out, lse);
+             a.indices.kv_start, max_keys, num_splits, a.options, alibi_slopes, s_aux, out, lse, a.quant);
   return {out, lse};
 }
 
@@ -326,9 +336,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode_meta(
     const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
     const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux) {
+    const std::optional<at::Tensor>& s_aux, const std::optional<at::Tensor>& k_scales,
+    const std::optional<at::Tensor>& k_biases, const std::optional<at::Tensor>& v_scales,
+    const std::optional<at::Tensor>& v_biases, int64_t k_bits, int64_t v_bits, int64_t group_size,
+    const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale) {
+  const KvQuantArgs quant_args{k_scales, k_biases, v_scales, v_biases, k_bits, v_bits, group_size, k_descale, v_descale};
   check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, cache_seqlens, kv_start,
-                    num_splits, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+                    num_splits, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                    quant_args);
   return decode_outputs(q);
 }
 

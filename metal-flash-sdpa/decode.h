@@ -6,6 +6,7 @@
 #include <optional>
 #include <vector>
 
+#include "kv_cache_write.h"
 #include "launch.h"
 
 namespace metal_flash_sdpa {
@@ -42,10 +43,11 @@ inline at::Tensor contiguous_cache_table(int64_t batch, const at::Tensor& like) 
 
 // q [B, Sq, H, D] against keys [kv_start[b], seqlens_k[b] + new_keys) of a paged cache read through table
 // (index tensors from index_tensor(); kv_start undefined when absent). Values are clamped by the kernel; max_keys
-// bounds the key ranges and sizes the partitions. Writes out and lse.
+// bounds the key ranges and sizes the partitions. Writes out and lse. quant: the caches' formats (plain by default).
 void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
                 const at::Tensor& seqlens_k, int64_t new_keys, const at::Tensor& kv_start, int64_t max_keys,
                 int64_t num_splits, const AttentionOptions& options, const std::optional<at::Tensor>& alibi_slopes,
-                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse);
+                const std::optional<at::Tensor>& s_aux, const at::Tensor& out, const at::Tensor& lse,
+                const KvQuant& quant = {});
 
 }  // namespace metal_flash_sdpa

@@ -13,6 +13,7 @@
 #include <metal_stdlib>
 
 #include "common/attention_tile.h"
+#include "common/kv_quant.h"
 #include "common/kv_tile.h"
 #include "common/mask_band.h"
 #include "common/params.h"
@@ -40,17 +41,11 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
     return {start, end - start};
 }
 
-// Row offsets of a tile's keys in the cache, mapped once per tile (-1: no key).
-struct TableRows {
-    const threadgroup int64_t* offset;
-    int64_t operator()(uint row) const { return offset[row]; }
-};
-
 // Restores the V tile (barriers + copy) between a tile's softmax and its P V product.
+template <typename T>
 struct LoadV {
     threadgroup uint4* tile_storage;
-    const device void* v_head;
-    const threadgroup int64_t* v_offset;
+    CacheTile<T> cache;
     uint tid, threads;
 };
 
@@ -59,14 +54,14 @@ struct LoadV {
 template <typename T, int D, int BK, int KEYS, int LD>
 METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8>& q,
                             int slice_row, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
-                            ScoreRules rules, FragmentCoord fc, LoadV v) {
+                            ScoreRules rules, FragmentCoord fc, LoadV<T> v) {
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(v.tile_storage);
     Fragments<KEYS / 8> s;
     qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
     softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
                           rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    copy_kv_tile<T, D, BK, LD>(tile, static_cast<const device T*>(v.v_head), TableRows{v.v_offset}, v.tid, v.threads);
+    load_cache_tile<T, D, BK, LD>(tile, v.cache, v.tid, v.threads);
     if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
@@ -127,8 +122,8 @@ METAL_FUNC void merge_key_slices(thread OnlineSoftmax& state, thread Fragments<D
 template <typename T, int D>
 [[kernel, max_total_threads_per_threadgroup(128)]] void attention_decode(
     const device T* q [[buffer(DECODE_BUFFER_Q)]],
-    const device T* k_cache [[buffer(DECODE_BUFFER_K_CACHE)]],
-    const device T* v_cache [[buffer(DECODE_BUFFER_V_CACHE)]],
+    const device uchar* k_cache [[buffer(DECODE_BUFFER_K_CACHE)]],   // T, or quantized (params.h: CacheFormat)
+    const device uchar* v_cache [[buffer(DECODE_BUFFER_V_CACHE)]],
     const device int* block_table [[buffer(DECODE_BUFFER_BLOCK_TABLE)]],
     const device int* seqlens_k [[buffer(DECODE_BUFFER_SEQLENS_K)]],
     const device int* kv_start [[buffer(DECODE_BUFFER_KV_START)]],
@@ -140,6 +135,11 @@ template <typename T, int D>
     device float* partial_max [[buffer(DECODE_BUFFER_PARTIAL_MAX)]],
     device float* partial_sum [[buffer(DECODE_BUFFER_PARTIAL_SUM)]],
     device float* partial_out [[buffer(DECODE_BUFFER_PARTIAL_OUT)]],
+    const device T* k_scales [[buffer(DECODE_BUFFER_K_SCALES)]],
+    const device T* k_biases [[buffer(DECODE_BUFFER_K_BIASES)]],
+    const device T* v_scales [[buffer(DECODE_BUFFER_V_SCALES)]],
+    const device T* v_biases [[buffer(DECODE_BUFFER_V_BIASES)]],
+    constant KvQuantParams& quant [[buffer(DECODE_BUFFER_KV_QUANT)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint threads [[threads_per_threadgroup]],
@@ -150,6 +150,7 @@ template <typename T, int D>
     threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
     threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
+    threadgroup int64_t k_scale_offset[BK], v_scale_offset[BK];   // ... and in their scales / biases (affine)
     threadgroup uint tile_valid;
     static_assert(sizeof(uint4) * KV_TILE_VECTORS(T, BK, LD) + 2 * sizeof(int64_t) * BK + sizeof(uint) ==
                       DECODE_THREADGROUP_BYTES(sizeof(T), D), "the host's residency estimate");
@@ -201,8 +202,11 @@ template <typename T, int D>
     if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
     clear<D>(o_frag);
     OnlineSoftmax state;
-    const device T* k_head = k_cache + kv_head * p.shape.k_strides[STRIDE_HEAD];
-    const device T* v_head = v_cache + kv_head * p.shape.v_strides[STRIDE_HEAD];
+    const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
+    const CacheTile<T> k_tile = cache_tile<T>(k_cache, k_scales, k_biases, k_offset, k_scale_offset, k_format,
+                                              p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
+    const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
+                                              p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
     const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
     // The cache layout in registers: read from the constant params once, not once per tile.
     const FastDivisor block_size = p.block_size;
@@ -226,15 +230,19 @@ template <typename T, int D>
             if (int(lane) < BK) {
                 k_offset[lane] = exists ? entry * k_block_stride + slot * k_slot_stride : -1;
                 v_offset[lane] = exists ? entry * v_block_stride + slot * v_slot_stride : -1;
+                if (kv_quantized) {
+                    k_scale_offset[lane] = entry * k_format.scale_strides[STRIDE_BATCH] + slot * k_format.scale_strides[STRIDE_TOKEN];
+                    v_scale_offset[lane] = entry * v_format.scale_strides[STRIDE_BATCH] + slot * v_format.scale_strides[STRIDE_TOKEN];
+                }
             }
             const uint valid = simd_or(exists ? 1u << lane : 0u);
             if (lane == 0) tile_valid = valid;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        copy_kv_tile<T, D, BK, LD>(tile, k_head, TableRows{k_offset}, tid, threads);
+        load_cache_tile<T, D, BK, LD>(tile, k_tile, tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        const LoadV load_v{tile_storage, v_head, v_offset, tid, threads};
+        const LoadV<T> load_v{tile_storage, v_tile, tid, threads};
         if (slices > 1)
             attend_tile<T, D, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift, row_valid,
                                          slope, rules, fc, load_v);

@@ -41,6 +41,7 @@ def test_hub_card_renders_with_the_public_functions(fa):
                            license="apache-2.0", layers=[], has_benchmark=False)
     assert card.startswith("---\nlibrary_name: kernels\nlicense: apache-2.0\n")
     assert 'get_kernel("kernels-community/metal-flash-sdpa", version=2)' in card
-    assert sorted(functions) == ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write"]
+    assert sorted(functions) == ["dequantize_kv", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+                                 "kv_cache_write", "quantize_kv"]
     for name in functions:
         assert f"- `{name}`" in card

@@ -31,6 +31,11 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   return constants;
 }
 
+// Quantized caches (decode and KV write): scales / biases are written by the append.
+#define KV_QUANT_ARGS                                                                                              \
+  "Tensor(c!)? k_scales=None, Tensor(d!)? k_biases=None, Tensor(e!)? v_scales=None, Tensor(f!)? v_biases=None, " \
+  "int k_bits=0, int v_bits=0, int group_size=0, Tensor? k_descale=None, Tensor? v_descale=None"
+
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -45,10 +50,11 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor? block_table, Tensor? cache_batch_idx, Tensor? cache_seqlens, Tensor? kv_start, int num_splits, "
       "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
-      "Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+      "Tensor? s_aux, " KV_QUANT_ARGS ") -> (Tensor out, Tensor softmax_lse)");
   ops.def(
       "kv_cache_write(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_table, "
-      "Tensor cache_seqlens) -> ()");
+      "Tensor cache_seqlens, " KV_QUANT_ARGS ") -> ()");
+  ops.def("quantize_kv(Tensor x, int bits, int group_size) -> (Tensor packed, Tensor scales, Tensor biases)");
   ops.def("kernel_constants() -> Dict(str, int[])", &kernel_constants);
   ops.def("decode_split(int batch, int num_heads, int num_kv_heads, int seqlen_q, int head_dim, int element_bytes, "
           "int max_keys, int window_left, int num_splits, int gpu_cores) -> int[]",
@@ -57,6 +63,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("flash_attn_varlen_backward", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_backward_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);
   ops.impl("kv_cache_write", c10::kMeta, &metal_flash_sdpa::kv_cache_write_meta);
+  ops.impl("quantize_kv", c10::kMeta, &metal_flash_sdpa::quantize_kv_meta);
 #if defined(CPU_KERNEL)
   // The CPU build runs the Metal shaders in the MSL simulator (dispatch_simulator.cpp also registers
   // simulator_counters there).
@@ -64,11 +71,13 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("flash_attn_varlen_backward", c10::kCPU, &metal_flash_sdpa::flash_attn_varlen_backward);
   ops.impl("flash_attn_decode", c10::kCPU, &metal_flash_sdpa::flash_attn_decode);
   ops.impl("kv_cache_write", c10::kCPU, &metal_flash_sdpa::kv_cache_write);
+  ops.impl("quantize_kv", c10::kCPU, &metal_flash_sdpa::quantize_kv);
 #elif defined(METAL_KERNEL)
   ops.impl("flash_attn_varlen", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen);
   ops.impl("flash_attn_varlen_backward", c10::kMPS, &metal_flash_sdpa::flash_attn_varlen_backward);
   ops.impl("flash_attn_decode", c10::kMPS, &metal_flash_sdpa::flash_attn_decode);
   ops.impl("kv_cache_write", c10::kMPS, &metal_flash_sdpa::kv_cache_write);
+  ops.impl("quantize_kv", c10::kMPS, &metal_flash_sdpa::quantize_kv);
 #endif
 }
 

@@ -42,14 +42,30 @@ using FlashAttnDecode = std::tuple<at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>& cache_batch_idx, const std::optional<at::Tensor>& cache_seqlens,
     const std::optional<at::Tensor>& kv_start, int64_t num_splits, std::optional<double> softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux);
+    const std::optional<at::Tensor>& s_aux, const std::optional<at::Tensor>& k_scales,
+    const std::optional<at::Tensor>& k_biases, const std::optional<at::Tensor>& v_scales,
+    const std::optional<at::Tensor>& v_biases, int64_t k_bits, int64_t v_bits, int64_t group_size,
+    const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale);
 FlashAttnDecode flash_attn_decode;
 FlashAttnDecode flash_attn_decode_meta;
 
 // Writes k/v [B, n, Hkv, D] into the paged caches at positions cache_seqlens[b] + i, in place.
+// Quantized caches (both ops): uint32 words with k/v_bits, kv group_size and k/v_scales, k/v_biases
+// [..., Hkv, D / group_size] (quantized on write), or fp8 e4m3 with k/v_descale [B, Hkv] fp32.
 using KvCacheWrite = void(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                          const at::Tensor& block_table, const at::Tensor& cache_seqlens);
+                          const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                          const std::optional<at::Tensor>& k_scales, const std::optional<at::Tensor>& k_biases,
+                          const std::optional<at::Tensor>& v_scales, const std::optional<at::Tensor>& v_biases,
+                          int64_t k_bits, int64_t v_bits, int64_t group_size,
+                          const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale);
 KvCacheWrite kv_cache_write;
 KvCacheWrite kv_cache_write_meta;
+
+// x [..., D] -> (packed uint32 [..., D * bits / 32], scales, biases [..., D / group_size] in x's dtype), bit for bit
+// mlx.core.quantize(x, group_size, bits) (mode "affine").
+using QuantizeKv = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& x, int64_t bits,
+                                                                  int64_t group_size);
+QuantizeKv quantize_kv;
+QuantizeKv quantize_kv_meta;
 
 }  // namespace metal_flash_sdpa

@@ -160,7 +160,7 @@ struct KvWriteParams {
   int32_t block_size;
   int32_t num_blocks;
   int32_t blocks_per_seq;
-  int32_t pad_;
+  int32_t write_v;            // 0: k only (quantize_kv), 1: k and v
 };
 static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by host and shader");
 
@@ -209,3 +209,38 @@ struct BackwardParams {
   int32_t pad_;
 };
 static_assert(sizeof(BackwardParams) == 280, "BackwardParams layout is shared by host and shader");
+
+// ------------------------------------------------------------------------------------------- quantized KV caches
+// A K or V cache may hold its rows quantized (read by the decode kernel, written by the KV write, when
+// FC_KV_QUANTIZED is set; KvQuantParams says how):
+// - affine groups, laid out exactly as mlx.core.quantize (mode "affine") lays out a [..., D] tensor: D * bits / 32
+//   uint32 words per row, element e of a row in bits [(e % (32 / bits)) * bits, +bits) of word e / (32 / bits);
+//   per group of group_size elements a scale and a bias of the attention dtype, x = q * scale + bias;
+// - fp8 e4m3 (one byte per element) times one fp32 descale per (sequence, KV head), as flash-attn 3.
+#define FC_KV_QUANTIZED 307
+enum KvCacheKind { KV_PLAIN = 0, KV_AFFINE = 1, KV_FP8_E4M3 = 2 };
+
+struct CacheFormat {
+  int64_t scale_strides[3];    // affine: [block, slot, head] of the scales and biases (elements; groups contiguous)
+  int32_t kind;                // KvCacheKind
+  int32_t bits;                // affine: 4 or 8
+  int32_t group_size;          // affine: 32, 64 or 128 elements per scale and bias
+  int32_t descale_seq_stride;  // fp8: the descale [B, Hkv] (fp32, contiguous) has this many entries per sequence
+};
+struct KvQuantParams {
+  CacheFormat k, v;
+};
+static_assert(sizeof(CacheFormat) == 40, "CacheFormat layout is shared by host and shader");
+static_assert(sizeof(KvQuantParams) == 80, "KvQuantParams layout is shared by host and shader");
+
+// Affine: the scales and biases; fp8: the descale in the scales slot (the biases slot is unused).
+#define DECODE_BUFFER_K_SCALES 14
+#define DECODE_BUFFER_K_BIASES 15
+#define DECODE_BUFFER_V_SCALES 16
+#define DECODE_BUFFER_V_BIASES 17
+#define DECODE_BUFFER_KV_QUANT 18      // KvQuantParams
+#define KV_WRITE_BUFFER_K_SCALES 7
+#define KV_WRITE_BUFFER_K_BIASES 8
+#define KV_WRITE_BUFFER_V_SCALES 9
+#define KV_WRITE_BUFFER_V_BIASES 10
+#define KV_WRITE_BUFFER_KV_QUANT 11

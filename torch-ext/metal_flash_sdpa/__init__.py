@@ -17,7 +17,8 @@ import torch
 
 from ._ops import add_op_namespace_prefix, ops
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write",
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write", "quantize_kv",
+           "dequantize_kv",
            "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_MAX_PARTITIONS",
            "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS", "BACKWARD_BLOCK_Q", "BACKWARD_BLOCK_K",
            "BACKWARD_TILE_QUERIES"]
@@ -172,14 +173,68 @@ def flash_attn_func(
     return (out, lse, None) if return_attn_probs else out
 
 
+def quantize_kv(x: torch.Tensor, bits: int = 4, group_size: int = 64):
+    """Affine group quantization of x [..., D] (fp16, bf16, fp32) over groups of group_size (32, 64, 128) elements
+    of the last dim, bits 4 or 8: returns (packed uint32 [..., D * bits / 32], scales, biases [..., D / group_size]
+    in x's dtype), bit for bit what `mlx.core.quantize(x, group_size, bits)` (mode "affine") returns. Runs the
+    KV write kernel (the one that quantizes appended tokens), so it is the cache format exactly."""
+    _check_tensors(x=x)
+    return ops.quantize_kv(x, _to_int(bits, "bits"), _to_int(group_size, "group_size"))
+
+
+def dequantize_kv(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int = 4,
+                  group_size: int = 64) -> torch.Tensor:
+    """The inverse of quantize_kv: code * scale + bias in the scales' dtype, rounded after the product and after
+    the sum, bit for bit `mlx.core.dequantize` (mode "affine") on its CPU stream. Plain torch ops (a utility and
+    the tests' reference: the decode kernel dequantizes inside its K/V tile loads)."""
+    _check_tensors(packed=packed, scales=scales, biases=biases)
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if packed.dtype != torch.uint32:
+        raise TypeError(f"packed must be torch.uint32 words (from quantize_kv), got {packed.dtype}")
+    dim = packed.shape[-1] * 32 // bits if packed.dim() else 0
+    expected = (*packed.shape[:-1], dim // group_size) if group_size and dim % group_size == 0 else None
+    for name, t in (("scales", scales), ("biases", biases)):
+        if expected is None or tuple(t.shape) != expected or not t.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of shape [..., D / group_size] = {expected} for packed of "
+                             f"shape {tuple(packed.shape)}, bits={bits}, group_size={group_size}; got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    codes = (packed.view(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    groups = codes.flatten(-2).to(scales.dtype).unflatten(-1, (dim // group_size, group_size))
+    return (groups * scales.unsqueeze(-1) + biases.unsqueeze(-1)).flatten(-2)
+
+
+def _kv_quant_args(k_scales, k_biases, v_scales, v_biases, kv_bits, kv_group_size, k_descale, v_descale) -> tuple:
+    """The quantized-cache arguments as the ops take them: kv_bits is one int for K and V or (k_bits, v_bits)."""
+    _check_tensors(k_scales=k_scales, k_biases=k_biases, v_scales=v_scales, v_biases=v_biases, k_descale=k_descale,
+                   v_descale=v_descale)
+    if kv_bits is None:
+        k_bits = v_bits = 0
+    elif isinstance(kv_bits, (tuple, list)) and len(kv_bits) == 2:
+        k_bits, v_bits = (_to_int(b, "kv_bits") for b in kv_bits)
+    else:
+        k_bits = v_bits = _to_int(kv_bits, "kv_bits")
+    return (k_scales, k_biases, v_scales, v_biases, k_bits, v_bits, _to_int(kv_group_size, "kv_group_size"),
+            k_descale, v_descale)
+
+
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   block_table: torch.Tensor, cache_seqlens) -> None:
+                   block_table: torch.Tensor, cache_seqlens, *, k_scales: Optional[torch.Tensor] = None,
+                   k_biases: Optional[torch.Tensor] = None, v_scales: Optional[torch.Tensor] = None,
+                   v_biases: Optional[torch.Tensor] = None, kv_bits=None, kv_group_size: int = 64,
+                   k_descale: Optional[torch.Tensor] = None, v_descale: Optional[torch.Tensor] = None) -> None:
     """Write new keys/values k, v [B, n, Hkv, D] into a paged cache [num_blocks, block_size, Hkv, D] in place,
     token i of sequence b at position cache_seqlens[b] + i through block_table [B, max_blocks] (int32), in one
     dispatch. With data checks on (see the README's input contract), positions beyond the table or blocks outside
-    the cache raise ValueError and nothing is written; with them off, such tokens are dropped."""
+    the cache raise ValueError and nothing is written; with them off, such tokens are dropped.
+
+    Quantized caches (see flash_attn_with_kvcache) take the same keyword arguments; the rows are quantized on write
+    (each affine group's scale and bias written beside it, exactly as quantize_kv would make them)."""
     _check_tensors(k=k, v=v, k_cache=k_cache, v_cache=v_cache, block_table=block_table)
-    ops.kv_cache_write(k, v, k_cache, v_cache, block_table, _seqlens(cache_seqlens, k.device))
+    ops.kv_cache_write(k, v, k_cache, v_cache, block_table, _seqlens(cache_seqlens, k.device),
+                       *_kv_quant_args(k_scales, k_biases, v_scales, v_biases, kv_bits, kv_group_size, k_descale,
+                                       v_descale))
 
 
 def flash_attn_with_kvcache(
@@ -203,6 +258,14 @@ def flash_attn_with_kvcache(
     num_splits: int = 0,
     return_softmax_lse: bool = False,
     s_aux: Optional[torch.Tensor] = None,
+    k_scales: Optional[torch.Tensor] = None,
+    k_biases: Optional[torch.Tensor] = None,
+    v_scales: Optional[torch.Tensor] = None,
+    v_biases: Optional[torch.Tensor] = None,
+    kv_bits=None,
+    kv_group_size: int = 64,
+    k_descale: Optional[torch.Tensor] = None,
+    v_descale: Optional[torch.Tensor] = None,
 ):
     """Attention of new queries against a KV cache (flash-attn 2 `flash_attn_with_kvcache`), Flash-Decoding.
 
@@ -214,6 +277,12 @@ def flash_attn_with_kvcache(
     (enough partitions to fill the GPU's cores; see README "Decode"), 1 = no split, n = n partitions; at most DECODE_MAX_PARTITIONS and
     DECODE_SCRATCH_BYTES of scratch either way. Returns out [B, Sq, H, D], or (out, lse [B, H, Sq])
     with return_softmax_lse. Rotary embedding is not applied here: pass rotated q/k.
+
+    Quantized caches, dequantized inside the kernel (k and v independently): torch.uint32 words [..., Hkv,
+    D * bits / 32] with kv_bits (4 or 8; an int or (k_bits, v_bits)), kv_group_size (32, 64, 128) and
+    k_scales / k_biases (v_...) [..., Hkv, D / kv_group_size] in q's dtype -- the layout of quantize_kv and of
+    mlx.core.quantize; or fp8 e4m3 (torch.float8_e4m3fn, or a uint8 view) with k_descale / v_descale fp32
+    [B, Hkv] (flash-attn 3: the cache holds x / descale). New k, v (q's dtype) are quantized as they are appended.
     """
     scale = _softmax_scale(q, 0.0, softmax_scale)
     if rotary_cos is not None or rotary_sin is not None:
@@ -228,7 +297,9 @@ def flash_attn_with_kvcache(
     # One op appends k/v and attends: it checks everything first, so a rejected call writes nothing.
     out, lse = ops.flash_attn_decode(q, k_cache, v_cache, k, v, block_table, cache_batch_idx, cached, cache_leftpad,
                                      _to_int(num_splits, "num_splits"), scale, bool(causal), left, right,
-                                     float(softcap or 0.0), alibi_slopes, s_aux)
+                                     float(softcap or 0.0), alibi_slopes, s_aux,
+                                     *_kv_quant_args(k_scales, k_biases, v_scales, v_biases, kv_bits, kv_group_size,
+                                                     k_descale, v_descale))
     return (out, lse) if return_softmax_lse else out
 
 

@@ -1,0 +1,213 @@
+// Quantized K/V caches (params.h: CacheFormat): the quantization rules, shared by the KV write (quantizes rows on
+// the way in) and the decode kernel (dequantizes whole tiles while copying them into threadgroup memory, so the
+// attention math after the copy is the unquantized kernel's).
+#pragma once
+#include <metal_stdlib>
+
+#include "kv_tile.h"
+#include "params.h"
+using namespace metal;
+
+constant bool kv_quantized [[function_constant(FC_KV_QUANTIZED)]];
+
+// Row offsets of a tile's keys, mapped once per tile (-1: no key).
+struct TableRows {
+    const threadgroup int64_t* offset;
+    int64_t operator()(uint row) const { return offset[row]; }
+};
+
+// A cache's format in registers (plain unless FC_KV_QUANTIZED: the params are then not read).
+METAL_FUNC CacheFormat cache_format(constant const CacheFormat& format) {
+    CacheFormat thread_copy{};
+    if (kv_quantized) thread_copy = format;
+    return thread_copy;
+}
+
+// Bytes of one cache element (the unit of the cache's strides): T, a uint32 word of packed groups, an fp8 byte.
+template <typename T>
+METAL_FUNC int64_t cache_element_bytes(int kind) {
+    return kind == KV_AFFINE ? 4 : kind == KV_FP8_E4M3 ? 1 : int64_t(sizeof(T));
+}
+
+// ---------------------------------------------------------------------------------------------------- affine
+struct AffineGroup {
+    float scale, bias;
+};
+
+// mlx.core.quantize's affine rule (mode "affine"), in fp32 with IEEE division: the step covers [min, max] in
+// 2^bits - 1 bins, its sign is chosen so the edge of larger magnitude sits on a whole number of steps q0, and when
+// q0 != 0 the step is refined to edge / q0 with the bias at that edge, so that edge is represented exactly
+// (otherwise, as for a group of zeros, bias 0). A constant group gets the 1e-7 step floor.
+METAL_FUNC AffineGroup affine_group(float lo, float hi, float bins) {
+    const bool low_edge = fabs(lo) > fabs(hi);
+    const float step = max((hi - lo) / bins, 1e-7f);
+    const float scale = low_edge ? step : -step;
+    const float edge = low_edge ? lo : hi;
+    const float q0 = rint(edge / scale);
+    return q0 != 0.0f ? AffineGroup{edge / q0, edge} : AffineGroup{scale, 0.0f};
+}
+
+// One row of head_dim elements (a multiple of 32) quantized by one simdgroup: lane l holds element 32 i + l of
+// each 32-element stripe, a group's min / max is a simdgroup reduction, and the lanes of one word OR their
+// shifted codes together (butterfly), its first lane storing the word. Groups span whole stripes (group_size >= 32).
+template <typename T>
+METAL_FUNC void quantize_row(const device T* src, device uint* words, device T* scales, device T* biases,
+                             int head_dim, int bits, int group_size, ushort lane) {
+    constexpr int MAX_GROUP_STRIPES = 128 / 32;
+    const float bins = float((1 << bits) - 1);
+    const int per_word = 32 / bits;
+    for (int g0 = 0, group = 0; g0 < head_dim; g0 += group_size, ++group) {
+        float x[MAX_GROUP_STRIPES];
+        float lo = FLT_MAX, hi = -FLT_MAX;
+        for (int s = 0; s < group_size / 32; ++s) {
+            x[s] = float(src[g0 + s * 32 + lane]);
+            lo = min(lo, x[s]);
+            hi = max(hi, x[s]);
+        }
+        const AffineGroup a = affine_group(simd_min(lo), simd_max(hi), bins);
+        for (int s = 0; s < group_size / 32; ++s) {
+            const uint code = uint(clamp(rint((x[s] - a.bias) / a.scale), 0.0f, bins));
+            uint word = code << ((lane % per_word) * bits);
+            for (ushort m = 1; m < ushort(per_word); m <<= 1) word |= simd_shuffle_xor(word, m);
+            if (lane % per_word == 0) words[(g0 + s * 32 + lane) / per_word] = word;
+        }
+        if (lane == 0) {
+            scales[group] = T(a.scale);
+            biases[group] = T(a.bias);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------- fp8 e4m3
+// e4m3fn (no infinities, 0x7F / 0xFF NaN, largest finite 448) -> float, through half's bit layout: the 4 exponent
+// and 3 mantissa bits shifted into a half give the value times 2^-8 (subnormals included).
+METAL_FUNC float e4m3_to_float(uint byte) {
+    const float magnitude = float(as_type<half>(ushort((byte & 0x7Fu) << 7))) * 256.0f;
+    const float value = (byte & 0x80u) ? -magnitude : magnitude;
+    return (byte & 0x7Fu) == 0x7Fu ? NAN : value;
+}
+
+// float -> e4m3fn, round to nearest even, as torch's .to(torch.float8_e4m3fn): magnitudes past 448 (infinities
+// included) saturate to +-448, NaN stays NaN (tested on its bits: fast math may assume no NaN).
+METAL_FUNC uchar float_to_e4m3(float x) {
+    const uint bits = as_type<uint>(x);
+    const uint sign = (bits >> 24) & 0x80u;
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return uchar(sign | 0x7Fu);
+    const float magnitude = fabs(x);
+    uint code;
+    if (magnitude >= 0.015625f) {   // normal (>= 2^-6): keep 3 mantissa bits, ties to even
+        const uint rounded = (bits & 0x7FFFFFFFu) + 0x7FFFFu + ((bits >> 20) & 1u);
+        code = min((((rounded >> 23) - 120u) << 3) | ((rounded >> 20) & 7u), 0x7Eu);
+    } else {                        // subnormal: multiples of 2^-9 (2^-6 itself rounds to the smallest normal)
+        code = uint(rint(magnitude * 512.0f));
+    }
+    return uchar(sign | code);
+}
+
+// ------------------------------------------------------------------------------------------ tile dequantization
+// One cache (K or V) as a decode threadgroup reads it: at its KV head, with the tile's row offsets (cache elements)
+// and, for affine caches, the row offsets of the scales and biases.
+template <typename T>
+struct CacheTile {
+    const device uchar* head;              // the cache at this KV head
+    const device T* scales;                // affine: at this KV head
+    const device T* biases;
+    const threadgroup int64_t* offset;     // per tile row (-1: no key)
+    const threadgroup int64_t* scale_offset;
+    int kind, bits, group_size;
+    float descale;                         // fp8
+};
+
+// code * scale + bias rounded to T after the product and after the sum, as mx.dequantize (and dequantize_kv)
+// compute it in T: the tile holds exactly the dequantized cache. (The product of a code and a half / bfloat scale
+// is exact in fp32.)
+template <typename T>
+METAL_FUNC T dequantize(uint code, float scale, float bias) {
+    return T(float(T(float(code) * scale)) + bias);
+}
+
+// A cache as the decode threadgroup of (seq, kv_head) reads it; head_stride in cache elements. Lane 0 of each
+// simdgroup reads the fp8 descale (uniform) and broadcasts it.
+template <typename T>
+METAL_FUNC CacheTile<T> cache_tile(const device uchar* cache, const device T* scales, const device T* biases,
+                                   const threadgroup int64_t* offset, const threadgroup int64_t* scale_offset,
+                                   CacheFormat format, int64_t head_stride, int seq, int kv_head, ushort lane) {
+    const bool fp8 = format.kind == KV_FP8_E4M3;
+    const float descale = simd_broadcast(
+        fp8 && lane == 0 ? reinterpret_cast<const device float*>(scales)[int64_t(seq) * format.descale_seq_stride + kv_head]
+                         : 1.0f, 0);
+    const int64_t scale_head = kv_head * format.scale_strides[STRIDE_HEAD];
+    return {cache + kv_head * head_stride * cache_element_bytes<T>(format.kind), scales + scale_head,
+            biases + scale_head, offset, scale_offset, format.kind, format.bits, format.group_size, descale};
+}
+
+// Affine: one work item per (row, group), so each scale and bias is read once per key; the group's packed words
+// arrive 16 bytes at a time (aligned rows, FC_KV_VECTOR) or a word at a time.
+template <typename T, int D, int BK, int LD, int BITS>
+METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr uint MASK = (1u << BITS) - 1u;
+    const int group_size = src.group_size, groups = D / group_size, group_words = group_size / PER_WORD;
+    const device uint* words = reinterpret_cast<const device uint*>(src.head);
+    for (uint i = tid; i < uint(BK * groups); i += threads) {
+        const uint row = i / uint(groups), group = i % uint(groups);
+        const int64_t offset = src.offset[row];
+        threadgroup T* out = tile + row * LD + group * group_size;
+        if (offset < 0) {
+            for (int e = 0; e < group_size; e += 4) *reinterpret_cast<threadgroup vec<T, 4>*>(out + e) = vec<T, 4>(0);
+            continue;
+        }
+        const int64_t scale_at = src.scale_offset[row] + group;
+        const float scale = float(src.scales[scale_at]), bias = float(src.biases[scale_at]);
+        const device uint* packed = words + offset + group * group_words;
+        // Four elements per threadgroup store (rows and groups start on multiples of 4 elements).
+        threadgroup vec<T, 4>* out4 = reinterpret_cast<threadgroup vec<T, 4>*>(out);
+        for (int w = 0; w < group_words; w += 4) {
+            const uint4 four = kv_vector ? *reinterpret_cast<const device uint4*>(packed + w)
+                                         : uint4(packed[w], packed[w + 1], packed[w + 2], packed[w + 3]);
+            for (int c = 0; c < 4; ++c) {
+                for (int e = 0; e < PER_WORD; e += 4) {
+                    vec<T, 4> values;
+                    for (int i = 0; i < 4; ++i) values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias);
+                    out4[((w + c) * PER_WORD + e) / 4] = values;
+                }
+            }
+        }
+    }
+}
+
+// fp8: one work item per 8 elements of a row (8 bytes, one load when the rows are aligned).
+template <typename T, int D, int BK, int LD>
+METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
+    constexpr int CHUNKS = D / 8;
+    for (uint i = tid; i < uint(BK * CHUNKS); i += threads) {
+        const uint row = i / CHUNKS, chunk = i % CHUNKS;
+        const int64_t offset = src.offset[row];
+        threadgroup vec<T, 4>* out4 = reinterpret_cast<threadgroup vec<T, 4>*>(tile + row * LD + chunk * 8);
+        const device uchar* bytes = src.head + offset + chunk * 8;
+        uint2 eight = uint2(0);
+        if (offset >= 0 && kv_vector) {
+            eight = *reinterpret_cast<const device uint2*>(bytes);
+        } else if (offset >= 0) {
+            for (int e = 0; e < 8; ++e) eight[e / 4] |= uint(bytes[e]) << ((e % 4) * 8);
+        }
+        for (int half_chunk = 0; half_chunk < 2; ++half_chunk) {
+            vec<T, 4> values;
+            for (int i = 0; i < 4; ++i) values[i] = T(e4m3_to_float((eight[half_chunk] >> (i * 8)) & 0xFFu) * src.descale);
+            out4[half_chunk] = values;
+        }
+    }
+}
+
+// A K or V tile into threadgroup memory as T, whatever the cache holds.
+template <typename T, int D, int BK, int LD>
+METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
+    if (!kv_quantized || src.kind == KV_PLAIN)
+        copy_kv_tile<T, D, BK, LD>(tile, reinterpret_cast<const device T*>(src.head), TableRows{src.offset}, tid, threads);
+    else if (src.kind == KV_FP8_E4M3)
+        dequantize_fp8_tile<T, D, BK, LD>(tile, src, tid, threads);
+    else if (src.bits == 4)
+        dequantize_affine_tile<T, D, BK, LD, 4>(tile, src, tid, threads);
+    else
+        dequantize_affine_tile<T, D, BK, LD, 8>(tile, src, tid, threads);
+}
