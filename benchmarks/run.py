@@ -348,38 +348,58 @@ def profile_main(args):
     records = []
     for c in progress(cases, "profile"):
         records += profile.profile_case(fa, lib, c)
-    rows = []
-    for ours, theirs in zip(records[::2], records[1::2]):   # ref: MLX, or our fp16 decode for quantized caches
-        row = dict(case=ours["case"], ref=theirs["kernel"])
+    if records:   # --cases may select training cases only
+        rows = []
+        for ours, theirs in zip(records[::2], records[1::2]):   # ref: MLX, or our fp16 decode for quantized caches
+            row = dict(case=ours["case"], ref=theirs["kernel"])
+            for gpu in cost_model.PREDICTED_GPUS:
+                row[f"ours_{gpu}_ms_model"], row[f"ref_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
+                row[f"ours/ref_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
+            for name, r in (("ours", ours), ("ref", theirs)):   # device bytes moved / the minimal DRAM bytes (issue 15: <= 1.05 x minimal)
+                row[f"{name}_bytes/min"] = r["device_bytes"] / r["minimal_bytes"]
+            row["ours_err"], row["ref_err"] = ours["max_abs_err"], theirs["max_abs_err"]
+            for name, record in (("ours", ours), ("ref", theirs)):   # residency inputs of the first (main) launch
+                c = record["launches"][0]["counters"]
+                row[f"{name}_tg_bytes/regs_est/resident"] = (f"{c['threadgroup_memory']}/{c.get('registers_per_thread', '-')}/"
+                                                            f"{cost_model.residency(c['threads_per_threadgroup'], c['threadgroup_memory'], c.get('registers_per_thread', 0))}")
+            rows.append(row)
+        table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs "
+              "the reference (ref: MLX, or our fp16 decode for quantized KV caches)")
+        def ratio(o, t, n):
+            a, b = o["counters"].get(n, 0), t["counters"].get(n, 0)
+            return a / b if b else (float("inf") if a else None)
+        names = sorted(n for n in {k for r in records for k in r["counters"]} - {"launches"} if any(r["counters"].get(n) for r in records))
+        counter_rows = [dict(counter=n, **{o["case"][:34]: ratio(o, t, n) for o, t in zip(records[::2], records[1::2])})
+                        for n in names]
+        table(counter_rows, list(counter_rows[0]), "ours / MLX per counter (executed lane-instructions; inf: MLX has none)")
+    training = [c for c in (profile.SMOKE_TRAINING_CASES if args.smoke else profile.TRAINING_CASES)
+                if not args.cases or args.cases in c["case"]]
+    backward_records, backward_rows = [], []
+    for c in progress(training, "profile backward"):
+        forward, backward = profile.profile_backward(fa, c)
+        backward_records += [forward, backward]
+        row = dict(case=c["case"])
         for gpu in cost_model.PREDICTED_GPUS:
-            row[f"ours_{gpu}_ms_model"], row[f"ref_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
-            row[f"ours/ref_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
-        for name, r in (("ours", ours), ("ref", theirs)):   # device bytes moved / the minimal DRAM bytes (issue 15: <= 1.05 x minimal)
-            row[f"{name}_bytes/min"] = r["device_bytes"] / r["minimal_bytes"]
-        row["ours_err"], row["ref_err"] = ours["max_abs_err"], theirs["max_abs_err"]
-        for name, record in (("ours", ours), ("ref", theirs)):   # residency inputs of the first (main) launch
-            c = record["launches"][0]["counters"]
-            row[f"{name}_tg_bytes/regs_est/resident"] = (f"{c['threadgroup_memory']}/{c.get('registers_per_thread', '-')}/"
-                                                        f"{cost_model.residency(c['threads_per_threadgroup'], c['threadgroup_memory'], c.get('registers_per_thread', 0))}")
-        rows.append(row)
-    table(rows, list(rows[0]), "PROFILE MODEL (predicted from simulator instruction counts, NOT a timing): ours vs "
-          "the reference (ref: MLX, or our fp16 decode for quantized KV caches)")
-    def ratio(o, t, n):
-        a, b = o["counters"].get(n, 0), t["counters"].get(n, 0)
-        return a / b if b else (float("inf") if a else None)
-    names = sorted(n for n in {k for r in records for k in r["counters"]} - {"launches"} if any(r["counters"].get(n) for r in records))
-    counter_rows = [dict(counter=n, **{o["case"][:34]: ratio(o, t, n) for o, t in zip(records[::2], records[1::2])})
-                    for n in names]
-    table(counter_rows, list(counter_rows[0]), "ours / MLX per counter (executed lane-instructions; inf: MLX has none)")
-    calibration = None if args.smoke else profile.calibrate(fa, lib)
+            row[f"forward_{gpu}_ms_model"], row[f"backward_{gpu}_ms_model"] = (r["predicted_ms"][gpu] for r in (forward, backward))
+            row[f"backward/forward_{gpu}"] = backward["predicted_ms"][gpu] / forward["predicted_ms"][gpu]
+        row["mma backward/forward"] = (backward["counters"]["matrix_multiply_accumulate"]
+                                       / forward["counters"]["matrix_multiply_accumulate"])
+        row["forward_err"], row["grad_err"] = forward["max_abs_err"], backward["max_abs_err"]
+        backward_rows.append(row)
+    if backward_rows:
+        table(backward_rows, list(backward_rows[0]), "PROFILE MODEL, training: our backward vs our forward "
+              "(predicted from simulator instruction counts, NOT a timing; issue 18 goal: backward/forward <= 2.5)")
+    calibration = None if args.smoke or not records else profile.calibrate(fa, lib)
     if calibration:
         print(f"calibration (MODEL vs published MLX): {calibration}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile.json").write_text(json.dumps(records, indent=1))
+    (args.out / "profile_backward.json").write_text(json.dumps(backward_records, indent=1))
     (args.out / "profile_model.json").write_text(json.dumps(dict(
         note="predicted_ms are a MODEL from executed-instruction counts, not timings", sources=cost_model.sources(),
         calibration=calibration), indent=1))
-    plot_profile(records, args.out)
+    if records:
+        plot_profile(records, args.out)
     print(f"profile: {args.out / 'profile.json'}, {args.out / 'profile_model.json'}, {args.out / 'profile.png'}")
     return records
 
