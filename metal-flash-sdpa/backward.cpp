@@ -134,7 +134,7 @@ BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   params->uniform_seqlen_k = int32_t(pb.uniform_seqlen_k);
   params->has_dlse = pb.has_dlse;
 
-  const int64_t tile_queries = BACKWARD_TILE_QUERIES(t.dtype == ElementType::Float32 ? 4 : 2, t.head_dim);
+  const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_bytes(t.dtype), t.head_dim);
   return {backward_launch("attention_backward_dq", pb, pb.grid_seqlen_q, BACKWARD_BLOCK_Q, t.num_heads,
                           kv_vector_constant(t)),
           backward_launch("attention_backward_dkv", pb, pb.grid_seqlen_k, BACKWARD_BLOCK_K, t.num_kv_heads,

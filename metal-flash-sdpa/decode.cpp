@@ -48,8 +48,6 @@ int64_t scratch_bytes_per_partition(const AttentionTensors& t, int64_t seqlen_q)
   return t.num_seqs * t.num_heads * seqlen_q * (t.head_dim + 2) * int64_t(sizeof(float));
 }
 
-int64_t element_bytes(ElementType dtype) { return dtype == ElementType::Float32 ? 4 : 2; }
-
 // Query rows per KV head (its heads x the new tokens), and how a threadgroup takes them.
 struct DecodeRows {
   int64_t chunks;                   // threadgroups per (sequence, KV head, partition)

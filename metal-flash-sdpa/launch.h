@@ -13,6 +13,7 @@
 namespace metal_flash_sdpa {
 
 enum class ElementType { Float32, Float16, BFloat16 };
+inline int64_t element_bytes(ElementType dtype) { return dtype == ElementType::Float32 ? 4 : 2; }
 
 struct FunctionConstant {   // one MTLFunctionConstantValues entry (all ours are bools)
   int32_t index;
