@@ -36,21 +36,24 @@ SHIM_FLAGS = [
 # Every object carries each kernel twice: with exact numerics (fp32 stays fp32, no contraction, libm-accurate
 # transcendentals) and with GPU numerics, as Apple's compiler builds by default with fast math: `a*b+c`
 # may fuse into an FMA, division may use a reciprocal, and transcendentals err by the fast-math bounds
-# (shim.h). A launch picks the GPU twin when asked (MSLSIM_GPU_NUMERICS=1, or gpu_numerics=True).
+# (shim.h). The GPU twin also profiles: line tables to tell kernel code from the shim's, no loop vectorisation
+# (GPU lanes are scalar; SLP still merges adjacent loads into wide ones as Apple's compiler does), and a
+# per-block instruction-mix counter (ir_mix.py), whose counts a launch returns when it profiles. A launch runs
+# the GPU twin when asked for GPU numerics (MSLSIM_GPU_NUMERICS=1, or gpu_numerics=True) or a profile
+# (MSLSIM_PROFILE=1, or profile=1); the exact twin, the default, carries no counters. (One twin for both: a
+# third compile of every kernel cost a third of the build for a few percent of GPU-numerics simulation speed.)
 EXACT_NUMERICS_FLAGS = ["-ffp-contract=off"]
-GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1"]   # -mfma: contraction needs the instruction
-# A third twin profiles (a launch with profile=1 or MSLSIM_PROFILE=1): GPU numerics as Apple compiles, line tables
-# to tell kernel code from the shim's, no loop vectorisation (GPU lanes are scalar; SLP still merges adjacent
-# loads into wide ones as Apple's compiler does), and a per-block instruction-mix counter (ir_mix.py). The
-# exact and GPU twins are untouched, so normal simulation speed is unchanged.
-PROFILE_FLAGS = [*GPU_NUMERICS_FLAGS, "-DMSLSIM_PROFILE=1", "-gline-tables-only", "-fno-vectorize"]
+GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1",   # -mfma: contraction needs the instruction
+                      "-gline-tables-only", "-fno-vectorize"]
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
 # -fno-builtin keeps loops from becoming untraced memcpy calls.
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
 OPT_FLAGS = ["-O2"]
-# Code generation of kernel code: no tail merging, which would fold two calls of one barrier from different
-# branches into one call (the runtime tells them apart by return address).
-CODEGEN_FLAGS = ["-fPIC", *OPT_FLAGS, "-mllvm", "-enable-tail-merge=false"]
+# Code generation of kernel code from the IR the first stage already optimised (-O2): no second run of the
+# optimisation pipeline (it changed next to nothing and cost ~30% of the build), and no tail merging, which would
+# fold two calls of one barrier from different branches into one call (the runtime tells them apart by return
+# address).
+CODEGEN_FLAGS = ["-fPIC", *OPT_FLAGS, "-Xclang", "-disable-llvm-optzns", "-mllvm", "-enable-tail-merge=false"]
 RUNTIME_FLAGS = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-omit-frame-pointer", *OPT_FLAGS]
 # Memory intrinsics (whole-struct copies, array fills) escape the load/store tracing: the kernel's LLVM IR
 # is rewritten to call the runtime's traced versions instead.
@@ -364,7 +367,7 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS + PROFILE_FLAGS), str(source),
+    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
                           text]).encode())[:20]
 
     def produce(tmp: Path) -> Path:
@@ -372,11 +375,11 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
         cpp = tmp / f"{source.stem}.cpp"
         cpp.write_text(text)
         twins = []
-        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS), ("profile", PROFILE_FLAGS)):
+        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
             ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
                             f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
             code = trace_memory_intrinsics(ir.read_text())
-            if name == "profile":
+            if name == "gpu":
                 code = instrument(code)
             ir.write_text(code if name == "exact" else internalize(code))
             twins.append(str(compile_to(tmp / f"{name}.o", [cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir)],

@@ -1,7 +1,7 @@
 """Per-basic-block instruction mix of a kernel's LLVM IR, and the instrumentation that counts it at run time.
 
-The profiling twin of a kernel (build.py) is compiled with line tables; every basic block that holds kernel
-arithmetic gets a call `mslsim_profile_block(@mix)` at its top, where @mix is the block's count of
+The GPU-numerics twin of a kernel (build.py), which also profiles, is compiled with line tables; every basic
+block that holds kernel arithmetic gets a call `mslsim_profile_block(@mix)` at its top, where @mix is the block's count of
 instructions per class (MSLSIM_ARITHMETIC_CLASSES in runtime.h). Executed arithmetic = block executions x mix,
 exact for the IR that runs. The mix is LLVM-IR-level after clang -O2 for x86-64 (loop vectorisation off):
 an approximation of what Apple's compiler emits, not Apple's ISA. Rules:

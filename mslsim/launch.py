@@ -165,7 +165,7 @@ class Library:
         missing barriers; check_threadgroup: detect races (threadgroup and device memory inside a threadgroup)
         and uninitialised threadgroup reads; gpu_numerics: run the GPU-numerics twins (FMA contraction, fast-math
         error bounds; also chosen for every launch by the environment variable MSLSIM_GPU_NUMERICS=1);
-        profile: run the profiling twins (GPU numerics) and return executed-instruction counts in `.profile`
+        profile: run the GPU-numerics twins and return their executed-instruction counts in `.profile`
         (also chosen by MSLSIM_PROFILE=1); only_threadgroups: run only these threadgroups (linear ids
         x + X * (y + Y * z), see threadgroup_ids), the others write nothing (also MSLSIM_THREADGROUPS="id,id,...").
         """

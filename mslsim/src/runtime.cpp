@@ -63,8 +63,8 @@ __asm__(
 // Filled by static initialisers of the kernel translation units: plain zero-initialised arrays.
 struct KernelEntry { const char* name; void (*entry)(); };
 struct ConstantEntry { int index, type; void* value; bool* defined; const char* name; };
-static KernelEntry g_kernels[3][256];   // [0]: exact numerics, [1]: GPU-numerics twins, [2]: profiling twins
-static int g_num_kernels[3];
+static KernelEntry g_kernels[2][256];   // [0]: exact numerics, [1]: GPU-numerics twins (which also profile)
+static int g_num_kernels[2];
 static ConstantEntry g_constants[256];
 static int g_num_constants;
 static const char* g_counter_names[MSLSIM_MAX_COUNTERS];
@@ -641,7 +641,7 @@ extern "C" __attribute__((visibility("hidden"))) void mslsim_memcpy(void* dst, c
   }
   memmove(dst, src, n);
 }
-// Called at the top of every basic block of a profiling twin that holds kernel arithmetic (build.py): adds the
+// Called at the top of every basic block of a GPU twin that holds kernel arithmetic (build.py): adds the
 // block's instruction mix, one count per MSLSIM_ARITHMETIC_CLASSES entry.
 extern "C" __attribute__((visibility("hidden"))) void mslsim_profile_block(const uint32_t* mix) {
   uint64_t* p = mslsim::rt::g_worker->stats.profile + MSLSIM_PROFILE_fp32;
@@ -828,7 +828,7 @@ static void run_threadgroup(Worker* w, uint3_ tg) {
 }
 
 static KernelEntry* g_entry;
-static bool profiling_twin(const KernelEntry* e) { return e && e >= g_kernels[2] && e < g_kernels[2] + g_num_kernels[2]; }
+static bool g_profiling;   // this launch profiles (it runs the GPU twins)
 static void fiber_main(Fiber* f) {
   Worker* w = g_worker;
   g_entry->entry();
@@ -983,7 +983,8 @@ static int env_flag(int32_t value, const char* name) {
 
 static int validate(const MslsimLaunch* L, char* err, size_t n) {
   g_entry = nullptr;
-  const int numerics = env_flag(L->profile, "MSLSIM_PROFILE") ? 2 : env_flag(L->gpu_numerics, "MSLSIM_GPU_NUMERICS");
+  g_profiling = env_flag(L->profile, "MSLSIM_PROFILE");
+  const int numerics = g_profiling || env_flag(L->gpu_numerics, "MSLSIM_GPU_NUMERICS");
   for (int i = 0; i < g_num_kernels[numerics]; i++)
     if (!strcmp(g_kernels[numerics][i].name, L->kernel)) g_entry = &g_kernels[numerics][i];
   if (!g_entry) {
@@ -1038,7 +1039,7 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
       w->id = i;
       w->failed = false;
       w->check = L->check_threadgroup != 0;
-      w->profiling = profiling_twin(g_entry);
+      w->profiling = g_profiling;
       w->matrix_kind = 0;
       w->stats = MslsimStats{};
       w->rng = 0x9E3779B97F4A7C15ull * (L->seed + 1 + i);
@@ -1068,7 +1069,8 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
           stats->device_bytes_written[b] += s.device_bytes_written[b];
         }
         for (int c = 0; c < MSLSIM_MAX_COUNTERS; c++) stats->counters[c] += s.counters[c];
-        for (int c = 0; c < MSLSIM_NUM_PROFILE_COUNTERS; c++) stats->profile[c] += s.profile[c];
+        // A GPU-numerics launch that does not profile runs the same counting twin: its counts are not reported.
+        for (int c = 0; c < MSLSIM_NUM_PROFILE_COUNTERS && g_profiling; c++) stats->profile[c] += s.profile[c];
         if (s.threadgroup_memory_peak > stats->threadgroup_memory_peak)
           stats->threadgroup_memory_peak = s.threadgroup_memory_peak;
         if (g_workers[i].failed && !rc) {
@@ -1080,7 +1082,7 @@ int mslsim_dispatch(const MslsimLaunch* L, MslsimStats* stats, char* err, size_t
     unmap_window(rc == 0);
   }
   stats->num_counters = g_num_counters;
-  stats->profiled = profiling_twin(g_entry);
+  stats->profiled = g_profiling;
   stats->threads_per_threadgroup = L->threads[0] * L->threads[1] * L->threads[2];
   g_launch = nullptr;
   pthread_mutex_unlock(&g_dispatch_lock);

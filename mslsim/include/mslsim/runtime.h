@@ -16,7 +16,7 @@
 #define MSLSIM_MAX_THREADGROUP_MEMORY 32768   // Metal: maxThreadgroupMemoryLength on Apple GPUs
 #define MSLSIM_API extern "C" __attribute__((visibility("default")))
 
-// Profile counters (a launch with profile=1 runs each kernel's profiling twin, see build.py). Every count is per
+// Profile counters (a launch with profile=1 runs each kernel's GPU-numerics twin, which counts; see build.py). Every count is per
 // GPU thread (a lane): an instruction a full simdgroup executes counts 32. Memory instructions by access width
 // (bytes; "other": whole-struct copies and fills), counted from the traced loads and stores (loads from buffers
 // bound to `constant` kernel arguments count as constant loads, not device loads); the accesses a
@@ -76,7 +76,7 @@ struct MslsimLaunch {
   uint32_t seed;              // for MSLSIM_RANDOM
   int32_t check_threadgroup;  // 1: detect races (threadgroup and device memory) and uninitialised threadgroup reads
   int32_t gpu_numerics;       // 1: run the kernels' GPU-numerics twins (also chosen by MSLSIM_GPU_NUMERICS=1)
-  int32_t profile;            // 1: run the profiling twins (GPU numerics, counted) and fill MslsimStats.profile
+  int32_t profile;            // 1: run the GPU-numerics twins and fill MslsimStats.profile with their counts
                               //    (also chosen by MSLSIM_PROFILE=1)
   // Run only these threadgroups (linear ids x + X * (y + Y * z)); the others are skipped and write nothing.
   // NULL: the whole grid, or the ids listed (comma-separated) in the environment variable MSLSIM_THREADGROUPS.
@@ -96,7 +96,7 @@ struct MslsimStats {
   uint32_t threadgroup_memory_peak;  // bytes of threadgroup memory one threadgroup used
   uint32_t num_counters;
   uint64_t counters[MSLSIM_MAX_COUNTERS];  // named work counters (names: mslsim_counter_name)
-  uint32_t profiled;                       // 1: the profiling twins ran and `profile` holds their counts
+  uint32_t profiled;                       // 1: the launch profiled and `profile` holds the counts
   uint32_t threads_per_threadgroup;
   uint64_t profile[MSLSIM_NUM_PROFILE_COUNTERS];   // MslsimProfileCounter (names: mslsim_profile_counter_name)
 };
@@ -163,7 +163,7 @@ int register_function_constant(int index, int type, void* value, bool* defined, 
 uint64_t launch_serial();   // changes with every launch: per-pipeline values are recomputed per launch
 void note_atomic(const void* address, size_t bytes);   // atomics are untraced; they report here
 int work_counter(const char* name);
-// Profiling twins only (shim.h): a matrix load/store's element accesses (between begin and end) count as one
+// GPU twins only (shim.h): a matrix load/store's element accesses (between begin and end) count as one
 // matrix instruction; the other operations count themselves.
 void profile_matrix_access(int kind);   // kind: 1 load, 2 store, 0 end
 void profile_count(int counter);

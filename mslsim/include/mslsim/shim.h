@@ -344,8 +344,9 @@ MSLSIM_LIMITS(bfloat, 0x0080, 0x7F7F, 0x3C00)
 // Functions that reach the runtime's barriers and SIMD-group exchange are always inlined: the runtime
 // identifies a call by its file:line and the out-of-line calls above it (see call_path in runtime.cpp).
 #define MSLSIM_SYNC inline __attribute__((always_inline))
-// Profiling twins (-DMSLSIM_PROFILE) count the operations the shim implements; other builds compile nothing.
-#ifdef MSLSIM_PROFILE
+// The GPU twins (-DMSLSIM_GPU_NUMERICS) also profile: they count the operations the shim implements; the exact
+// twins compile nothing.
+#ifdef MSLSIM_GPU_NUMERICS
 #define MSLSIM_PROFILE_COUNT(counter) mslsim::rt::profile_count(MSLSIM_PROFILE_##counter)
 #define MSLSIM_MATRIX_ACCESS(kind) mslsim::rt::profile_matrix_access(kind)
 #else
@@ -845,9 +846,7 @@ template <class T, class F> struct DerivedConstant {
   T& name = mslsim::threadgroup_variable<T>(&mslsim_key_##name, #name)
 #define MSLSIM_CAT_(a, b) a##b
 #define MSLSIM_CAT(a, b) MSLSIM_CAT_(a, b)
-#if defined(MSLSIM_PROFILE)
-#define MSLSIM_NUMERICS 2
-#elif defined(MSLSIM_GPU_NUMERICS)
+#if defined(MSLSIM_GPU_NUMERICS)
 #define MSLSIM_NUMERICS 1
 #else
 #define MSLSIM_NUMERICS 0
