@@ -299,6 +299,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def portable_key(text: str) -> str:
+    """Cache-key text with this checkout's root path replaced, so a copy of build/ into another checkout of the
+    same sources (a git worktree) hits the cache. The objects still name the files of the checkout that built them
+    in diagnostics; what they compute is the same, as the key covers every byte of the expanded source."""
+    return text.replace(str(REPO_ROOT), "<checkout>")
+
+
 def _run(cmd, what):
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -307,7 +314,8 @@ def _run(cmd, what):
 
 
 def _toolchain_key(cxx: str) -> str:
-    parts = [_compiler_identity(cxx), " ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS), _TRACED_INTRINSICS]
+    parts = [_compiler_identity(cxx), portable_key(" ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS)),
+             _TRACED_INTRINSICS]
     for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE, PACKAGE_DIR / "ir_mix.py"]:
         if p.is_file():
             parts.append(p.name + _sha(p.read_bytes()))
@@ -367,8 +375,8 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
     toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
-    key = _sha("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
-                          text]).encode())[:20]
+    key = _sha(portable_key("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
+                                       text])).encode())[:20]
 
     def produce(tmp: Path) -> Path:
         from .ir_mix import instrument

@@ -69,7 +69,7 @@ def torch_flags(extension: str) -> list[str]:
 
 
 def compile_cpp(cxx: str, source: Path, flags: list[str], headers_key: str) -> Path:
-    key = _sha("\n".join([cxx, " ".join(flags), headers_key, source.read_text()]).encode())[:20]
+    key = _sha(mslsim_build.portable_key("\n".join([cxx, " ".join(flags), headers_key, source.read_text()])).encode())[:20]
     return mslsim_build.cached_build(source.stem, key, ".o", lambda tmp: mslsim_build.compile_to(
         tmp / f"{source.stem}.o", [cxx, *flags, "-c", str(source)], f"compiling {source.relative_to(REPO)}"),
         cache_dir=OBJECT_CACHE)
