@@ -80,6 +80,13 @@ def test_constant_arguments_count_as_constant_loads(lib, kernel):
 def test_profile_is_opt_in(lib):
     a, c = np.arange(64, dtype=np.float32), np.zeros(65, np.float32)
     assert lib.dispatch("matrix", 1, 32, {0: a, 1: c}).profile == {}
+    # GPU numerics run the twin that counts (build.py): it reports nothing unless asked, and computes what the
+    # profiled launch computes.
+    gpu = np.zeros(65, np.float32)
+    assert lib.dispatch("matrix", 1, 32, {0: a, 1: gpu}, gpu_numerics=True).profile == {}
+    profiled = np.zeros(65, np.float32)
+    assert lib.dispatch("matrix", 1, 32, {0: a, 1: profiled}, profile=True).profile["matrix_multiply_accumulate"] > 0
+    np.testing.assert_array_equal(gpu, profiled)
 
 
 def test_classes_come_from_the_runtime_header(lib):
