@@ -207,9 +207,7 @@ template <typename T, int D>
                                               p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
-    const PagedLayout cache{block_table + int64_t(seq) * p.blocks_per_seq, p.block_size, p.num_blocks,
-                            p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN],
-                            p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
+    const PagedLayout cache = paged_layout(p, block_table, seq);
 
     for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -122,9 +122,7 @@ template <typename T, int D>
     // Paged: the caches at this KV head (tile rows come from the table); else the sequence's first key.
     const device T* k_head = k + element_offset(p.shape.k_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
     const device T* v_head = v + element_offset(p.shape.v_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
-    const PagedLayout cache{block_table + int64_t(seq) * p.blocks_per_seq, p.block_size, p.num_blocks,
-                            p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN],
-                            p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
+    const PagedLayout cache = paged_layout(p, block_table, seq);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);

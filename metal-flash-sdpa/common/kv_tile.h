@@ -64,6 +64,16 @@ struct PagedLayout {
     int64_t k_block_stride, k_slot_stride, v_block_stride, v_slot_stride;
 };
 
+// The layout of sequence seq's cache from the params of a paged kernel (DecodeParams, PrefillParams: block_size,
+// num_blocks, blocks_per_seq and the caches' {block, slot, head} strides).
+template <typename Params>
+METAL_FUNC PagedLayout paged_layout(constant Params& p, const device int* block_table, int seq) {
+    const FastDivisor block_size{p.block_size.multiplier, p.block_size.shift, p.block_size.divisor, 0};
+    return {block_table + int64_t(seq) * p.blocks_per_seq, block_size, p.num_blocks,
+            p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN],
+            p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
+}
+
 // Where the mapping lane's key lives: its block_table entry (as read, maybe invalid) and slot in the block.
 struct PagedKey {
     int entry, slot;
