@@ -207,36 +207,17 @@ template <typename T, int D>
                                               p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
-    const device int* table_row = block_table + int64_t(seq) * p.blocks_per_seq;
-    // The cache layout in registers: read from the constant params once, not once per tile.
-    const FastDivisor block_size = p.block_size;
-    const int num_blocks = p.num_blocks;
-    const int64_t k_block_stride = p.shape.k_strides[STRIDE_BATCH], k_slot_stride = p.shape.k_strides[STRIDE_TOKEN];
-    const int64_t v_block_stride = p.shape.v_strides[STRIDE_BATCH], v_slot_stride = p.shape.v_strides[STRIDE_TOKEN];
+    const PagedLayout cache = paged_layout(p, block_table, seq);
 
     for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (sg == 0) {   // simdgroup 0 maps the tile's keys (one per lane, BK <= 32) to cache slots
-            const int key = key0 + int(lane);
-            const int position = keys.kv_start + key;
-            const bool wanted = int(lane) < BK && key >= lo && key < hi;
-            const int block = fast_divide(position, block_size), slot = position - block * block_size.divisor;
-            // Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
-            const int first_lane = int(lane) - min(int(lane), slot);
-            const bool reads = int(lane) < BK && key < keys.count && first_lane == int(lane);
-            const int own_entry = reads ? table_row[block] : -1;
-            const int entry = simd_shuffle(own_entry, ushort(first_lane));
-            const bool exists = wanted && entry >= 0 && entry < num_blocks;
-            if (int(lane) < BK) {
-                k_offset[lane] = exists ? entry * k_block_stride + slot * k_slot_stride : -1;
-                v_offset[lane] = exists ? entry * v_block_stride + slot * v_slot_stride : -1;
-                if (kv_quantized) {
-                    k_scale_offset[lane] = entry * k_format.scale_strides[STRIDE_BATCH] + slot * k_format.scale_strides[STRIDE_TOKEN];
-                    v_scale_offset[lane] = entry * v_format.scale_strides[STRIDE_BATCH] + slot * v_format.scale_strides[STRIDE_TOKEN];
-                }
+        if (sg == 0) {   // simdgroup 0 maps the tile's keys (one per lane) to cache slots
+            const PagedKey key = map_paged_keys<BK>(cache, keys.kv_start, key0, lo, hi, keys.count, k_offset, v_offset,
+                                                    &tile_valid, lane);
+            if (kv_quantized && int(lane) < BK) {
+                k_scale_offset[lane] = key.entry * k_format.scale_strides[STRIDE_BATCH] + key.slot * k_format.scale_strides[STRIDE_TOKEN];
+                v_scale_offset[lane] = key.entry * v_format.scale_strides[STRIDE_BATCH] + key.slot * v_format.scale_strides[STRIDE_TOKEN];
             }
-            const uint valid = simd_or(exists ? 1u << lane : 0u);
-            if (lane == 0) tile_valid = valid;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         load_cache_tile<T, D, BK, LD>(tile, k_tile, tid, threads);

@@ -85,6 +85,36 @@ inline void check_distinct_write_slots(const int32_t* cached, const int32_t* ent
                       "; new tokens need distinct cache slots");
 }
 
+// The table entries of sequence seq's positions [first, end) (host copy `entries`) name blocks (rows) of the cache.
+inline void check_table_blocks(const int32_t* entries, int64_t seq, int64_t first, int64_t end, const CacheGeometry& g) {
+  for (int64_t b = first < end ? first / g.block_size : 1, last = first < end ? (end - 1) / g.block_size : 0;
+       b <= last; ++b) {   // no division when nothing is in use: a cache may have 0 slots per block
+    const int32_t block = entries[seq * g.blocks_per_seq + b];
+    if (g.table_is_batch_idx) {
+      TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "cache_batch_idx[", seq, "] = ", block,
+                        " is not a row of k_cache (0 <= row < ", g.num_blocks, ")");
+    } else {
+      TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "block_table[", seq, ", ", b, "] = ", block,
+                        " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
+    }
+  }
+}
+
+// Paged prefill: sequence seq reads keys at positions [0, key_counts[seq]) of its block_table row (counts_name: the
+// argument the counts come from). One host read of the table.
+inline void check_paged_keys(const std::vector<int64_t>& key_counts, const char* counts_name, const at::Tensor& table,
+                             const CacheGeometry& g) {
+  const at::Tensor host = host_ints(table);
+  const int32_t* entries = host.data_ptr<int32_t>();
+  for (int64_t seq = 0; seq < g.num_seqs; ++seq) {
+    TORCH_CHECK_VALUE(key_counts[seq] <= g.capacity(), "block_table is too narrow: ", counts_name, " gives sequence ",
+                      seq, " ", key_counts[seq], " keys, but a row of ", g.blocks_per_seq, " blocks x ", g.block_size,
+                      " slots holds ", g.capacity(), "; pass a table with at least ",
+                      g.block_size > 0 ? (key_counts[seq] + g.block_size - 1) / g.block_size : 0, " blocks per row");
+    check_table_blocks(entries, seq, 0, key_counts[seq], g);
+  }
+}
+
 // Data checks with one host read of each index tensor: for every sequence, the new tokens' slots
 // [cache_seqlens, cache_seqlens + new_tokens) and, when `attends`, the keys [kv_start, cache_seqlens +
 // new_tokens) lie inside the sequence's table row and in blocks of the cache. Returns the longest key range.
@@ -101,18 +131,7 @@ inline int64_t check_cache_indices(const CacheIndices& idx, int64_t new_tokens, 
                       g.table_is_batch_idx ? "k_cache.shape[1]" : "max_blocks x block_size", ")");
     const int64_t start = starts.defined() ? starts.data_ptr<int32_t>()[seq] : 0;
     TORCH_CHECK_VALUE(start >= 0 && start <= end, "cache_leftpad[", seq, "] = ", start, " must be in [0, ", end, "]");
-    const int64_t first = attends ? std::min<int64_t>(start, cached[seq]) : cached[seq];
-    for (int64_t b = first < end ? first / g.block_size : 1, last = first < end ? (end - 1) / g.block_size : 0;
-         b <= last; ++b) {   // no division when nothing is in use: a cache may have 0 slots per block
-      const int32_t block = entries[seq * g.blocks_per_seq + b];
-      if (g.table_is_batch_idx) {
-        TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "cache_batch_idx[", seq, "] = ", block,
-                          " is not a row of k_cache (0 <= row < ", g.num_blocks, ")");
-      } else {
-        TORCH_CHECK_VALUE(block >= 0 && block < g.num_blocks, "block_table[", seq, ", ", b, "] = ", block,
-                          " is not a block of the cache (0 <= block < ", g.num_blocks, ")");
-      }
-    }
+    check_table_blocks(entries, seq, attends ? std::min<int64_t>(start, cached[seq]) : cached[seq], end, g);
     if (attends) longest = std::max(longest, end - start);
   }
   check_distinct_write_slots(cached, entries, new_tokens, g);

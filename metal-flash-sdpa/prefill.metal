@@ -4,7 +4,9 @@
 // 32 query rows of one (sequence, head), each simdgroup 8 of them as 8x8 simdgroup_matrix fragments;
 // it strides over further query blocks if a sequence is longer than the grid, so an understated
 // max_seqlen_q can cost time but never drops rows. Inputs are strided views (head dim contiguous):
-// packed varlen [total, H, D] with cu_seqlens, or batched [B, S, H, D] with uniform lengths.
+// packed varlen [total, H, D] with cu_seqlens, or batched [B, S, H, D] with uniform lengths. With FC_PAGED_KV (varlen)
+// k/v are paged caches [num_blocks, block_size, Hkv, D] read in place through block_table: per tile, simdgroup 0
+// maps the band's keys to cache slots (kv_tile.h, as the decode kernel does) and the copies read those rows only.
 // K and V tiles of BK keys stream through threadgroup memory (attention_tile.h does the math). The K
 // loop visits only the key blocks that intersect the causal/window band of the query block, so the
 // work is O(n * window). Every row of out and lse is written by this kernel, also the rows of tokens that
@@ -21,17 +23,23 @@ using namespace metal;
 
 constant bool align_q [[function_constant(FC_ALIGN_Q)]];
 constant bool align_k [[function_constant(FC_ALIGN_K)]];
+constant bool paged_kv [[function_constant(FC_PAGED_KV)]];
 
-// Row offsets of keys [key0, key0 + BK) from the tile's first key; rows past the sequence are missing.
-struct PrefillRows {
-    int rows;              // rows that hold a key
-    int64_t token_stride;
-    int64_t operator()(uint row) const {
-        if (int(row) >= rows) return -1;
-        // kv_vector: the host checked that a tile spans < 2^31 elements, so the product is 32-bit.
-        return kv_vector ? int64_t(int(row) * int(token_stride)) : int64_t(row) * token_stride;
+// Where sequence `seq`'s queries and keys are: strided.h's sequence_span, or with seqused_k / a paged cache (varlen
+// only) its key count from seqused_k or its cu_seqlens_k step, clamped to what exists: the cu_seqlens_k span
+// (unpaged: the keys are that span's first ones) or the block_table row's capacity (paged: cache positions 0..).
+METAL_FUNC SequenceSpan prefill_span(int seq, constant PrefillParams& p, const device int* cu_seqlens_q,
+                                     const device int* cu_seqlens_k, const device int* seqused_k) {
+    if (!paged_kv && !p.has_seqused_k) return sequence_span(seq, p, cu_seqlens_q, cu_seqlens_k);
+    const TokenSpan queries = packed_span(cu_seqlens_q, seq, p.total_q);
+    if (!paged_kv) {
+        const TokenSpan keys = packed_span(cu_seqlens_k, seq, p.total_k);
+        return {queries.start, queries.length, keys.start, clamp(seqused_k[seq], 0, keys.length)};
     }
-};
+    const int64_t capacity = int64_t(p.blocks_per_seq) * p.block_size.divisor;   // < 2^31 (host check)
+    const int64_t count = p.has_seqused_k ? int64_t(seqused_k[seq]) : int64_t(cu_seqlens_k[seq + 1]) - cu_seqlens_k[seq];
+    return {queries.start, queries.length, 0, int(clamp(count, int64_t(0), capacity))};
+}
 // Whether keys [key0, key0 + BK) may hide some pair from a query block whose rows sit at key positions
 // [first_pos, last_pos]: the tile cuts the sequence end, the causal diagonal or a window edge, or the block has
 // rows past the sequence. Interior tiles skip the mask math (MLX: masks only on the diagonal / last block).
@@ -88,6 +96,8 @@ template <typename T, int D>
     const device float* sinks [[buffer(PREFILL_BUFFER_SINKS)]],
     const device float* alibi_slopes [[buffer(PREFILL_BUFFER_ALIBI)]],
     device float* lse [[buffer(PREFILL_BUFFER_LSE)]],
+    const device int* block_table [[buffer(PREFILL_BUFFER_BLOCK_TABLE)]],
+    const device int* seqused_k [[buffer(PREFILL_BUFFER_SEQUSED_K)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint3 grid [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -97,24 +107,22 @@ template <typename T, int D>
     constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
     threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
+    threadgroup int64_t k_offset[BK], v_offset[BK];   // paged: element offset of each tile key in k / v (-1: none)
+    threadgroup uint tile_valid;                      // paged: bit r set when key key0 + r is read
 
     const int seq = int(tgid.z), head = int(tgid.y);
-    int q_start = 0, seqlen_q = p.uniform_seqlen_q, k_start = 0, seqlen_k = p.uniform_seqlen_k;
-    if (p.uniform_seqlen_q < 0) {
-        // cu_seqlens come from user data: clamp them so no bad value can index outside q/k/v/out.
-        q_start = clamp(cu_seqlens_q[seq], 0, p.total_q);
-        seqlen_q = clamp(cu_seqlens_q[seq + 1], q_start, p.total_q) - q_start;
-        k_start = clamp(cu_seqlens_k[seq], 0, p.total_k);
-        seqlen_k = clamp(cu_seqlens_k[seq + 1], k_start, p.total_k) - k_start;
-    }
+    const SequenceSpan span = prefill_span(seq, p, cu_seqlens_q, cu_seqlens_k, seqused_k);
+    const int seqlen_q = span.seqlen_q, seqlen_k = span.seqlen_k;
     const int kv_head = head / (p.shape.num_heads / p.shape.num_kv_heads);
     // Bottom-right alignment: query row i sits at key position i + shift.
     const int shift = seqlen_k - seqlen_q;
-    const device T* q_seq = q + element_offset(p.shape.q_strides, seq, q_start, head);
-    device T* out_seq = out + element_offset(p.shape.out_strides, seq, q_start, head);
-    device float* lse_seq = lse + lse_offset(p.shape.lse_strides, seq, head, q_start);
-    const device T* k_head = k + element_offset(p.shape.k_strides, seq, k_start, kv_head);
-    const device T* v_head = v + element_offset(p.shape.v_strides, seq, k_start, kv_head);
+    const device T* q_seq = q + element_offset(p.shape.q_strides, seq, span.q_start, head);
+    device T* out_seq = out + element_offset(p.shape.out_strides, seq, span.q_start, head);
+    device float* lse_seq = lse + lse_offset(p.shape.lse_strides, seq, head, span.q_start);
+    // Paged: the caches at this KV head (tile rows come from the table); else the sequence's first key.
+    const device T* k_head = k + element_offset(p.shape.k_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
+    const device T* v_head = v + element_offset(p.shape.v_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
+    const PagedLayout cache = paged_layout(p, block_table, seq);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);
@@ -143,10 +151,19 @@ template <typename T, int D>
 
         for (int kb = kb_begin; kb < kb_end; ++kb) {
             const int key0 = kb * BK;
-            const PrefillRows k_rows{align_k ? BK : min(BK, seqlen_k - key0), p.shape.k_strides[STRIDE_TOKEN]};
-            const PrefillRows v_rows{k_rows.rows, p.shape.v_strides[STRIDE_TOKEN]};
+            const TokenRows k_rows{align_k ? BK : min(BK, seqlen_k - key0), p.shape.k_strides[STRIDE_TOKEN]};
+            const TokenRows v_rows{k_rows.rows, p.shape.v_strides[STRIDE_TOKEN]};
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, PREFILL_THREADS);
+            uint valid = ~0u;
+            if (paged_kv) {   // only the band's keys are read: the bytes read are the visible keys' rows
+                if (sg == 0)
+                    map_paged_keys<BK>(cache, 0, key0, band.begin, band.end, seqlen_k, k_offset, v_offset, &tile_valid, lane);
+                threadgroup_barrier(mem_flags::mem_threadgroup);
+                valid = tile_valid;
+                copy_kv_tile<T, D, BK, LD>(tile, k_head, TableRows{k_offset}, tid, PREFILL_THREADS);
+            } else {
+                copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, PREFILL_THREADS);
+            }
             // Counted by thread 0 without a branch: a divergent `if` right before a barrier lets the compiler copy
             // the barrier into both paths, and the simulator then sees two barriers.
             WORK_COUNT("k_tiles_loaded", tid == 0);
@@ -155,13 +172,18 @@ template <typename T, int D>
             qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);
+            if (paged_kv)
+                copy_kv_tile<T, D, BK, LD>(tile, v_head, TableRows{v_offset}, tid, PREFILL_THREADS);
+            else
+                copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);
             WORK_COUNT("v_tiles_loaded", tid == 0);
             // The softmax runs between issuing the V loads and the barrier that waits for them, so its math hides
             // their latency (MLX steel orders it so too); it reads only registers.
+            // A paged tile with a key missing (outside the band or the sequence, or its block hidden) masks it.
             const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
-                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask);
-            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, ~0u, row + shift, row_valid, edge, slope, rules, fc);
+                                        align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask) ||
+                              (paged_kv && valid != (BK == 32 ? ~0u : (1u << BK) - 1u));
+            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, valid, row + shift, row_valid, edge, slope, rules, fc);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
         }

@@ -62,8 +62,8 @@ CASES = {
                     ["alibi_slopes", "float32"]),
     "dropout": (lambda a: dict(dropout_p=0.1), NotImplementedError, ["dropout_p"]),
     "negative softcap": (lambda a: dict(softcap=-1.0), ValueError, ["softcap"]),
-    "block_table": (lambda a: dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)),
-                    NotImplementedError, ["flash_attn_with_kvcache"]),
+    "block_table with packed k/v": (lambda a: dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)),
+                                    ValueError, ["with block_table, k and v must be paged caches"]),
 }
 
 

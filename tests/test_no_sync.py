@@ -27,9 +27,12 @@ def op_calls(fa):
     qd = queries(2, 1, 4, 64, torch.float32).to(DEVICE)
     rows = torch.tensor([1, 0], dtype=torch.int32, device=DEVICE)
     short = torch.tensor([9, 16], dtype=torch.int32, device=DEVICE)
+    used = cache.seqlens.to(DEVICE)
     return {
         "flash_attn_varlen_func": lambda: fa.flash_attn_varlen_func(q, kv, kv, cu_q, cu_k, 7, 8, causal=True,
                                                                     window_size=(3, 0), s_aux=sinks),
+        "flash_attn_varlen_func paged": lambda: fa.flash_attn_varlen_func(
+            q, k_cache, v_cache, cu_q, None, 7, 33, causal=True, block_table=table, seqused_k=used),
         "flash_attn_func prefill": lambda: fa.flash_attn_func(q[None], kv[None], kv[None], causal=True),
         "flash_attn_func decode step": lambda: fa.flash_attn_func(q[None, :1], kv[None], kv[None], causal=True),
         "flash_attn_with_kvcache paged + append": lambda: fa.flash_attn_with_kvcache(
@@ -40,9 +43,9 @@ def op_calls(fa):
     }
 
 
-CALLS = ["flash_attn_varlen_func", "flash_attn_func prefill", "flash_attn_func decode step",
+CALLS = ["flash_attn_varlen_func", "flash_attn_varlen_func paged", "flash_attn_func prefill", "flash_attn_func decode step",
          "flash_attn_with_kvcache paged + append", "flash_attn_with_kvcache contiguous", "kv_cache_write"]
-HOST_READS_WHEN_CHECKED = [2, 0, 0, 2, 3, 2]   # one read per index tensor; flash_attn_func builds its own
+HOST_READS_WHEN_CHECKED = [2, 3, 0, 0, 2, 3, 2]   # one read per index tensor; flash_attn_func builds its own
 
 
 def traced_ops(call):

@@ -47,6 +47,8 @@ def kernel_module(fa, tmp_path_factory):
             @functools.wraps(original)
             def counted(*args, _original=original, _name=name, **kwargs):
                 calls[_name] = calls.get(_name, 0) + 1
+                if kwargs.get("block_table") is not None:
+                    calls[f"{_name} with block_table"] = calls.get(f"{_name} with block_table", 0) + 1
                 return _original(*args, **kwargs)
             setattr(module, name, counted)
         module.calls = calls
@@ -191,6 +193,8 @@ def test_continuous_batching(models, kernel_module):
     else:   # sliding layers: transformers 5.22's sliding allocator has no block tables, so it stays on varlen
         assert kernel_module.calls.get("flash_attn_varlen_func", 0) >= 2 * 24
         assert "flash_attn_with_kvcache" not in kernel_module.calls
+    # transformers 5.22 gathers each prefill chunk's keys itself (read_index): no block table reaches the paged prefill
+    assert "flash_attn_varlen_func with block_table" not in kernel_module.calls
 
 
 @torch.no_grad()

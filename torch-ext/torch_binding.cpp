@@ -40,7 +40,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float? softmax_scale, bool causal, int window_left, "
-      "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor out, Tensor softmax_lse)");
+      "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux, Tensor? block_table=None, "
+      "Tensor? seqused_k=None) -> (Tensor out, Tensor softmax_lse)");
   ops.def(
       "flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor? dsoftmax_lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

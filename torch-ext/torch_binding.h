@@ -9,14 +9,18 @@
 
 namespace metal_flash_sdpa {
 
-// Prefill: packed varlen ([total, H, D] + cu_seqlens) or batched ([B, S, H, D], cu_seqlens None).
+// Prefill: packed varlen ([total, H, D] + cu_seqlens) or batched ([B, S, H, D], cu_seqlens None). Varlen with
+// block_table [B, max_blocks]: k/v are paged caches [num_blocks, block_size, Hkv, D] and sequence b's keys are its
+// first cu_seqlens_k[b + 1] - cu_seqlens_k[b] (or seqused_k[b]) cache positions. seqused_k [B] without a table: the
+// first seqused_k[b] keys of each cu_seqlens_k span.
 // Returns the output (q's shape and dtype) and the fp32 natural-log LSE ([H, total] or [B, H, S]).
 using FlashAttnVarlen = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux);
+    const std::optional<at::Tensor>& s_aux, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& seqused_k);
 FlashAttnVarlen flash_attn_varlen;        // MPS or CPU (simulator), per build
 FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fake tensors
 

@@ -10,12 +10,6 @@ using namespace metal;
 
 constant bool kv_quantized [[function_constant(FC_KV_QUANTIZED)]];
 
-// Row offsets of a tile's keys, mapped once per tile (-1: no key).
-struct TableRows {
-    const threadgroup int64_t* offset;
-    int64_t operator()(uint row) const { return offset[row]; }
-};
-
 // A cache's format in registers (plain unless FC_KV_QUANTIZED: the params are then not read).
 METAL_FUNC CacheFormat cache_format(constant const CacheFormat& format) {
     CacheFormat thread_copy{};

@@ -1,5 +1,5 @@
 // Device -> threadgroup copy of a K or V tile (BK key rows of D elements, tile row stride LD), shared by the
-// prefill and decode kernels. The caller gives each row's element offset in `src` (negative: the key does not
+// prefill and decode kernels, and the mapping of a tile's keys to the slots of a paged cache that both use. The caller gives each row's element offset in `src` (negative: the key does not
 // exist and its row is zeroed), computed once per row and tile, so the copy itself has no 64-bit multiply and
 // no division by a runtime value. With FC_KV_VECTOR (the host saw every K/V row start on a 16-byte boundary
 // and a tile span fit 32 bits) each access moves 16 bytes; otherwise one element.
@@ -7,6 +7,7 @@
 #include <metal_stdlib>
 
 #include "params.h"
+#include "strided.h"
 using namespace metal;
 
 constant bool kv_vector [[function_constant(FC_KV_VECTOR)]];
@@ -47,3 +48,61 @@ struct TokenRows {
         return kv_vector ? int64_t(int(row) * int(token_stride)) : int64_t(row) * token_stride;
     }
 };
+
+// Row offsets of a tile's keys, mapped once per tile (map_paged_keys; -1: no key).
+struct TableRows {
+    const threadgroup int64_t* offset;
+    int64_t operator()(uint row) const { return offset[row]; }
+};
+
+// A paged cache [num_blocks, block_size, Hkv, D] (strides {block, slot, head}) as a threadgroup reads it: the
+// sequence's block_table row and the layout, in registers (read from the constant params once, not per tile).
+struct PagedLayout {
+    const device int* table_row;
+    FastDivisor block_size;
+    int num_blocks;   // entries outside [0, num_blocks) hide their keys
+    int64_t k_block_stride, k_slot_stride, v_block_stride, v_slot_stride;
+};
+
+// The layout of sequence seq's cache from the params of a paged kernel (DecodeParams, PrefillParams: block_size,
+// num_blocks, blocks_per_seq and the caches' {block, slot, head} strides).
+template <typename Params>
+METAL_FUNC PagedLayout paged_layout(constant Params& p, const device int* block_table, int seq) {
+    const FastDivisor block_size{p.block_size.multiplier, p.block_size.shift, p.block_size.divisor, 0};
+    return {block_table + int64_t(seq) * p.blocks_per_seq, block_size, p.num_blocks,
+            p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN],
+            p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
+}
+
+// Where the mapping lane's key lives: its block_table entry (as read, maybe invalid) and slot in the block.
+struct PagedKey {
+    int entry, slot;
+};
+
+// Maps the keys of the tile at key0 to cache slots, one lane of the calling simdgroup per key (BK <= 32): key j of
+// the sequence sits at cache position kv_start + j. Keys [lo, hi) are wanted; the table is read only for keys below
+// `count` (the sequence's keys, at most the row's capacity), so no lane reads past its row. Writes each key's
+// element offset in the K and V caches to threadgroup memory (-1: none) and *tile_valid (bit r: key key0 + r
+// exists). Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
+template <int BK>
+METAL_FUNC PagedKey map_paged_keys(PagedLayout cache, int kv_start, int key0, int lo, int hi, int count,
+                                   threadgroup int64_t* k_offset, threadgroup int64_t* v_offset,
+                                   threadgroup uint* tile_valid, ushort lane) {
+    static_assert(BK <= 32, "one lane per tile key");
+    const int key = key0 + int(lane);
+    const int position = kv_start + key;
+    const bool wanted = int(lane) < BK && key >= lo && key < hi;
+    const int block = fast_divide(position, cache.block_size), slot = position - block * cache.block_size.divisor;
+    const int first_lane = int(lane) - min(int(lane), slot);
+    const bool reads = int(lane) < BK && key < count && first_lane == int(lane);
+    const int own_entry = reads ? cache.table_row[block] : -1;
+    const int entry = simd_shuffle(own_entry, ushort(first_lane));
+    const bool exists = wanted && entry >= 0 && entry < cache.num_blocks;
+    if (int(lane) < BK) {
+        k_offset[lane] = exists ? entry * cache.k_block_stride + slot * cache.k_slot_stride : -1;
+        v_offset[lane] = exists ? entry * cache.v_block_stride + slot * cache.v_slot_stride : -1;
+    }
+    const uint valid = simd_or(exists ? 1u << lane : 0u);
+    if (lane == 0) *tile_valid = valid;
+    return {entry, slot};
+}

@@ -17,6 +17,7 @@
 #define FC_HAS_SINKS 303
 #define FC_HAS_SOFTCAP 304
 #define FC_HAS_ALIBI 305
+#define FC_PAGED_KV 308  // prefill: k/v are paged caches read in place through PREFILL_BUFFER_BLOCK_TABLE
 
 // Buffer indices of the prefill kernel.
 #define PREFILL_BUFFER_Q 0
@@ -29,6 +30,8 @@
 #define PREFILL_BUFFER_SINKS 7
 #define PREFILL_BUFFER_ALIBI 8
 #define PREFILL_BUFFER_LSE 9
+#define PREFILL_BUFFER_BLOCK_TABLE 10  // int32 [B, blocks_per_seq] (FC_PAGED_KV)
+#define PREFILL_BUFFER_SEQUSED_K 11    // int32 [B]: keys per sequence (has_seqused_k)
 
 // The head dims every kernel is instantiated for: X(arg, d) for each d. The one list behind the shader
 // instantiations, the host checks, the Python module's SUPPORTED_HEAD_DIMS and (tested) the README.
@@ -70,17 +73,34 @@ struct MaskParams {
   int32_t pad_;
 };
 
+// n / divisor for 0 <= n < 2^31 by a multiply-high, an add and a shift instead of a divide (Granlund and Montgomery,
+// 1994): (mulhi(n, multiplier) + n) >> shift, exact since n < 2^31 keeps the add within 32 bits. Built by the host
+// (fast_divisor(), launch.cpp), used by the shaders (fast_divide(), strided.h).
+struct FastDivisor {
+  uint32_t multiplier;
+  uint32_t shift;
+  int32_t divisor;
+  int32_t pad_;
+};
+
 struct PrefillParams {
-  AttentionShape shape;
+  AttentionShape shape;     // paged (FC_PAGED_KV): k/v strides are the caches' [block, slot, head]
   MaskParams mask;
   int32_t total_q;          // tokens per batch entry of q (packed: all of them); cu_seqlens are
-  int32_t total_k;          // clamped to these, never trusted
+  int32_t total_k;          // clamped to these, never trusted (paged: total_k unused)
   int32_t uniform_seqlen_q; // >= 0: every sequence has this many queries / keys and cu_seqlens are not
   int32_t uniform_seqlen_k; // read (batched [B, S, H, D] inputs); -1: lengths come from cu_seqlens
+  // Paged K/V (FC_PAGED_KV, varlen only): sequence b's keys are positions [0, n_b) of block_table row b, n_b its
+  // cu_seqlens_k step (or seqused_k[b]) clamped to the row's capacity, blocks_per_seq x block_size.
+  FastDivisor block_size;   // slots per cache block
+  int32_t num_blocks;       // block_table entries outside [0, num_blocks) hide their keys
+  int32_t blocks_per_seq;   // block_table row length
+  int32_t has_seqused_k;    // 1: PREFILL_BUFFER_SEQUSED_K holds n_b (unpaged: keys [0, n_b) of each cu_seqlens_k span)
+  int32_t pad_;
 };
 static_assert(sizeof(AttentionShape) == 136, "AttentionShape layout is shared by host and shader");
 static_assert(sizeof(MaskParams) == 24, "MaskParams layout is shared by host and shader");
-static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by host and shader");
+static_assert(sizeof(PrefillParams) == 208, "PrefillParams layout is shared by host and shader");
 
 // ------------------------------------------------------------------------------------------------ decode
 // Flash-Decoding over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table (a
@@ -113,16 +133,6 @@ static_assert(sizeof(PrefillParams) == 176, "PrefillParams layout is shared by h
 #define DECODE_THREADGROUP_BYTES(element_bytes, head_dim) \
     (KV_TILE_KEYS(head_dim) * ((head_dim) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim) * 8 + 4)
 #define DECODE_REDUCE_THREADS 32
-
-// n / divisor for 0 <= n < 2^31 by a multiply-high, an add and a shift instead of a divide (Granlund and Montgomery,
-// 1994): (mulhi(n, multiplier) + n) >> shift, exact since n < 2^31 keeps the add within 32 bits. Built by the host
-// (fast_divisor(), launch.cpp), used by the shaders (fast_divide(), strided.h).
-struct FastDivisor {
-  uint32_t multiplier;
-  uint32_t shift;
-  int32_t divisor;
-  int32_t pad_;
-};
 
 struct DecodeParams {
   AttentionShape shape;     // k/v strides are the caches' [block, slot, head]

@@ -27,12 +27,20 @@ struct SequenceSpan {
     int q_start, seqlen_q, k_start, seqlen_k;
 };
 
+// Tokens [start, start + length) of sequence `seq` in a packed layout with prefix sums `cu` over `total` tokens.
+struct TokenSpan {
+    int start, length;
+};
+
+METAL_FUNC TokenSpan packed_span(const device int* cu, int seq, int total) {
+    const int start = clamp(cu[seq], 0, total);
+    return {start, clamp(cu[seq + 1], start, total) - start};
+}
+
 template <typename Params>
 METAL_FUNC SequenceSpan sequence_span(int seq, constant Params& p, const device int* cu_seqlens_q,
                                       const device int* cu_seqlens_k) {
     if (p.uniform_seqlen_q >= 0) return {0, p.uniform_seqlen_q, 0, p.uniform_seqlen_k};
-    const int q_start = clamp(cu_seqlens_q[seq], 0, p.total_q);
-    const int k_start = clamp(cu_seqlens_k[seq], 0, p.total_k);
-    return {q_start, clamp(cu_seqlens_q[seq + 1], q_start, p.total_q) - q_start,
-            k_start, clamp(cu_seqlens_k[seq + 1], k_start, p.total_k) - k_start};
+    const TokenSpan queries = packed_span(cu_seqlens_q, seq, p.total_q), keys = packed_span(cu_seqlens_k, seq, p.total_k);
+    return {queries.start, queries.length, keys.start, keys.length};
 }

@@ -114,6 +114,7 @@ def flash_attn_varlen_func(
     return_attn_probs: bool = False,
     block_table: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
 ):
     """Attention over a packed batch of variable-length sequences (flash-attn 2 `flash_attn_varlen_func`).
 
@@ -121,22 +122,27 @@ def flash_attn_varlen_func(
     of the sequence lengths; max_seqlen_q/k: the longest lengths (ints or 0-d tensors). s_aux: [H] sink
     logits. D in SUPPORTED_HEAD_DIMS; fp16, bf16 or fp32.
 
+    Paged KV (chunked prefill, prefix caching; flash-attn 2 semantics): with block_table int32 [B, max_blocks], k and
+    v are paged caches [num_blocks, block_size, Hkv, D] (strided views welcome) read in place, and sequence b's keys
+    are its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] cache positions -- or seqused_k[b] (int32 [B], flash-attn 3 /
+    vLLM style; cu_seqlens_k may then be None). Its queries are the last ones of those keys (bottom-right aligned),
+    so one call mixes one-token decode rows with long chunks. seqused_k without block_table: sequence b uses the
+    first seqused_k[b] keys of its cu_seqlens_k span. Neither has a backward (backward() raises).
+
     Returns out [total_q, H, D], or (out, softmax_lse [H, total_q] fp32, None) with return_attn_probs.
     `deterministic` is accepted for compatibility (the kernel is always deterministic).
     """
     scale = _softmax_scale(q, dropout_p, softmax_scale)
-    if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_varlen_func; "
-                                  "use flash_attn_with_kvcache for paged caches")
     _check_tensors(k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
-                   s_aux=s_aux)
-    if cu_seqlens_q is None or cu_seqlens_k is None:
-        raise TypeError("cu_seqlens_q and cu_seqlens_k must be int32 tensors [batch + 1]")
+                   s_aux=s_aux, block_table=block_table, seqused_k=seqused_k)
+    if cu_seqlens_q is None or (cu_seqlens_k is None and (block_table is None or seqused_k is None)):
+        raise TypeError("cu_seqlens_q and cu_seqlens_k must be int32 tensors [batch + 1] (cu_seqlens_k may be None "
+                        "only with block_table and seqused_k)")
     left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, _to_int(max_seqlen_q, "max_seqlen_q"),
         _to_int(max_seqlen_k, "max_seqlen_k"), scale, bool(causal), left, right, float(softcap or 0.0),
-        alibi_slopes, s_aux)
+        alibi_slopes, s_aux, block_table, seqused_k)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -154,18 +160,20 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     block_table: Optional[torch.Tensor] = None,
     s_aux: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
 ):
     """Attention over a batch of equal-length sequences (flash-attn 2 `flash_attn_func`).
 
     q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D]; Sq may differ from Sk (masks are bottom-right aligned, so
     decoding with Sq = 1 < Sk works). Strided views (e.g. `x.transpose(1, 2)`) are read in place.
-    Accepts the same optional arguments as flash_attn_varlen_func. Returns out [B, Sq, H, D], or
-    (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
+    Accepts the same optional arguments as flash_attn_varlen_func (block_table and seqused_k need the varlen
+    layout). Returns out [B, Sq, H, D], or (out, softmax_lse [B, H, Sq] fp32, None) with return_attn_probs.
     """
     scale = _softmax_scale(q, dropout_p, softmax_scale)
-    if block_table is not None:
-        raise NotImplementedError("block_table (paged KV) is not supported by flash_attn_func; "
-                                  "use flash_attn_with_kvcache for paged caches")
+    for name, value in (("block_table", block_table), ("seqused_k", seqused_k)):
+        if value is not None:
+            raise NotImplementedError(f"{name} is not supported by flash_attn_func (batched layout): use "
+                                      "flash_attn_varlen_func (paged prefill) or flash_attn_with_kvcache")
     _check_tensors(k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
     left, right = _window(window_size)
     out, lse = ops.flash_attn_varlen(
@@ -312,21 +320,27 @@ def _no_backward_error(op_name: str) -> NotImplementedError:
 
 def _varlen_setup_context(ctx, inputs, output):
     """Runs only when some input requires grad: saves what the backward reads (no n^2 tensor: the LSE stands in for P)."""
-    q, k, v, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes, s_aux = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *options, alibi_slopes, s_aux, block_table, seqused_k = inputs
+    ctx.no_backward = "block_table" if block_table is not None else "seqused_k" if seqused_k is not None else None
     ctx.save_for_backward(q, k, v, *output, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux)
     ctx.options = options   # max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap
     ctx.set_materialize_grads(False)   # an unused LSE gives None, not a zero tensor the kernel would read
 
 
 def _varlen_backward(ctx, dout, dlse):
+    if ctx.no_backward:
+        raise NotImplementedError(
+            f"flash_attn_varlen_func with {ctx.no_backward} (paged KV / seqused_k: inference only) has no backward: "
+            "run it under torch.no_grad() / torch.inference_mode(), or detach its inputs; for training pass "
+            "contiguous k/v [total_k, Hkv, D] with cu_seqlens_k")
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
     none = (None,) * 10   # cu_seqlens, max_seqlen, scale, causal, window, softcap, alibi_slopes: no gradient
     if dout is None and dlse is None:
-        return None, None, None, *none, None
+        return None, None, None, *none, None, None, None
     dout = torch.zeros_like(out) if dout is None else dout
     dq, dk, dv, ds_aux = ops.flash_attn_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                                                         *ctx.options, alibi_slopes, s_aux)
-    return dq, dk, dv, *none, (ds_aux if s_aux is not None else None)
+    return dq, dk, dv, *none, (ds_aux if s_aux is not None else None), None, None
 
 
 class _DecodeNoBackward(torch.autograd.Function):
