@@ -393,26 +393,34 @@ def backward_bytes(c):
 
 def profile_backward(fa, c):
     """(forward, backward) records of ours on a prefill case: its one-KV-head slice simulated whole (every
-    threadgroup, no query-block extrapolation), scaled by B x Hkv; max_abs_err is out's (forward) and the largest of
+    threadgroup, no query-block extrapolation), scaled by B x Hkv; the slice runs the whole case's chunks of key
+    blocks (backward_chunks; checked like decode's partitions). max_abs_err is out's (forward) and the largest of
     dq/dk/dv's (backward) against float64 autograd through the reference."""
     small, factor = sampled(c)
     q, k, v, sinks = inputs(small)
-    leaves = [x.requires_grad_(True) for x in (q, k, v)]
-    out, forward = run_ours(fa, None, small, *leaves, sinks)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
+    t = lambda x: x.transpose(1, 2).contiguous()   # noqa: E731  [B, L, H, D]
+    B, H, n, D = q.shape
+    ops, scale_ = fa._ops.ops, D ** -0.5
+    window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    chunks = ops.backward_chunks(c["batch"], c["kv_heads"], D, 2, n, 0, 0)
+    assert ops.backward_chunks(small["batch"], small["kv_heads"], D, 2, n, chunks, 0) == chunks, \
+        "the slice must run the whole case's chunks"
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    options = (n, n, scale_, True, *window, 0.0, None)
     with environment(MSLSIM_PROFILE="1", MSLSIM_WORKERS=str(PROFILE_WORKERS)):
         fa.simulator_counters(reset=True)
-        grads = torch.autograd.grad(out, leaves, dout)
+        out, lse = ops.flash_attn_varlen(t(q), t(k), t(v), None, None, *options, sinks)
+        forward = launches_from_counters(fa.simulator_counters(reset=True))
+        grads = ops.flash_attn_varlen_backward(t(dout), t(q), t(k), t(v), out, lse, None, None, None, *options, sinks,
+                                               chunks)[:3]
         backward = launches_from_counters(fa.simulator_counters(reset=True))
-    exact = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    B, H, n, D = q.shape
-    varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)   # noqa: E731
+    exact = [x.double().requires_grad_(True) for x in (q, k, v)]
+    varlen = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], D)   # noqa: E731  [B, H, L, D] -> [B L, H, D]
     cu = torch.arange(B + 1, dtype=torch.int32) * n
-    window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
-    ref, _ = attention_reference(*map(varlen, exact), cu, cu, scale=D ** -0.5, causal=True, window=window, sinks=sinks)
+    ref, _ = attention_reference(*map(varlen, exact), cu, cu, scale=scale_, causal=True, window=window, sinks=sinks)
     ref_grads = torch.autograd.grad(ref, exact, varlen(dout).double())
-    errors = dict(forward=max_abs_err(out.detach(), q.detach(), k.detach(), v.detach(), small, sinks),
-                  backward=max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)))
+    errors = dict(forward=max_abs_err(out.transpose(1, 2), q, k, v, small, sinks),
+                  backward=max((g.transpose(1, 2).double() - r).abs().max().item() for g, r in zip(grads, ref_grads)))
     records = []
     for name, launches, total_bytes in (("forward", forward, dram_bytes(c, "ours")),
                                         ("backward", backward, backward_bytes(c))):
@@ -421,7 +429,8 @@ def profile_backward(fa, c):
         records.append(dict(kernel="ours", case=c["case"], direction=name, counters=counters, launches=launches,
                             predicted_ms=predict(launches, total_bytes), device_bytes=device_bytes(counters),
                             minimal_bytes=total_bytes, max_abs_err=errors[name],
-                            simulated=dict(batch=1, kv_heads=1, scale_factor=factor, query_blocks="all")))
+                            simulated=dict(batch=1, kv_heads=1, scale_factor=factor, query_blocks="all",
+                                           chunks=chunks if name == "backward" else None)))
     return records
 
 
