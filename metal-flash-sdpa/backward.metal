@@ -122,33 +122,31 @@ METAL_FUNC int64_t partial_chunk_stride(constant BackwardParams& p) {
     return tokens * p.shape.num_heads * p.shape.head_dim;
 }
 
-// An 8x8 fragment of a row-major matrix in device memory (rows `stride` elements apart) whose first row is `src`,
-// transposed when TRANSPOSE; source rows at or past `rows` read as zero and are never accessed (a partial tile at
-// the end of a sequence or of the tensor).
-template <bool TRANSPOSE, typename T>
-METAL_FUNC void load_fragment(thread simdgroup_matrix<T, 8, 8>& m, const device T* src, int64_t stride, int rows,
-                              FragmentCoord fc) {
+// An 8x8 fragment of a row-major matrix in device memory whose first row is `src` (rows `stride` elements apart;
+// `lane_row` = fc.row x stride, computed once, so no multiply here); rows at or past `rows` read as zero and are never
+// accessed (a partial tile at the end of a sequence or of the tensor).
+template <typename T>
+METAL_FUNC void load_fragment(thread simdgroup_matrix<T, 8, 8>& m, const device T* src, int64_t stride, int64_t lane_row,
+                              int rows, FragmentCoord fc) {
     if (rows >= 8) {
-        simdgroup_load(m, src, ulong(stride), ulong2(0, 0), TRANSPOSE);
+        simdgroup_load(m, src, ulong(stride));
         return;
     }
     UNROLL_FRAGMENTS
-    for (int e = 0; e < 2; ++e) {
-        const int row = TRANSPOSE ? fc.col + e : fc.row, col = TRANSPOSE ? fc.row : fc.col + e;
-        m.thread_elements()[e] = row < rows ? src[row * stride + col] : T(0);
-    }
+    for (int e = 0; e < 2; ++e) m.thread_elements()[e] = fc.row < rows ? src[lane_row + fc.col + e] : T(0);
 }
 
-// The lane's elements of an 8x8 fp32 fragment to device rows `stride` apart; rows at or past `rows` are left alone.
-METAL_FUNC void store_fragment(thread const simdgroup_float8x8& m, device float* dst, int64_t stride, int rows,
-                               FragmentCoord fc) {
+// The lane's elements of an 8x8 fp32 fragment to device rows as load_fragment reads them; rows at or past `rows`
+// are left alone.
+METAL_FUNC void store_fragment(thread const simdgroup_float8x8& m, device float* dst, int64_t stride, int64_t lane_row,
+                               int rows, FragmentCoord fc) {
     if (rows >= 8) {
         simdgroup_store(m, dst, ulong(stride));
         return;
     }
     if (fc.row < rows) {
         UNROLL_FRAGMENTS
-        for (int e = 0; e < 2; ++e) dst[fc.row * stride + fc.col + e] = m.thread_elements()[e];
+        for (int e = 0; e < 2; ++e) dst[lane_row + fc.col + e] = m.thread_elements()[e];
     }
 }
 
@@ -175,8 +173,8 @@ template <typename T, int D>
         for (int d = 0; d < D / 8; ++d) {
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) dot += float(dout_row[d * 8 + fc.col + e]) * float(out_row[d * 8 + fc.col + e]);
-            for (int c = 0; c < p.num_chunks; ++c)
-                *reinterpret_cast<device float2*>(partial_row + c * chunk_stride + d * 8 + fc.col) = float2(0.0f);
+            device float* partial = partial_row + d * 8 + fc.col;
+            for (int c = 0; c < p.num_chunks; ++c, partial += chunk_stride) *reinterpret_cast<device float2*>(partial) = float2(0.0f);
         }
         const float row_delta = row_sum(dot) - (p.has_dlse ? dlse[row_lse + row * lse_token] : 0.0f);
         if (fc.col == 0) delta[row_lse + row * lse_token] = row_delta;   // one lane per row
@@ -210,6 +208,7 @@ template <typename T, int D>
     const int64_t partial_token = int64_t(p.shape.num_heads) * D;
 
     const FragmentCoord fc = fragment_coord(lane);
+    const int64_t k_lane_row = fc.row * k_token, partial_lane_row = fc.row * partial_token;   // see load_fragment
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
 
     for (int64_t block = tgid.x; block * BK < span.seqlen_k; block += grid.x) {
@@ -268,25 +267,30 @@ template <typename T, int D>
                 threadgroup_barrier(mem_flags::mem_threadgroup);
 
                 // dQ += dS K over the block's keys: the tile's (8-row block r, 8-column block d) fragments dealt out to
-                // the simdgroups in turn, each read from the chunk's partial, accumulated and written back.
-                for (int f = int(sg); f < (BQ / 8) * (D / 8); f += BACKWARD_THREADS / 32) {
-                    const int r = f / (D / 8), d = f % (D / 8);
+                // the simdgroups in turn (fragment r * D/8 + d to simdgroup (r * D/8 + d) % 4, the same one every
+                // tile), each read from the chunk's partial, accumulated and written back. Pointers advance by adds.
+                device float* partial_rows = partial_head + int64_t(row0) * partial_token;
+                UNROLL_FRAGMENTS
+                for (int r = 0; r < BQ / 8; ++r, partial_rows += 8 * partial_token) {
                     const int rows = q_rows.rows - r * 8;
-                    if (rows <= 0) continue;
-                    device float* partial_frag = partial_head + int64_t(row0 + r * 8) * partial_token + d * 8;
-                    simdgroup_float8x8 acc;
-                    load_fragment<false>(acc, partial_frag, partial_token, rows, fc);
+                    if (rows <= 0) break;
+                    simdgroup_float8x8 ds[BK / 8];   // dS rows r, keys j: the transpose of dS^T's block
                     UNROLL_FRAGMENTS
-                    for (int j = 0; j < BK / 8; ++j) {
-                        simdgroup_float8x8 ds;   // dS rows r, keys j: the transpose of dS^T's block
-                        simdgroup_load(ds, ds_tile + j * 8 * BQ + r * 8, BQ, ulong2(0, 0), true);
-                        simdgroup_matrix<T, 8, 8> kt;
-                        load_fragment<false>(kt, k_block + int64_t(j * 8) * k_token + d * 8, k_token, block_keys - j * 8, fc);
-                        simdgroup_float8x8 kt_f;
-                        kt_f.thread_elements() = float2(kt.thread_elements());
-                        simdgroup_multiply_accumulate(acc, ds, kt_f, acc);
+                    for (int j = 0; j < BK / 8; ++j) simdgroup_load(ds[j], ds_tile + j * 8 * BQ + r * 8, BQ, ulong2(0, 0), true);
+                    for (int d = (int(sg) + 4 - (r * (D / 8)) % 4) % 4; d < D / 8; d += 4) {
+                        simdgroup_float8x8 acc;
+                        load_fragment(acc, partial_rows + d * 8, partial_token, partial_lane_row, rows, fc);
+                        const device T* k_rows = k_block + d * 8;
+                        UNROLL_FRAGMENTS
+                        for (int j = 0; j < BK / 8; ++j, k_rows += 8 * k_token) {
+                            simdgroup_matrix<T, 8, 8> kt;
+                            load_fragment(kt, k_rows, k_token, k_lane_row, block_keys - j * 8, fc);
+                            simdgroup_float8x8 kt_f;
+                            kt_f.thread_elements() = float2(kt.thread_elements());
+                            simdgroup_multiply_accumulate(acc, ds[j], kt_f, acc);
+                        }
+                        store_fragment(acc, partial_rows + d * 8, partial_token, partial_lane_row, rows, fc);
                     }
-                    store_fragment(acc, partial_frag, partial_token, rows, fc);
                 }
             }
         }
@@ -312,8 +316,9 @@ template <typename T, int D>
         UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
             float2 sum = 0.0f;
-            for (int c = 0; c < p.num_chunks; ++c)   // chunk order: deterministic
-                sum += *reinterpret_cast<const device float2*>(partial_row + c * chunk_stride + d * 8 + fc.col);
+            const device float* partial = partial_row + d * 8 + fc.col;
+            for (int c = 0; c < p.num_chunks; ++c, partial += chunk_stride)   // chunk order: deterministic
+                sum += *reinterpret_cast<const device float2*>(partial);
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) dq_row[d * 8 + fc.col + e] = T(sum[e] * p.mask.scale);
         }
