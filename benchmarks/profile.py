@@ -13,13 +13,16 @@ Extrapolation, exact (counts per threadgroup are deterministic functions of its 
   its index within a class, so two blocks per class are simulated (mslsim's threadgroup subset), plus the class's
   last block, which checks the affine law on every run.
 `extrapolate_check` proves both exact on small shapes simulated whole (tests/test_profile_benchmark.py). Sequence
-lengths are never shortened: a case runs at the length it names.
+lengths are never shortened: a case runs at the length it names; except training cases past TRAINING_WHOLE tokens,
+whose counters are a quadratic law in the length, fitted exactly on shorter whole runs and checked on one more
+(profile_backward).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+from fractions import Fraction
 
 import torch
 
@@ -74,10 +77,11 @@ SMOKE_CASES = [
     case("smoke decode B1 ctx1100 Hq4/Hkv2 D128", "decode", 1, 4, 2, 128, 1100),
 ]
 
-# Issue 18's training goal: backward predicted <= 2.5x the forward at 8k causal D=128. The backward's dK/dV launch
+# Issue 18's training goal: backward predicted <= 2.5x the forward at 8k causal D=128. The backward's fused launch
 # is key-block parallel, which column_plan (query-block classes) does not cover, so a training case is simulated
-# whole for its one-KV-head slice; 8k whole is beyond the simulator's budget here, so the case runs at 2k.
-TRAINING_CASES = [case("training 2k causal H32 D128", "prefill", 1, 32, 32, 128, 2048)]
+# whole for its one-KV-head slice, or past TRAINING_WHOLE tokens extrapolated in the length (profile_backward).
+TRAINING_CASES = [case("training 2k causal H32 D128", "prefill", 1, 32, 32, 128, 2048),
+                  case("training 8k causal H32 D128", "prefill", 1, 32, 32, 128, 8192)]
 SMOKE_TRAINING_CASES = [case("smoke training 128 causal H2 D64", "prefill", 1, 2, 2, 64, 128)]
 
 
@@ -391,28 +395,92 @@ def backward_bytes(c):
     return 2 * (4 * B * H * n * D + 4 * B * Hkv * n * D) + 4 * B * H * n
 
 
-def profile_backward(fa, c):
-    """(forward, backward) records of ours on a prefill case: its one-KV-head slice simulated whole (every
-    threadgroup, no query-block extrapolation), scaled by B x Hkv; max_abs_err is out's (forward) and the largest of
-    dq/dk/dv's (backward) against float64 autograd through the reference."""
-    small, factor = sampled(c)
+def simulate_training(fa, c, chunks):
+    """(forward launches, backward launches, errors) of ours on a case's one-KV-head slice simulated whole, the
+    backward with `chunks` chunks of key blocks; errors: out's max |error| (forward) and the largest of dq/dk/dv's
+    (backward) against float64 autograd through the reference."""
+    small, _ = sampled(c)
     q, k, v, sinks = inputs(small)
-    leaves = [x.requires_grad_(True) for x in (q, k, v)]
-    out, forward = run_ours(fa, None, small, *leaves, sinks)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).half()
+    t = lambda x: x.transpose(1, 2).contiguous()   # noqa: E731  [B, L, H, D]
+    B, H, n, D = q.shape
+    ops, scale_ = fa._ops.ops, D ** -0.5
+    window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    options = (n, n, scale_, True, *window, 0.0, None)
     with environment(MSLSIM_PROFILE="1", MSLSIM_WORKERS=str(PROFILE_WORKERS)):
         fa.simulator_counters(reset=True)
-        grads = torch.autograd.grad(out, leaves, dout)
+        out, lse = ops.flash_attn_varlen(t(q), t(k), t(v), None, None, *options, sinks)
+        forward = launches_from_counters(fa.simulator_counters(reset=True))
+        grads = ops.flash_attn_varlen_backward(t(dout), t(q), t(k), t(v), out, lse, None, None, None, *options, sinks,
+                                               chunks)[:3]
         backward = launches_from_counters(fa.simulator_counters(reset=True))
-    exact = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    B, H, n, D = q.shape
-    varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)   # noqa: E731
+    exact = [x.double().requires_grad_(True) for x in (q, k, v)]
+    varlen = lambda x: x.transpose(1, 2).reshape(-1, x.shape[1], D)   # noqa: E731  [B, H, L, D] -> [B L, H, D]
     cu = torch.arange(B + 1, dtype=torch.int32) * n
-    window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
-    ref, _ = attention_reference(*map(varlen, exact), cu, cu, scale=D ** -0.5, causal=True, window=window, sinks=sinks)
+    ref, _ = attention_reference(*map(varlen, exact), cu, cu, scale=scale_, causal=True, window=window, sinks=sinks)
     ref_grads = torch.autograd.grad(ref, exact, varlen(dout).double())
-    errors = dict(forward=max_abs_err(out.detach(), q.detach(), k.detach(), v.detach(), small, sinks),
-                  backward=max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads)))
+    errors = dict(forward=max_abs_err(out.transpose(1, 2), q, k, v, small, sinks),
+                  backward=max((g.transpose(1, 2).double() - r).abs().max().item() for g, r in zip(grads, ref_grads)))
+    return forward, backward, errors
+
+
+# Training cases longer than TRAINING_WHOLE tokens (8k whole is beyond the simulator's budget here) are extrapolated
+# in the sequence length n, exactly: at a fixed chunk count every counter of every launch is a quadratic polynomial
+# in n (a multiple of the tiles): work per tile pair, per key or query block and per launch does not depend on n, and
+# a causal band holds a quadratic number of tile pairs (the first query / key block, which differs, adds a
+# constant). The slice is simulated whole at LAW_LENGTHS, the first three fit the polynomial in rationals, the last
+# must agree with it, and it is evaluated at the case's length.
+TRAINING_WHOLE = 2048
+LAW_LENGTHS = (512, 1024, 1536, 2048)
+
+
+def through(points, x):
+    """The polynomial through points [(x_i, y_i)] at x, exactly (Lagrange, in Fractions)."""
+    total = Fraction(0)
+    for i, (xi, yi) in enumerate(points):
+        term = Fraction(yi)
+        for j, (xj, _) in enumerate(points):
+            if j != i:
+                term *= Fraction(x - xj, xi - xj)
+        total += term
+    return total
+
+
+def extrapolate_length(runs, n):
+    """{length: launches} -> the launches at length n, each extensive counter through the quadratic of the first three
+    lengths; raises if the last length disagrees with it."""
+    lengths = sorted(runs)
+    fit, check = lengths[:3], lengths[-1]
+    launches = []
+    for j, first in enumerate(runs[fit[0]]):
+        assert all(runs[m][j]["kernel"] == first["kernel"] for m in lengths), "the same launches at every length"
+        at = lambda name, x: through([(m, runs[m][j]["counters"].get(name, 0)) for m in fit], x)   # noqa: E731
+        wrong = {name: (v, float(at(name, check))) for name, v in runs[check][j]["counters"].items()
+                 if name not in INTENSIVE and not agrees(name, float(at(name, check)), v)}
+        if wrong:
+            raise RuntimeError(f"{first['kernel']}: counters {wrong} at {check} tokens are off the quadratic law of "
+                               f"{fit}; extrapolation would be inexact")
+        launches.append(dict(kernel=first["kernel"], counters={name: v if name in INTENSIVE else float(at(name, n))
+                                                               for name, v in first["counters"].items()}))
+    return launches
+
+
+def profile_backward(fa, c):
+    """(forward, backward) records of ours on a prefill case: its one-KV-head slice simulated whole (every
+    threadgroup, no query-block extrapolation; past TRAINING_WHOLE tokens at LAW_LENGTHS, extrapolated in n), scaled
+    by B x Hkv. The slice runs the whole case's chunks of key blocks (backward_chunks; checked like decode's
+    partitions). max_abs_err: of the longest length simulated."""
+    small, factor = sampled(c)
+    ops, n, D = fa._ops.ops, c["seqlen"], c["head_dim"]
+    chunks = ops.backward_chunks(c["batch"], c["kv_heads"], D, 2, n, 0, 0)
+    assert ops.backward_chunks(small["batch"], small["kv_heads"], D, 2, n, chunks, 0) == chunks, \
+        "the slice must run the whole case's chunks"
+    lengths = (n,) if n <= TRAINING_WHOLE else LAW_LENGTHS
+    runs = {m: simulate_training(fa, {**c, "seqlen": m}, chunks) for m in lengths}
+    forward, backward, errors = runs[max(lengths)]
+    if n > TRAINING_WHOLE:
+        forward = extrapolate_length({m: r[0] for m, r in runs.items()}, n)
+        backward = extrapolate_length({m: r[1] for m, r in runs.items()}, n)
     records = []
     for name, launches, total_bytes in (("forward", forward, dram_bytes(c, "ours")),
                                         ("backward", backward, backward_bytes(c))):
@@ -421,7 +489,8 @@ def profile_backward(fa, c):
         records.append(dict(kernel="ours", case=c["case"], direction=name, counters=counters, launches=launches,
                             predicted_ms=predict(launches, total_bytes), device_bytes=device_bytes(counters),
                             minimal_bytes=total_bytes, max_abs_err=errors[name],
-                            simulated=dict(batch=1, kv_heads=1, scale_factor=factor, query_blocks="all")))
+                            simulated=dict(batch=1, kv_heads=1, scale_factor=factor, query_blocks="all",
+                                           lengths=list(lengths), chunks=chunks if name == "backward" else None)))
     return records
 
 

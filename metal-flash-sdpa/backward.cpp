@@ -1,7 +1,7 @@
 // The backward op of flash_attn_varlen (backward.metal): dq, dk, dv and d s_aux from the forward's inputs, its
 // output and LSE, and the gradients of both outputs. Validates what it is given (every message names the argument),
-// plans the two launches (dQ + delta first, then dK/dV, which reads delta) and hands them to dispatch(). The meta
-// kernel runs the same checks.
+// plans the three launches (delta and zeroed dQ partials, the fused dK/dV + dQ-partial pass, the dQ reduce) and
+// hands them to dispatch(). The meta kernel runs the same checks.
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
@@ -12,6 +12,7 @@
 
 #include "../torch-ext/torch_binding.h"
 #include "attention_options.h"
+#include "decode.h"
 #include "dispatch.h"
 #include "index_checks.h"
 #include "launch.h"
@@ -36,8 +37,9 @@ BackwardGeometry check_backward_args(const at::Tensor& dout, const at::Tensor& q
                                      const std::optional<at::Tensor>& cu_seqlens_k, std::optional<double> softmax_scale,
                                      bool causal, int64_t window_left, int64_t window_right, double softcap,
                                      const std::optional<at::Tensor>& alibi_slopes,
-                                     const std::optional<at::Tensor>& s_aux) {
+                                     const std::optional<at::Tensor>& s_aux, int64_t num_splits) {
   element_type(q, "q");
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0: heuristic), got ", num_splits);
   for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&out, "out"}, std::pair{&dout, "dout"}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
                      t->scalar_type());
@@ -97,30 +99,56 @@ struct BackwardProblem {
   int64_t total_q, total_k, uniform_seqlen_q, uniform_seqlen_k;
   int64_t grid_seqlen_q, grid_seqlen_k;   // size the grids; longer sequences are still covered (grid-stride)
   bool has_dlse;
-  bool q_rows_aligned;                    // q and dout rows on 16-byte boundaries (the dK/dV pass's tile copies)
+  bool q_rows_aligned;                    // q and dout rows on 16-byte boundaries (the fused kernel's tile copies)
+  int64_t num_splits;                     // chunks asked for (0: heuristic)
 };
 
 struct BackwardPlan {
-  KernelLaunch dq, dkv;   // in this order: dkv reads the delta dq writes
+  KernelLaunch delta, fused, reduce;   // in this order: each reads what the one before wrote
+  int64_t chunks;                      // threadgroups of the fused kernel per (sequence, KV head)
 };
 
-// One pass: blocks of `block` rows (query rows or keys) of up to `rows` per sequence, x heads x sequences; the
-// vector-copy constant of the tiles it streams (K/V for dQ, Q/dO for dK/dV).
-KernelLaunch backward_launch(const char* base, const BackwardProblem& pb, int64_t rows, int64_t block, int64_t heads,
-                             FunctionConstant vector_copies) {
+// Chunks of key blocks per (sequence, KV head) for `items` (sequence, KV head) pairs of `key_blocks` blocks each:
+// num_splits if given, else the count with the fewest waves x key blocks per chunk over the GPU's threadgroup slots
+// (cores x threadgroups resident per core), the fewest among equals (smaller partials, a shorter reduce). At most
+// BACKWARD_MAX_CHUNKS and one per key block.
+int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t element_size, int64_t num_splits,
+                    int64_t gpu_cores) {
+  const int64_t most = std::max<int64_t>(std::min<int64_t>(BACKWARD_MAX_CHUNKS, key_blocks), 1);
+  if (num_splits > 0) return std::min(num_splits, most);
+  const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_size, head_dim);
+  const int64_t resident = std::max<int64_t>(
+      1, std::min(kThreadgroupMemoryPerCore / BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
+                  kThreadsPerCore / BACKWARD_THREADS));
+  const int64_t slots = std::max<int64_t>(gpu_cores, 1) * resident;
+  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  for (int64_t chunks = 1; chunks <= most; ++chunks) {
+    const int64_t cost = ceil_div(std::max<int64_t>(items, 1) * chunks, slots) * ceil_div(key_blocks, chunks);
+    if (cost < best_cost) best_cost = cost, best = chunks;
+  }
+  return best;
+}
+
+// One launch: `columns` threadgroups per (heads, sequence); every kernel gets the mask constants and the vector-copy
+// constant of the fused kernel's Q/dO tiles.
+KernelLaunch backward_launch(const char* base, const BackwardProblem& pb, int64_t columns, int64_t heads) {
+  const AttentionTensors& t = pb.tensors;
   KernelLaunch launch;
-  launch.kernel = kernel_name(base, pb.tensors.dtype, pb.tensors.head_dim);
-  launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(rows, block), 1));
+  launch.kernel = kernel_name(base, t.dtype, t.head_dim);
+  launch.threadgroups[0] = uint32_t(std::max<int64_t>(columns, 1));
   launch.threadgroups[1] = uint32_t(heads);
-  launch.threadgroups[2] = uint32_t(pb.tensors.num_seqs);
+  launch.threadgroups[2] = uint32_t(t.num_seqs);
   launch.threads_per_threadgroup = BACKWARD_THREADS;
   launch.constants = mask_constants(pb.options);
-  launch.constants.push_back(vector_copies);
+  launch.constants.push_back(vector_copy_constant(pb.q_rows_aligned, BACKWARD_TILE_QUERIES(element_bytes(t.dtype), t.head_dim),
+                                                  std::max(t.q.token, pb.dout.token), t.head_dim));
   return launch;
 }
 
 BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   const AttentionTensors& t = pb.tensors;
+  const int64_t chunks = chunk_count(t.num_seqs * t.num_kv_heads, ceil_div(pb.grid_seqlen_k, BACKWARD_BLOCK_K),
+                                     t.head_dim, element_bytes(t.dtype), pb.num_splits, gpu_core_count());
   *params = BackwardParams{};
   params->shape = attention_shape(t);
   params->mask = mask_params(pb.options);
@@ -133,13 +161,12 @@ BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   params->uniform_seqlen_q = int32_t(pb.uniform_seqlen_q);
   params->uniform_seqlen_k = int32_t(pb.uniform_seqlen_k);
   params->has_dlse = pb.has_dlse;
+  params->num_chunks = int32_t(chunks);
 
-  const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_bytes(t.dtype), t.head_dim);
-  return {backward_launch("attention_backward_dq", pb, pb.grid_seqlen_q, BACKWARD_BLOCK_Q, t.num_heads,
-                          kv_vector_constant(t)),
-          backward_launch("attention_backward_dkv", pb, pb.grid_seqlen_k, BACKWARD_BLOCK_K, t.num_kv_heads,
-                          vector_copy_constant(pb.q_rows_aligned, tile_queries, std::max(t.q.token, pb.dout.token),
-                                               t.head_dim))};
+  const int64_t query_blocks = ceil_div(pb.grid_seqlen_q, BACKWARD_BLOCK_Q);
+  return {backward_launch("attention_backward_delta", pb, query_blocks, t.num_heads),
+          backward_launch("attention_backward_fused", pb, chunks, t.num_kv_heads),
+          backward_launch("attention_backward_dq_reduce", pb, query_blocks, t.num_heads), chunks};
 }
 
 // The gradients' tensors. Varlen outputs start zeroed: tokens of no sequence (possible only with cu_seqlens the
@@ -159,10 +186,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux,
+    int64_t num_splits) {
   const BackwardGeometry g = check_backward_args(dout_in, q_in, k_in, v_in, out_in, lse_in, dlse_in, cu_seqlens_q,
                                                  cu_seqlens_k, softmax_scale, causal, window_left, window_right,
-                                                 softcap, alibi_slopes, s_aux);
+                                                 softcap, alibi_slopes, s_aux, num_splits);
   auto [dq, dk, dv, ds_aux] = empty_grads(q_in, k_in, g, s_aux);
   if (g.num_seqs == 0 || g.num_heads == 0) {
     if (!g.varlen) dq.zero_(), dk.zero_(), dv.zero_();
@@ -196,9 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
   pb.grid_seqlen_k = max_seqlen_k >= 0 ? std::min(max_seqlen_k, g.total_k) : g.total_k;
   pb.has_dlse = dlse.defined();
   pb.q_rows_aligned = rows_aligned_16(q) && rows_aligned_16(dout);
+  pb.num_splits = num_splits;
 
   BackwardParams params;
   const BackwardPlan plan = plan_backward(pb, &params);
+  // Each chunk's fp32 sum of dS K per (token, head): O(n) (at most BACKWARD_MAX_CHUNKS copies of dq); the delta
+  // kernel zeroes the rows of every sequence, the reduce reads only those.
+  const at::Tensor dq_partial = at::empty({plan.chunks, g.varlen ? g.total_q : g.num_seqs * g.total_q, g.num_heads, g.head_dim},
+                                          q.options().dtype(at::kFloat));
   const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
   const std::vector<BufferBinding> buffers = {
       bind_tensor(BACKWARD_BUFFER_Q, q),
@@ -216,9 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
       bind_optional(BACKWARD_BUFFER_CU_SEQLENS_K, g.cu_seqlens_k),
       bind_bytes(BACKWARD_BUFFER_PARAMS, params),
       bind_optional(BACKWARD_BUFFER_ALIBI, extras.slopes),
+      bind_tensor(BACKWARD_BUFFER_DQ_PARTIAL, dq_partial),
   };
-  dispatch(plan.dq, buffers);
-  dispatch(plan.dkv, buffers);
+  dispatch(plan.delta, buffers);
+  dispatch(plan.fused, buffers);
+  dispatch(plan.reduce, buffers);
   if (s_aux) {
     // The sink is one more logit with no value: P_sink = exp(s_aux - LSE) and dLoss/ds_aux = P_sink (dLSE - dO.O)
     // = -P_sink delta, summed over the rows of its head (rows of no sequence have LSE -inf and delta 0).
@@ -234,11 +269,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux, int64_t num_splits) {
   const BackwardGeometry g = check_backward_args(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                                                  softmax_scale, causal, window_left, window_right, softcap,
-                                                 alibi_slopes, s_aux);
+                                                 alibi_slopes, s_aux, num_splits);
   return empty_grads(q, k, g, s_aux);
+}
+
+int64_t backward_chunks(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t element_bytes,
+                        int64_t max_seqlen_k, int64_t num_splits, int64_t gpu_cores) {
+  check_heads(num_kv_heads, num_kv_heads, head_dim);
+  TORCH_CHECK_VALUE(batch >= 0 && max_seqlen_k >= 0 && (element_bytes == 2 || element_bytes == 4) && num_splits >= 0 &&
+                    gpu_cores >= 0, "backward_chunks: sizes must be >= 0, element_bytes 2 or 4, num_splits and "
+                    "gpu_cores >= 0");
+  return chunk_count(batch * num_kv_heads, ceil_div(max_seqlen_k, BACKWARD_BLOCK_K), head_dim, element_bytes, num_splits,
+                     gpu_cores > 0 ? gpu_cores : gpu_core_count());
 }
 
 }  // namespace metal_flash_sdpa

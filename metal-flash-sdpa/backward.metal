@@ -1,15 +1,19 @@
-// Flash attention backward (FlashAttention-2, Dao 2023, algorithm 2 split in two passes) for the prefill layouts:
-// packed varlen [total, H, D] with cu_seqlens, or batched [B, S, H, D]. P is recomputed from q, k and the forward's
-// LSE, so nothing of size n^2 is ever stored.
+// Flash attention backward (FlashAttention-2, Dao 2023, algorithm 2) for the prefill layouts: packed varlen
+// [total, H, D] with cu_seqlens, or batched [B, S, H, D]. P is recomputed from q, k and the forward's LSE, so nothing
+// of size n^2 is ever stored. Three launches:
 //
-// 1. attention_backward_dq, grid (query blocks, heads, sequences), 4 simdgroups x 8 query rows: per row
-//    delta = dot(dO, O) - dLSE (written out for pass 2), then over the key band of its block
-//    dP = dO V^T, dS = P (dP - delta), dQ += scale dS K.
-// 2. attention_backward_dkv, grid (key blocks, KV heads, sequences), 4 simdgroups x 8 keys: over the query heads of
-//    its KV head (GQA sums there, in registers) and the query band of its keys, S^T = K Q^T, P^T,
-//    dV += P^T dO, dP^T = V dO^T, dS^T, dK += scale dS^T Q.
+// 1. attention_backward_delta, grid (query blocks, heads, sequences), 4 simdgroups x 8 query rows: per row
+//    delta = dot(dO, O) - dLSE, and the row's dQ partials of every chunk set to zero.
+// 2. attention_backward_fused, grid (chunks, KV heads, sequences), 4 simdgroups x 8 keys: chunk c takes the key blocks
+//    c, c + chunks, ... of its sequence (interleaved, so a causal mask leaves the chunks equal work) and, for each,
+//    the query heads of its KV head (GQA sums there, in registers) and the query tiles of its band: S^T = K Q^T, P^T,
+//    dV += P^T dO, dP^T = V dO^T, dS^T, dK += scale dS^T Q, and the tile's dS K added to the chunk's fp32 dQ
+//    partial (read-modify-write: rows only this threadgroup touches, in a fixed order). Five tile products per
+//    (query tile, key block), S and dP computed once.
+// 3. attention_backward_dq_reduce, grid as the delta kernel's: dq = scale x the sum of the chunks' partials, in
+//    chunk order.
 // Every output element has exactly one writer and a fixed summation order: deterministic, no atomics. The work is
-// O(n * window) like the forward: each pass visits only the tiles of its band (WORK_COUNT proves it).
+// O(n * window) like the forward: the fused kernel visits only the tiles of its band (WORK_COUNT proves it).
 #include <metal_stdlib>
 
 #include "common/attention_tile.h"
@@ -96,6 +100,7 @@ METAL_FUNC void store_fragments(device T* row_ptr, thread const Fragments<D / 8>
     device T* dq [[buffer(BACKWARD_BUFFER_DQ)]],                                       \
     device T* dk [[buffer(BACKWARD_BUFFER_DK)]],                                       \
     device T* dv [[buffer(BACKWARD_BUFFER_DV)]],                                       \
+    device float* dq_partial [[buffer(BACKWARD_BUFFER_DQ_PARTIAL)]],                   \
     const device int* cu_seqlens_q [[buffer(BACKWARD_BUFFER_CU_SEQLENS_Q)]],           \
     const device int* cu_seqlens_k [[buffer(BACKWARD_BUFFER_CU_SEQLENS_K)]],           \
     constant BackwardParams& p [[buffer(BACKWARD_BUFFER_PARAMS)]],                     \
@@ -106,93 +111,85 @@ METAL_FUNC void store_fragments(device T* row_ptr, thread const Fragments<D / 8>
     ushort sg [[simdgroup_index_in_threadgroup]],                                      \
     ushort lane [[thread_index_in_simdgroup]]
 
-template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(BACKWARD_THREADS)]] void attention_backward_dq(BACKWARD_BUFFERS(T)) {
-    constexpr int BK = KV_TILE_KEYS(D);
-    constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
-    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
-    threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
+// Element offset of (chunk 0, token `row` of the sequence, head) in the dQ partials [chunks, tokens, H, D]; the
+// chunk stride is partial_chunk_stride(p).
+METAL_FUNC int64_t partial_offset(constant BackwardParams& p, int seq, SequenceSpan span, int row, int head) {
+    const int64_t token = (p.uniform_seqlen_q >= 0 ? int64_t(seq) * p.total_q : 0) + span.q_start + row;
+    return (token * p.shape.num_heads + head) * p.shape.head_dim;
+}
+METAL_FUNC int64_t partial_chunk_stride(constant BackwardParams& p) {
+    const int64_t tokens = p.uniform_seqlen_q >= 0 ? int64_t(p.shape.num_seqs) * p.total_q : int64_t(p.total_q);
+    return tokens * p.shape.num_heads * p.shape.head_dim;
+}
 
-    const int seq = int(tgid.z), head = int(tgid.y);
-    const SequenceSpan span = sequence_span(seq, p, cu_seqlens_q, cu_seqlens_k);
-    const int kv_head = head / (p.shape.num_heads / p.shape.num_kv_heads);
-    const int shift = span.seqlen_k - span.seqlen_q;   // bottom-right alignment
-    const device T* q_seq = q + element_offset(p.shape.q_strides, seq, span.q_start, head);
-    const device T* out_seq = out + element_offset(p.shape.out_strides, seq, span.q_start, head);
-    const device T* dout_seq = dout + element_offset(p.dout_strides, seq, span.q_start, head);
-    device T* dq_seq = dq + element_offset(p.dq_strides, seq, span.q_start, head);
-    const int64_t row_lse = lse_offset(p.shape.lse_strides, seq, head, span.q_start);
-    const int64_t lse_token = p.shape.lse_strides[LSE_TOKEN];
-    const device T* k_head = k + element_offset(p.shape.k_strides, seq, span.k_start, kv_head);
-    const device T* v_head = v + element_offset(p.shape.v_strides, seq, span.k_start, kv_head);
-    const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
+// An 8x8 fragment of a row-major matrix in device memory whose first row is `src` (rows `stride` elements apart;
+// `lane_row` = fc.row x stride, computed once, so no multiply here); rows at or past `rows` read as zero and are never
+// accessed (a partial tile at the end of a sequence or of the tensor).
+template <typename T>
+METAL_FUNC void load_fragment(thread simdgroup_matrix<T, 8, 8>& m, const device T* src, int64_t stride, int64_t lane_row,
+                              int rows, FragmentCoord fc) {
+    if (rows >= 8) {
+        simdgroup_load(m, src, ulong(stride));
+        return;
+    }
+    UNROLL_FRAGMENTS
+    for (int e = 0; e < 2; ++e) m.thread_elements()[e] = fc.row < rows ? src[lane_row + fc.col + e] : T(0);
+}
 
-    const FragmentCoord fc = fragment_coord(lane);
-    const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
-
-    for (int64_t block = tgid.x; block * BACKWARD_BLOCK_Q < span.seqlen_q; block += grid.x) {
-        const int block_row0 = int(block * BACKWARD_BLOCK_Q);
-        const int last_row = min(block_row0 + BACKWARD_BLOCK_Q, span.seqlen_q) - 1;
-        const KeyBand band = key_band(block_row0 + shift, last_row + shift, span.seqlen_k, p.mask);
-        const int kb_begin = band.begin / BK;
-        const int kb_end = band.end > band.begin ? (band.end + BK - 1) / BK : kb_begin;
-
-        const int row = block_row0 + int(sg) * 8 + fc.row;
-        const bool row_valid = row < span.seqlen_q;
-        Fragments<D / 8> q_frag, dout_frag, dq_frag;
-        load_q<T, D>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN], row_valid, p.mask.scale, fc);
-        load_q<T, D>(dout_frag, dout_seq + row * p.dout_strides[STRIDE_TOKEN], row_valid, 1.0f, fc);
-        clear<D>(dq_frag);
-        // delta = dot(dO, O) - dLSE: the row's four lanes each hold D/4 of its elements.
-        float dot = 0.0f;
-        const device T* out_row = out_seq + row * p.shape.out_strides[STRIDE_TOKEN];
+// The lane's elements of an 8x8 fp32 fragment to device rows as load_fragment reads them; rows at or past `rows`
+// are left alone.
+METAL_FUNC void store_fragment(thread const simdgroup_float8x8& m, device float* dst, int64_t stride, int64_t lane_row,
+                               int rows, FragmentCoord fc) {
+    if (rows >= 8) {
+        simdgroup_store(m, dst, ulong(stride));
+        return;
+    }
+    if (fc.row < rows) {
         UNROLL_FRAGMENTS
-        for (int d = 0; d < D / 8; ++d) {
-            UNROLL_FRAGMENTS
-            for (int e = 0; e < 2; ++e)
-                dot += row_valid ? dout_frag.frag[d].thread_elements()[e] * float(out_row[d * 8 + fc.col + e]) : 0.0f;
-        }
-        float row_delta = row_sum(dot);
-        float row_lse2 = 0.0f;
-        if (row_valid) {
-            row_delta -= p.has_dlse ? dlse[row_lse + row * lse_token] : 0.0f;
-            row_lse2 = lse[row_lse + row * lse_token] * LOG2E;
-            if (fc.col == 0) delta[row_lse + row * lse_token] = row_delta;   // one lane per row
-        }
-        const bool rows_valid = block_row0 + BACKWARD_BLOCK_Q <= span.seqlen_q;
-
-        for (int kb = kb_begin; kb < kb_end; ++kb) {
-            const int key0 = kb * BK;
-            const TokenRows v_rows{min(BK, span.seqlen_k - key0), p.shape.v_strides[STRIDE_TOKEN]};
-            const TokenRows k_rows{v_rows.rows, p.shape.k_strides[STRIDE_TOKEN]};
-            // One tile buffer (the forward's size): V first for dP, then K for S and dQ.
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, BACKWARD_THREADS);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            Fragments<BK / 8> dp, s, softcap_grad;
-            qk_tile<T, D, BK, LD>(dp, dout_frag, tile);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, BACKWARD_THREADS);
-            if (tid == 0) WORK_COUNT("backward_dq_tiles", 1);
-            threadgroup_barrier(mem_flags::mem_threadgroup);
-            qk_tile<T, D, BK, LD>(s, q_frag, tile);
-            const bool edge = !rows_valid || key0 + BK > span.seqlen_k ||
-                              !band_interior(block_row0 + shift, last_row + shift, key0, key0 + BK - 1, p.mask);
-            probabilities<BK / 8, false>(s, softcap_grad, row, span.seqlen_q, key0, span.seqlen_k, shift, row_lse2,
-                                         nullptr, edge, slope, rules, fc);
-            score_grads<BK / 8, false>(s, dp, softcap_grad, row_delta, nullptr, rules.softcap, fc);
-            pv_tile<T, D, BK, LD>(dq_frag, s, tile);
-        }
-        if (row_valid) store_fragments<T, D>(dq_seq + row * p.dq_strides[STRIDE_TOKEN], dq_frag, p.mask.scale, fc);
+        for (int e = 0; e < 2; ++e) dst[lane_row + fc.col + e] = m.thread_elements()[e];
     }
 }
 
 template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(BACKWARD_THREADS)]] void attention_backward_dkv(BACKWARD_BUFFERS(T)) {
+[[kernel, max_total_threads_per_threadgroup(BACKWARD_THREADS)]] void attention_backward_delta(BACKWARD_BUFFERS(T)) {
+    const int seq = int(tgid.z), head = int(tgid.y);
+    const SequenceSpan span = sequence_span(seq, p, cu_seqlens_q, cu_seqlens_k);
+    const device T* out_seq = out + element_offset(p.shape.out_strides, seq, span.q_start, head);
+    const device T* dout_seq = dout + element_offset(p.dout_strides, seq, span.q_start, head);
+    const int64_t row_lse = lse_offset(p.shape.lse_strides, seq, head, span.q_start);
+    const int64_t lse_token = p.shape.lse_strides[LSE_TOKEN];
+    const int64_t chunk_stride = partial_chunk_stride(p);
+    const FragmentCoord fc = fragment_coord(lane);
+
+    for (int64_t block = tgid.x; block * BACKWARD_BLOCK_Q < span.seqlen_q; block += grid.x) {
+        const int row = int(block * BACKWARD_BLOCK_Q) + int(sg) * 8 + fc.row;
+        if (row >= span.seqlen_q) continue;   // no barrier in this kernel
+        // delta = dot(dO, O) - dLSE: the row's four lanes each hold D/4 of its elements.
+        const device T* out_row = out_seq + row * p.shape.out_strides[STRIDE_TOKEN];
+        const device T* dout_row = dout_seq + row * p.dout_strides[STRIDE_TOKEN];
+        device float* partial_row = dq_partial + partial_offset(p, seq, span, row, head);
+        float dot = 0.0f;
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < D / 8; ++d) {
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) dot += float(dout_row[d * 8 + fc.col + e]) * float(out_row[d * 8 + fc.col + e]);
+            device float* partial = partial_row + d * 8 + fc.col;
+            for (int c = 0; c < p.num_chunks; ++c, partial += chunk_stride) *reinterpret_cast<device float2*>(partial) = float2(0.0f);
+        }
+        const float row_delta = row_sum(dot) - (p.has_dlse ? dlse[row_lse + row * lse_token] : 0.0f);
+        if (fc.col == 0) delta[row_lse + row * lse_token] = row_delta;   // one lane per row
+    }
+}
+
+template <typename T, int D>
+[[kernel, max_total_threads_per_threadgroup(BACKWARD_THREADS)]] void attention_backward_fused(BACKWARD_BUFFERS(T)) {
     constexpr int BQ = BACKWARD_TILE_QUERIES(sizeof(T), D);
+    constexpr int BK = BACKWARD_BLOCK_K;
     constexpr int LD = D + 8;
+    static_assert(BK == 4 * 8, "four simdgroups of 8 keys");
     threadgroup uint4 q_storage[KV_TILE_VECTORS(T, BQ, LD)];
     threadgroup uint4 dout_storage[KV_TILE_VECTORS(T, BQ, LD)];
+    threadgroup float ds_tile[BK * BQ];   // dS^T of the tile: row r holds key r's BQ query columns
     threadgroup float lse2_tile[BQ], delta_tile[BQ];
     threadgroup T* q_tile = reinterpret_cast<threadgroup T*>(q_storage);
     threadgroup T* dout_tile = reinterpret_cast<threadgroup T*>(dout_storage);
@@ -205,30 +202,37 @@ template <typename T, int D>
     const device T* v_seq = v + element_offset(p.shape.v_strides, seq, span.k_start, kv_head);
     device T* dk_seq = dk + element_offset(p.dk_strides, seq, span.k_start, kv_head);
     device T* dv_seq = dv + element_offset(p.dv_strides, seq, span.k_start, kv_head);
+    device float* partial_chunk = dq_partial + int64_t(tgid.x) * partial_chunk_stride(p);
     const int64_t lse_token = p.shape.lse_strides[LSE_TOKEN];
+    const int64_t k_token = p.shape.k_strides[STRIDE_TOKEN];
+    const int64_t partial_token = int64_t(p.shape.num_heads) * D;
 
     const FragmentCoord fc = fragment_coord(lane);
+    const int64_t k_lane_row = fc.row * k_token, partial_lane_row = fc.row * partial_token;   // see load_fragment
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
 
-    for (int64_t block = tgid.x; block * BACKWARD_BLOCK_K < span.seqlen_k; block += grid.x) {
-        const int block_key0 = int(block * BACKWARD_BLOCK_K);
-        const int last_key = min(block_key0 + BACKWARD_BLOCK_K, span.seqlen_k) - 1;
+    for (int64_t block = tgid.x; block * BK < span.seqlen_k; block += grid.x) {
+        const int block_key0 = int(block * BK);
+        const int last_key = min(block_key0 + BK, span.seqlen_k) - 1;
         const QueryBand band = query_band(block_key0, last_key, span.seqlen_q, shift, p.mask);
         const int qb_begin = band.begin / BQ;
         const int qb_end = band.end > band.begin ? (band.end + BQ - 1) / BQ : qb_begin;
-        const bool keys_valid = block_key0 + BACKWARD_BLOCK_K <= span.seqlen_k;
+        const bool keys_valid = block_key0 + BK <= span.seqlen_k;
+        const int block_keys = last_key + 1 - block_key0;
 
         const int key = block_key0 + int(sg) * 8 + fc.row;
         const bool key_valid = key < span.seqlen_k;
         Fragments<D / 8> k_frag, v_frag, dk_frag, dv_frag;
-        load_q<T, D>(k_frag, k_seq + key * p.shape.k_strides[STRIDE_TOKEN], key_valid, p.mask.scale, fc);
+        load_q<T, D>(k_frag, k_seq + key * k_token, key_valid, p.mask.scale, fc);
         load_q<T, D>(v_frag, v_seq + key * p.shape.v_strides[STRIDE_TOKEN], key_valid, 1.0f, fc);
         clear<D>(dk_frag);
         clear<D>(dv_frag);
+        const device T* k_block = k_seq + int64_t(block_key0) * k_token;
 
         for (int head = kv_head * group; head < (kv_head + 1) * group; ++head) {
             const device T* q_head = q + element_offset(p.shape.q_strides, seq, span.q_start, head);
             const device T* dout_head = dout + element_offset(p.dout_strides, seq, span.q_start, head);
+            device float* partial_head = partial_chunk + partial_offset(p, seq, span, 0, head);
             const int64_t head_lse = lse_offset(p.shape.lse_strides, seq, head, span.q_start);
             const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
             for (int qb = qb_begin; qb < qb_end; ++qb) {
@@ -258,6 +262,36 @@ template <typename T, int D>
                 qk_tile<T, D, BQ, LD>(dp, v_frag, dout_tile);   // dP^T = V dO^T
                 score_grads<BQ / 8, true>(s, dp, softcap_grad, 0.0f, delta_tile, rules.softcap, fc);
                 pv_tile<T, D, BQ, LD>(dk_frag, s, q_tile);      // dK += dS^T Q
+                UNROLL_FRAGMENTS
+                for (int j = 0; j < BQ / 8; ++j) simdgroup_store(s.frag[j], ds_tile + int(sg) * 8 * BQ + j * 8, BQ);
+                threadgroup_barrier(mem_flags::mem_threadgroup);
+
+                // dQ += dS K over the block's keys: the tile's (8-row block r, 8-column block d) fragments dealt out to
+                // the simdgroups in turn (fragment r * D/8 + d to simdgroup (r * D/8 + d) % 4, the same one every
+                // tile), each read from the chunk's partial, accumulated and written back. Pointers advance by adds.
+                device float* partial_rows = partial_head + int64_t(row0) * partial_token;
+                UNROLL_FRAGMENTS
+                for (int r = 0; r < BQ / 8; ++r, partial_rows += 8 * partial_token) {
+                    const int rows = q_rows.rows - r * 8;
+                    if (rows <= 0) break;
+                    simdgroup_float8x8 ds[BK / 8];   // dS rows r, keys j: the transpose of dS^T's block
+                    UNROLL_FRAGMENTS
+                    for (int j = 0; j < BK / 8; ++j) simdgroup_load(ds[j], ds_tile + j * 8 * BQ + r * 8, BQ, ulong2(0, 0), true);
+                    for (int d = (int(sg) + 4 - (r * (D / 8)) % 4) % 4; d < D / 8; d += 4) {
+                        simdgroup_float8x8 acc;
+                        load_fragment(acc, partial_rows + d * 8, partial_token, partial_lane_row, rows, fc);
+                        const device T* k_rows = k_block + d * 8;
+                        UNROLL_FRAGMENTS
+                        for (int j = 0; j < BK / 8; ++j, k_rows += 8 * k_token) {
+                            simdgroup_matrix<T, 8, 8> kt;
+                            load_fragment(kt, k_rows, k_token, k_lane_row, block_keys - j * 8, fc);
+                            simdgroup_float8x8 kt_f;
+                            kt_f.thread_elements() = float2(kt.thread_elements());
+                            simdgroup_multiply_accumulate(acc, ds[j], kt_f, acc);
+                        }
+                        store_fragment(acc, partial_rows + d * 8, partial_token, partial_lane_row, rows, fc);
+                    }
+                }
             }
         }
         if (!key_valid) continue;   // only ever true in the last block, so no barrier follows
@@ -266,11 +300,38 @@ template <typename T, int D>
     }
 }
 
+template <typename T, int D>
+[[kernel, max_total_threads_per_threadgroup(BACKWARD_THREADS)]] void attention_backward_dq_reduce(BACKWARD_BUFFERS(T)) {
+    const int seq = int(tgid.z), head = int(tgid.y);
+    const SequenceSpan span = sequence_span(seq, p, cu_seqlens_q, cu_seqlens_k);
+    device T* dq_seq = dq + element_offset(p.dq_strides, seq, span.q_start, head);
+    const int64_t chunk_stride = partial_chunk_stride(p);
+    const FragmentCoord fc = fragment_coord(lane);
+
+    for (int64_t block = tgid.x; block * BACKWARD_BLOCK_Q < span.seqlen_q; block += grid.x) {
+        const int row = int(block * BACKWARD_BLOCK_Q) + int(sg) * 8 + fc.row;
+        if (row >= span.seqlen_q) continue;   // no barrier in this kernel
+        const device float* partial_row = dq_partial + partial_offset(p, seq, span, row, head);
+        device T* dq_row = dq_seq + row * p.dq_strides[STRIDE_TOKEN];
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < D / 8; ++d) {
+            float2 sum = 0.0f;
+            const device float* partial = partial_row + d * 8 + fc.col;
+            for (int c = 0; c < p.num_chunks; ++c, partial += chunk_stride)   // chunk order: deterministic
+                sum += *reinterpret_cast<const device float2*>(partial);
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) dq_row[d * 8 + fc.col + e] = T(sum[e] * p.mask.scale);
+        }
+    }
+}
+
 #define INSTANTIATE_BACKWARD(type, d)                                                               \
-    template [[host_name("attention_backward_dq_" #type "_" #d)]] [[kernel]]                       \
-    decltype(attention_backward_dq<type, d>) attention_backward_dq<type, d>;                       \
-    template [[host_name("attention_backward_dkv_" #type "_" #d)]] [[kernel]]                      \
-    decltype(attention_backward_dkv<type, d>) attention_backward_dkv<type, d>;
+    template [[host_name("attention_backward_delta_" #type "_" #d)]] [[kernel]]                    \
+    decltype(attention_backward_delta<type, d>) attention_backward_delta<type, d>;                 \
+    template [[host_name("attention_backward_fused_" #type "_" #d)]] [[kernel]]                    \
+    decltype(attention_backward_fused<type, d>) attention_backward_fused<type, d>;                 \
+    template [[host_name("attention_backward_dq_reduce_" #type "_" #d)]] [[kernel]]                \
+    decltype(attention_backward_dq_reduce<type, d>) attention_backward_dq_reduce<type, d>;
 FOR_EACH_HEAD_DIM(INSTANTIATE_BACKWARD, float)
 FOR_EACH_HEAD_DIM(INSTANTIATE_BACKWARD, half)
 FOR_EACH_HEAD_DIM(INSTANTIATE_BACKWARD, bfloat)

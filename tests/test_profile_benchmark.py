@@ -90,3 +90,16 @@ def test_registers_limit_residency(fa):
     assert cost_model.residency(128, 1024) == cost_model.MAX_THREADS_PER_CORE[0] // 128
     for D in fa.SUPPORTED_HEAD_DIMS:
         assert profile.prefill_registers(fa, "ours", D, 2) <= cost_model.MAX_REGISTERS_PER_THREAD[0], D
+
+
+def test_length_law_is_exact_and_checked():
+    """Training cases past TRAINING_WHOLE: a quadratic counter is extrapolated exactly from the first three lengths;
+    one off the law at the last length is refused."""
+    from benchmarks import profile
+    law = lambda n: 3 * n * n + 2 * n + 7   # noqa: E731
+    runs = {m: [dict(kernel="k", counters={"x": law(m), "threads_per_threadgroup": 128})] for m in profile.LAW_LENGTHS}
+    (launch,) = profile.extrapolate_length(runs, 8192)
+    assert launch["counters"] == {"x": law(8192), "threads_per_threadgroup": 128}
+    runs[max(runs)][0]["counters"]["x"] += 1
+    with pytest.raises(RuntimeError, match="off the quadratic law"):
+        profile.extrapolate_length(runs, 8192)

@@ -46,7 +46,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor? dsoftmax_lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
-      "Tensor? s_aux) -> (Tensor dq, Tensor dk, Tensor dv, Tensor ds_aux)");
+      "Tensor? s_aux, int num_splits=0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor ds_aux)");
   ops.def(
       "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor? block_table, Tensor? cache_batch_idx, Tensor? cache_seqlens, Tensor? kv_start, int num_splits, "
@@ -60,6 +60,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def("decode_split(int batch, int num_heads, int num_kv_heads, int seqlen_q, int head_dim, int element_bytes, "
           "int max_keys, int window_left, int num_splits, int gpu_cores) -> int[]",
           &metal_flash_sdpa::decode_split);
+  ops.def("backward_chunks(int batch, int num_kv_heads, int head_dim, int element_bytes, int max_seqlen_k, "
+          "int num_splits, int gpu_cores) -> int", &metal_flash_sdpa::backward_chunks);
   ops.impl("flash_attn_varlen", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_meta);
   ops.impl("flash_attn_varlen_backward", c10::kMeta, &metal_flash_sdpa::flash_attn_varlen_backward_meta);
   ops.impl("flash_attn_decode", c10::kMeta, &metal_flash_sdpa::flash_attn_decode_meta);

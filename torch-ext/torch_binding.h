@@ -25,16 +25,20 @@ FlashAttnVarlen flash_attn_varlen;        // MPS or CPU (simulator), per build
 FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fake tensors
 
 // Backward of flash_attn_varlen: (dq, dk, dv, d s_aux) from the gradient of the output (and optionally of the LSE),
-// the forward's arguments, output and LSE. d s_aux is [H] in s_aux's dtype, or empty without sinks.
+// the forward's arguments, output and LSE. d s_aux is [H] in s_aux's dtype, or empty without sinks. num_splits: chunks
+// of key blocks per (sequence, KV head), 0: backward_chunks' heuristic.
 using FlashAttnVarlenBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux);
+    const std::optional<at::Tensor>& s_aux, int64_t num_splits);
 FlashAttnVarlenBackward flash_attn_varlen_backward;
 FlashAttnVarlenBackward flash_attn_varlen_backward_meta;
+// The chunks the backward of these sizes runs with (num_splits as the op takes it; gpu_cores 0: this device's).
+int64_t backward_chunks(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t element_bytes,
+                        int64_t max_seqlen_k, int64_t num_splits, int64_t gpu_cores);
 
 // Decode over a paged KV cache [num_blocks, block_size, Hkv, D] read through block_table [B, max_blocks] (or a
 // contiguous cache [B_cache, S, Hkv, D], rows cache_batch_idx[b], default b): optional new k/v [B, n, Hkv, D]

@@ -175,10 +175,11 @@ struct KvWriteParams {
 static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by host and shader");
 
 // ---------------------------------------------------------------------------------------------- backward
-// Flash-attention backward (backward.metal): the dQ kernel (grid as the prefill's: query blocks x heads x
-// sequences) computes delta_i = dot(dO_i, O_i) - dLSE_i per row and dQ; then the dK/dV kernel (one threadgroup per
-// BACKWARD_BLOCK_K keys of a KV head and sequence) loops over the query heads of its KV head and the query blocks of
-// its band. Each output element has one writer, so no atomics: the result is deterministic.
+// Flash-attention backward (backward.metal), three launches: the delta kernel (grid as the prefill's: query blocks x
+// heads x sequences) computes delta_i = dot(dO_i, O_i) - dLSE_i per row and zeroes the row's dQ partials; the fused
+// kernel (one threadgroup per chunk of key blocks, KV head and sequence) computes dK/dV of its keys in registers and
+// adds each tile's dQ contribution to its chunk's fp32 partial; the reduce kernel sums the chunks' partials into dq.
+// Every element has one writer per launch and a fixed summation order, so no atomics: the result is deterministic.
 #define BACKWARD_BUFFER_Q 0
 #define BACKWARD_BUFFER_K 1
 #define BACKWARD_BUFFER_V 2
@@ -186,7 +187,7 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define BACKWARD_BUFFER_DOUT 4
 #define BACKWARD_BUFFER_LSE 5        // fp32, the forward's natural-log LSE
 #define BACKWARD_BUFFER_DLSE 6       // fp32, the LSE's gradient (when has_dlse)
-#define BACKWARD_BUFFER_DELTA 7      // fp32, written by the dQ kernel, read by the dK/dV kernel (LSE layout)
+#define BACKWARD_BUFFER_DELTA 7      // fp32, written by the delta kernel, read by the fused kernel (LSE layout)
 #define BACKWARD_BUFFER_DQ 8
 #define BACKWARD_BUFFER_DK 9
 #define BACKWARD_BUFFER_DV 10
@@ -194,13 +195,18 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define BACKWARD_BUFFER_CU_SEQLENS_K 12
 #define BACKWARD_BUFFER_PARAMS 13
 #define BACKWARD_BUFFER_ALIBI 14     // sinks need no buffer: the host turns delta and the LSE into d s_aux
+#define BACKWARD_BUFFER_DQ_PARTIAL 15  // fp32 [chunks, tokens, heads, D]: each chunk's sum of dS K (tokens: B x S, or total)
 
-#define BACKWARD_THREADS 128     // 4 simdgroups of 8 rows (query rows in the dQ kernel, keys in the dK/dV kernel)
-#define BACKWARD_BLOCK_Q 32      // query rows per dQ threadgroup
-#define BACKWARD_BLOCK_K 32      // keys per dK/dV threadgroup
-// Query rows per tile of the dK/dV kernel: its Q and dO tiles (padded rows of D + 8 elements) and two fp32 rows
-// (LSE, delta) must fit the 32 KiB of threadgroup memory.
-#define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (2 * (rows) * ((head_dim) + 8) * (element_bytes) + 8 * (rows) <= 32768)
+#define BACKWARD_THREADS 128     // 4 simdgroups of 8 rows (query rows in the delta and reduce kernels, keys in the fused one)
+#define BACKWARD_BLOCK_Q 32      // query rows per delta / reduce threadgroup
+#define BACKWARD_BLOCK_K 32      // keys per block of the fused kernel
+#define BACKWARD_MAX_CHUNKS 8    // key-block chunks per (sequence, KV head): bounds the partials to 8 fp32 copies of dq
+// Query rows per tile of the fused kernel: its Q and dO tiles (padded rows of D + 8 elements), the tile's dS^T
+// (BACKWARD_BLOCK_K x rows, fp32) and two fp32 rows (LSE, delta) in at most 15 KiB, so four threadgroups (16
+// simdgroups, where the ALU saturates) fit a core's 60 KiB (8 rows whatever that takes).
+#define BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) \
+  (2 * (rows) * ((head_dim) + 8) * (element_bytes) + 4 * BACKWARD_BLOCK_K * (rows) + 8 * (rows))
+#define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) <= 15360)
 #define BACKWARD_TILE_QUERIES(element_bytes, head_dim) \
   (BACKWARD_TILE_FITS(32, element_bytes, head_dim) ? 32 : BACKWARD_TILE_FITS(16, element_bytes, head_dim) ? 16 : 8)
 
@@ -216,7 +222,7 @@ struct BackwardParams {
   int32_t uniform_seqlen_q;   // >= 0: batched, every sequence has this many queries / keys; -1: varlen
   int32_t uniform_seqlen_k;
   int32_t has_dlse;           // 1: BACKWARD_BUFFER_DLSE holds dLoss/dLSE
-  int32_t pad_;
+  int32_t num_chunks;         // threadgroups of the fused kernel per (sequence, KV head): dQ partials per token
 };
 static_assert(sizeof(BackwardParams) == 280, "BackwardParams layout is shared by host and shader");
 

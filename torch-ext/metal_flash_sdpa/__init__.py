@@ -30,9 +30,9 @@ KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile
 DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
 DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
 DECODE_MAX_NEW_TOKENS: int = _constants["decode_max_new_tokens"][0]     # flash_attn_func runs the decode kernel up to this Sq
-BACKWARD_BLOCK_Q: int = _constants["backward_block_q"][0]               # query rows per dQ threadgroup
-BACKWARD_BLOCK_K: int = _constants["backward_block_k"][0]               # keys per dK/dV threadgroup
-BACKWARD_TILE_QUERIES: dict[torch.dtype, dict[int, int]] = {            # query rows per dK/dV tile
+BACKWARD_BLOCK_Q: int = _constants["backward_block_q"][0]               # query rows per delta / dQ-reduce threadgroup
+BACKWARD_BLOCK_K: int = _constants["backward_block_k"][0]               # keys per block of the fused kernel
+BACKWARD_TILE_QUERIES: dict[torch.dtype, dict[int, int]] = {            # query rows per fused-kernel tile
     dtype: dict(zip(SUPPORTED_HEAD_DIMS, _constants[f"backward_tile_queries_{bits}bit"]))
     for dtype, bits in [(torch.float32, 32), (torch.float16, 16), (torch.bfloat16, 16)]}
 
