@@ -67,6 +67,101 @@ METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& st
     pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
 }
 
+// ---------------------------------------------------------------------------------------------- direct path
+// Affine K and V (kv_quant.h), head dim 64 or 128, at most 8 query rows (key slices): each slice reads its 8 keys of
+// a tile from the device straight into MMA fragments and dequantizes them in registers, so there is no threadgroup
+// tile to store and reload and a tile costs 2 barriers instead of 4. A dot product does not see the order of the head
+// dim, so the kernel permutes it for contiguous per-lane reads:
+// - S = Q K^T: row k of K^T fragment d is element (D / 8) k + d, so a lane reads one run of D / 8 elements of each
+//   of its two keys; Q is loaded in the same order (load_q_direct);
+// - O += P V: column 2 c + e of V fragment d is element (D / 4) c + 2 d + e, so a lane reads one run of D / 4
+//   elements of its key; O's columns come out in that order and are put back before the store (unpermute_o).
+// A run (8 to 32 elements, a power of two) lies in one quantization group (32 to 128 elements), so a lane needs one
+// scale and bias per key: lane l reads those of key l % 8 and group l / 8 (each once) and the lanes shuffle them.
+// Both are dequantized exactly as dequantize_kv. K and Q (unscaled: exact) multiply as T fragments, like prefill's, and
+// the softmax scale applies to the fp32 scores (ScoreRules::raw_scale); P and V multiply in fp32.
+template <int D>
+constexpr bool direct_head_dim() { return D == 64 || D == 128; }
+
+// Q in the direct path's order as T fragments, unscaled (exact). Every slice reads it: Q is 1/64 of a 32-key tile's
+// K/V bytes at 8 rows, and no conversion or barrier is needed.
+template <typename T, int D>
+METAL_FUNC void load_q_direct(thread Fragments<D / 8, T>& q, const device T* q_row, bool row_valid, FragmentCoord fc) {
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) q.frag[d].thread_elements()[e] = row_valid ? q_row[D / 8 * (fc.col + e) + d] : T(0);
+    }
+}
+
+// The group of a lane's K run and of its V run, and whether the groups whose scales and biases the lane reads exist.
+struct DirectGroups {
+    int k = 0, v = 0;
+    bool k_exists = false, v_exists = false;
+};
+
+template <int D>
+METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, FragmentCoord fc, ushort lane) {
+    return {fc.row * (D / 8) / k.group_size, fc.col / 2 * (D / 4) / v.group_size, lane / 8 < D / k.group_size,
+            lane / 8 < D / v.group_size};
+}
+
+// One slice's 8 keys (tile rows first..first + 7) on the direct path: S = Q K^T, the online softmax, O += P V.
+template <typename T, int D>
+METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8, T>& q,
+                              CacheTile<T> k, CacheTile<T> v, DirectGroups groups, int first, int key0, int key_end,
+                              uint valid, int q_pos, bool row_valid, float slope, ScoreRules rules, float scale,
+                              FragmentCoord fc, ushort lane) {
+    const int mine = first + lane % 8, group = lane / 8;
+    const float2 k_mine = affine_group_at(k, mine, group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, mine, group, groups.v_exists);
+    T run[2][D / 8];
+    UNROLL_FRAGMENTS
+    for (int e = 0; e < 2; ++e) {
+        const int key = fc.col + e;
+        affine_run<T, D / 8>(run[e], k, k.offset[first + key], fc.row * (D / 8),
+                             simd_shuffle(k_mine, ushort(groups.k * 8 + key)));
+    }
+    Fragments<1> s;
+    s.frag[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        simdgroup_matrix<T, 8, 8> kt;
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) kt.thread_elements()[e] = run[e][d];
+        simdgroup_multiply_accumulate(s.frag[0], q.frag[d], kt, s.frag[0]);
+    }
+    rules.raw_scale = scale;   // Q is unscaled
+    softmax_tile<D, 8>(s, state, o, key0 + first, key_end, valid >> first, q_pos, row_valid, true, slope, rules, fc);
+    float values[D / 4];
+    affine_run<T, D / 4>(values, v, v.offset[first + fc.row], fc.col / 2 * (D / 4),
+                         simd_shuffle(v_mine, ushort(groups.v * 8 + fc.row)));
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        simdgroup_float8x8 vt;
+        vt.thread_elements() = float2(values[2 * d], values[2 * d + 1]);
+        simdgroup_multiply_accumulate(o.frag[d], s.frag[0], vt, o.frag[d]);
+    }
+}
+
+// O's columns from the direct path's V order back to the fragment order, through `scratch` (8 x D floats).
+template <int D>
+METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scratch, FragmentCoord fc) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e)
+            scratch[fc.row * D + fc.col / 2 * (D / 4) + 2 * d + e] = o.frag[d].thread_elements()[e];
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) o.frag[d].thread_elements()[e] = scratch[fc.row * D + d * 8 + fc.col + e];
+    }
+}
+
 // Fragments lane by lane in threadgroup memory (D / 4 x 32 floats: with the two state words below, they fit
 // every head dim's K/V tile), for the key slices of a threadgroup, which hold the same rows.
 template <int D>
@@ -198,11 +293,22 @@ template <typename T, int D>
     Fragments<D / 8> q_frag, o_frag;
     threadgroup float* scratch = reinterpret_cast<threadgroup float*>(tile_storage);
     static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= (D / 4 + 2) * 32 * sizeof(float), "slice scratch");
-    load_q<T, D>(q_frag, q + element_offset(p.shape.q_strides, seq, token, head), row_valid && slice == 0, p.mask.scale, fc);
-    if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
+    static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * D * sizeof(float), "unpermute_o scratch");
+    const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
+    const bool direct = direct_head_dim<D>() && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
+                        v_format.kind == KV_AFFINE;
+    const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
+    Fragments<D / 8, T> q_direct;
+    DirectGroups groups;
+    if (direct) {
+        load_q_direct<T, D>(q_direct, q_row, row_valid, fc);
+        groups = direct_groups<D>(k_format, v_format, fc, lane);
+    } else {
+        load_q<T, D>(q_frag, q_row, row_valid && slice == 0, p.mask.scale, fc);
+        if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
+    }
     clear<D>(o_frag);
     OnlineSoftmax state;
-    const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
     const CacheTile<T> k_tile = cache_tile<T>(k_cache, k_scales, k_biases, k_offset, k_scale_offset, k_format,
                                               p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
@@ -220,6 +326,11 @@ template <typename T, int D>
             }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (direct) {   // the next tile's first barrier keeps the offsets until every slice has read them
+            attend_direct<T, D>(o_frag, state, q_direct, k_tile, v_tile, groups, slice * 8, key0, hi, tile_valid,
+                                token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
+            continue;
+        }
         load_cache_tile<T, D, BK, LD>(tile, k_tile, tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -232,6 +343,7 @@ template <typename T, int D>
                                           slope, rules, fc, load_v);
     }
     if (slices > 1) merge_key_slices<D>(state, o_frag, scratch, slices, slice, lane);
+    if (direct && slice == 0) unpermute_o<D>(o_frag, scratch, fc);
 
     if (!row_valid || slice != 0) return;   // no barrier follows
     if (split_k) {

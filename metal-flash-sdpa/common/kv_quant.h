@@ -1,6 +1,7 @@
 // Quantized K/V caches (params.h: CacheFormat): the quantization rules, shared by the KV write (quantizes rows on
-// the way in) and the decode kernel (dequantizes whole tiles while copying them into threadgroup memory, so the
-// attention math after the copy is the unquantized kernel's).
+// the way in) and the decode kernel, which dequantizes either whole tiles while copying them into threadgroup memory
+// (the attention math after the copy is the unquantized kernel's) or, for affine caches on its direct path, runs of
+// a row straight into registers (affine_run).
 #pragma once
 #include <metal_stdlib>
 
@@ -204,4 +205,74 @@ METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid,
         dequantize_affine_tile<T, D, BK, LD, 4>(tile, src, tid, threads);
     else
         dequantize_affine_tile<T, D, BK, LD, 8>(tile, src, tid, threads);
+}
+
+// ------------------------------------------------------------------------------------- affine runs in registers
+// The decode kernel's direct path reads, per lane, RUN consecutive elements of one affine row (16-byte aligned words:
+// rows start on 16 bytes, FC_KV_VECTOR, and a run starts at a multiple of its length) and dequantizes them in
+// registers exactly as dequantize_kv does (`dequantize`). Every loop is unrolled: the arrays stay in registers.
+#define UNROLL_RUN _Pragma("clang loop unroll(full)")
+
+template <int WORDS>
+METAL_FUNC void load_words(thread uint* w, const device uint* p) {
+    constexpr int VEC = WORDS >= 4 ? 4 : WORDS;   // runs are 1, 2 or a multiple of 4 words
+    UNROLL_RUN
+    for (int i = 0; i < WORDS; i += VEC) {
+        uint4 v;
+        if (VEC == 4) v = *reinterpret_cast<const device uint4*>(p + i);
+        else if (VEC == 2) v = uint4(*reinterpret_cast<const device uint2*>(p + i), 0u, 0u);
+        else v = uint4(p[i], 0u, 0u, 0u);
+        UNROLL_RUN
+        for (int j = 0; j < VEC; ++j) w[i + j] = v[j];
+    }
+}
+
+// The codes of RUN elements: a byte as it is (uchar4); 4-bit words split into the low and high nibbles of each byte
+// (elements 2 i and 2 i + 1 of the word).
+template <int BITS, int RUN>
+METAL_FUNC void unpack_codes(thread uint* codes, const device uint* words) {
+    constexpr int WORDS = RUN * BITS / 32;
+    uint w[WORDS];
+    load_words<WORDS>(w, words);
+    UNROLL_RUN
+    for (int i = 0; i < WORDS; ++i) {
+        if (BITS == 8) {
+            const uint4 c = uint4(as_type<uchar4>(w[i]));
+            UNROLL_RUN
+            for (int j = 0; j < 4; ++j) codes[4 * i + j] = c[j];
+        } else {
+            const uint4 low = uint4(as_type<uchar4>(w[i] & 0x0F0F0F0Fu));
+            const uint4 high = uint4(as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu));
+            UNROLL_RUN
+            for (int j = 0; j < 4; ++j) {
+                codes[8 * i + 2 * j] = low[j];
+                codes[8 * i + 2 * j + 1] = high[j];
+            }
+        }
+    }
+}
+
+// Elements [first, first + RUN) of the row at `offset` (cache words; negative: no key, zeros) of an affine cache,
+// inside one group whose (scale, bias) is `affine`, as U.
+template <typename T, int RUN, typename U>
+METAL_FUNC void affine_run(thread U* out, CacheTile<T> src, int64_t offset, int first, float2 affine) {
+    if (offset < 0) {
+        UNROLL_RUN
+        for (int i = 0; i < RUN; ++i) out[i] = U(0);
+        return;
+    }
+    const device uint* row = reinterpret_cast<const device uint*>(src.head) + offset;
+    uint codes[RUN];
+    if (src.bits == 4) unpack_codes<4, RUN>(codes, row + first / 8);
+    else unpack_codes<8, RUN>(codes, row + first / 4);
+    UNROLL_RUN
+    for (int i = 0; i < RUN; ++i) out[i] = U(dequantize<T>(codes[i], affine.x, affine.y));
+}
+
+// The (scale, bias) of group `group` of tile row `row` ((0, 0) when the row has no key or the group does not exist).
+template <typename T>
+METAL_FUNC float2 affine_group_at(CacheTile<T> src, int row, int group, bool exists) {
+    if (!exists || src.offset[row] < 0) return float2(0.0f);
+    const int64_t at = src.scale_offset[row] + group;
+    return float2(float(src.scales[at]), float(src.biases[at]));
 }
