@@ -117,10 +117,8 @@ int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t
   const int64_t most = std::max<int64_t>(std::min<int64_t>(BACKWARD_MAX_CHUNKS, key_blocks), 1);
   if (num_splits > 0) return std::min(num_splits, most);
   const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_size, head_dim);
-  const int64_t resident = std::max<int64_t>(
-      1, std::min(kThreadgroupMemoryPerCore / BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
-                  kThreadsPerCore / BACKWARD_THREADS));
-  const int64_t slots = std::max<int64_t>(gpu_cores, 1) * resident;
+  const int64_t slots = threadgroup_slots(gpu_cores, BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
+                                          BACKWARD_THREADS);
   int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
   for (int64_t chunks = 1; chunks <= most; ++chunks) {
     const int64_t cost = ceil_div(std::max<int64_t>(items, 1) * chunks, slots) * ceil_div(key_blocks, chunks);

@@ -76,10 +76,8 @@ int64_t visible_keys(const AttentionOptions& o, int64_t seqlen_q, int64_t max_ke
 int64_t decode_partition_size(const DecodeProblem& pb, int64_t visible, int64_t tile) {
   const AttentionTensors& t = pb.tensors;
   const DecodeRows rows = decode_rows(t, pb.seqlen_q);
-  const int64_t resident = std::max<int64_t>(
-      1, std::min(kThreadgroupMemoryPerCore / DECODE_THREADGROUP_BYTES(element_bytes(t.dtype), t.head_dim),
-                  kThreadsPerCore / rows.threads));
-  const int64_t slots = std::max<int64_t>(pb.gpu_cores, 1) * resident;
+  const int64_t slots = threadgroup_slots(pb.gpu_cores, DECODE_THREADGROUP_BYTES(element_bytes(t.dtype), t.head_dim),
+                                          rows.threads);
   const int64_t items = t.num_seqs * t.num_kv_heads * rows.chunks;
   const int64_t most = std::min(kDecodeMaxPartitions, ceil_div(visible, tile));
   int64_t best_size = ceil_div(visible, tile) * tile, best_cost = std::numeric_limits<int64_t>::max();

@@ -26,6 +26,13 @@ constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
 // the reduce), in keys.
 constexpr int64_t kThreadgroupMemoryPerCore = 60 * 1024;
 constexpr int64_t kThreadsPerCore = 1024;
+// Threadgroups the GPU holds at once: cores x those resident per core (at least one) for this threadgroup memory and
+// thread count (the decode split and the backward's chunk count size their grids by it).
+inline int64_t threadgroup_slots(int64_t gpu_cores, int64_t threadgroup_bytes, int64_t threads) {
+  const int64_t resident =
+      std::max<int64_t>(1, std::min(kThreadgroupMemoryPerCore / threadgroup_bytes, kThreadsPerCore / threads));
+  return std::max<int64_t>(gpu_cores, 1) * resident;
+}
 constexpr int64_t kDecodePartitionOverheadKeys = 64;
 
 // How a causal decode call of these sizes splits its keys: {partitions, keys per partition, scratch bytes (0 without
