@@ -45,3 +45,15 @@ def test_hub_card_renders_with_the_public_functions(fa):
                                  "kv_cache_write", "quantize_kv"]
     for name in functions:
         assert f"- `{name}`" in card
+
+
+def test_paged_prefill_example_runs(fa):
+    """The README's paged prefill example is code a user can paste: run it as written (it asserts on its own output
+    against contiguous calls), with `fa` loaded as the README's "Use it" section loads it."""
+    section = README.split("## Paged prefill", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the Paged prefill section should hold exactly one runnable example"
+    torch.manual_seed(0)
+    namespace = {"fa": fa}
+    exec(compile(blocks[0], "README.md (Paged prefill example)", "exec"), namespace)
+    assert namespace["out"].shape == (6, 8, 64) and torch.isfinite(namespace["out"]).all()
