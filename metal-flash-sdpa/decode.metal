@@ -136,6 +136,11 @@ METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, ushort lane)
     return {k.group_size / DIRECT_BLOCK, lane / 8 < D / k.group_size, lane / 8 < D / v.group_size};
 }
 
+// The row offset lane `from` holds (a 64-bit value as two 32-bit shuffles).
+METAL_FUNC int64_t shuffle_offset(int64_t offset, int from) {
+    return as_type<int64_t>(simd_shuffle(as_type<int2>(offset), ushort(from)));
+}
+
 // One slice's 8 keys (tile rows first..first + 7) on the direct path, GROUP_BLOCKS blocks a group: S = Q K^T, the
 // online softmax, O += P V; value_bias[g] is the lane's running sum of P bias over its two keys (per group).
 template <typename T, int D, int GROUP_BLOCKS>
@@ -145,12 +150,13 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
                               ScoreRules rules, float scale, FragmentCoord fc, ushort lane) {
     constexpr int BLOCKS = D / DIRECT_BLOCK, GROUPS = BLOCKS / GROUP_BLOCKS;
     const int mine = first + lane % 8, group = lane / 8;
-    const float2 k_mine = affine_group_at(k, mine, group, groups.k_exists);
-    const float2 v_mine = affine_group_at(v, mine, group, groups.v_exists);
+    const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // key l % 8 (-1 in both: no key)
+    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, groups.v_exists);
     uint codes[2][BLOCKS][4];
     UNROLL_FRAGMENTS
     for (int e = 0; e < 2; ++e)
-        row_codes<T, 4, BLOCKS, DIRECT_BLOCK>(codes[e], k, k.offset[first + fc.col + e], 4 * fc.row);
+        row_codes<T, 4, BLOCKS, DIRECT_BLOCK>(codes[e], k, shuffle_offset(k_row, fc.col + e), 4 * fc.row);
     Fragments<GROUPS> dots;   // Q_g . code_j,g
     UNROLL_FRAGMENTS
     for (int g = 0; g < GROUPS; ++g) dots.frag[g] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
@@ -164,6 +170,13 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
             simdgroup_multiply_accumulate(dots.frag[a / GROUP_BLOCKS], dq.q.frag[4 * a + b], kt, dots.frag[a / GROUP_BLOCKS]);
         }
     }
+    float q_sum[GROUPS];   // of the lane's row over each group
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) {
+        q_sum[g] = dq.block_sum[g * GROUP_BLOCKS];
+        UNROLL_FRAGMENTS
+        for (int a = g * GROUP_BLOCKS + 1; a < (g + 1) * GROUP_BLOCKS; ++a) q_sum[g] += dq.block_sum[a];
+    }
     Fragments<1> s;
     UNROLL_FRAGMENTS
     for (int e = 0; e < 2; ++e) {
@@ -171,24 +184,31 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
         UNROLL_FRAGMENTS
         for (int g = 0; g < GROUPS; ++g) {
             const float2 affine = simd_shuffle(k_mine, ushort(g * 8 + fc.col + e));
-            float q_sum = 0.0f;
-            UNROLL_FRAGMENTS
-            for (int a = g * GROUP_BLOCKS; a < (g + 1) * GROUP_BLOCKS; ++a) q_sum += dq.block_sum[a];
-            score += affine.x * dots.frag[g].thread_elements()[e] + affine.y * q_sum;
+            score += affine.x * dots.frag[g].thread_elements()[e] + affine.y * q_sum[g];
         }
         s.frag[0].thread_elements()[e] = score;
     }
     rules.raw_scale = scale;   // Q is unscaled
     const float old_max = state.max_log2;
-    softmax_tile<D, 8>(s, state, o, key0 + first, key_end, valid >> first, q_pos, row_valid, true, slope, rules, fc);
-    const float rescale = fast::exp2(old_max - state.max_log2);   // the one softmax_tile applied to O
+    // O is rescaled here, and only when some row's max moved (a uniform branch): softmax_tile rescales a stand-in.
+    Fragments<1> stand_in;
+    stand_in.frag[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    softmax_tile<8, 8>(s, state, stand_in, key0 + first, key_end, valid >> first, q_pos, row_valid, true, slope, rules,
+                       fc);
+    if (simd_any(state.max_log2 != old_max)) {
+        const float rescale = fast::exp2(old_max - state.max_log2);   // as softmax_tile's
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
+        UNROLL_FRAGMENTS
+        for (int g = 0; g < GROUPS; ++g) value_bias[g] *= rescale;
+    }
 
     uint value_codes[BLOCKS][8];
-    row_codes<T, 8, BLOCKS, DIRECT_BLOCK>(value_codes, v, v.offset[first + fc.row], 4 * fc.col);
+    row_codes<T, 8, BLOCKS, DIRECT_BLOCK>(value_codes, v, shuffle_offset(v_row, fc.row), 4 * fc.col);
     Fragments<GROUPS> scaled_p;   // P[r, j] scale[j, g]
     UNROLL_FRAGMENTS
     for (int g = 0; g < GROUPS; ++g) {
-        float bias = value_bias[g] * rescale;
+        float bias = value_bias[g];
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) {
             const float2 affine = simd_shuffle(v_mine, ushort(g * 8 + fc.col + e));

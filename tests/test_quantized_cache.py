@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import DEVICE, DTYPES, KERNEL, REPO, PagedCache
-from tests.reference import assert_matches_reference, attention_reference
+from tests.reference import affine_values, assert_matches_reference, attention_reference
 
 REPO_README = (REPO / "README.md").read_text()
 BITS = [4, 8]
@@ -94,16 +94,6 @@ def test_quantize_bad_input(fa, kwargs, exception, words):
     args = dict(x=torch.zeros(2, 64), bits=4, group_size=64) | kwargs
     with pytest.raises(exception, match=words):
         fa.quantize_kv(args["x"].to(DEVICE), args["bits"], args["group_size"])
-
-
-def affine_values(packed, scales, biases, bits, group_size):
-    """The exact values an affine cache holds, in float64: scale * code + bias from the stored scales and biases
-    (README "Quantized KV caches": the kernel computes with these; dequantize_kv rounds them to the scales' dtype)."""
-    words = packed.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    codes = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2).double()
-    expand = lambda t: t.cpu().double().repeat_interleave(group_size, dim=-1)   # noqa: E731
-    return expand(scales) * codes + expand(biases)
 
 
 class QuantCache:

@@ -268,8 +268,8 @@ METAL_FUNC void row_codes(thread uint (*codes)[N], CacheTile<T> src, int64_t off
 
 // The (scale, bias) of group `group` of tile row `row` ((0, 0) when the row has no key or the group does not exist).
 template <typename T>
-METAL_FUNC float2 affine_group_at(CacheTile<T> src, int row, int group, bool exists) {
-    if (!exists || src.offset[row] < 0) return float2(0.0f);
+METAL_FUNC float2 affine_group_at(CacheTile<T> src, bool key, int row, int group, bool exists) {
+    if (!exists || !key) return float2(0.0f);
     const int64_t at = src.scale_offset[row] + group;
     return float2(float(src.scales[at]), float(src.biases[at]));
 }
