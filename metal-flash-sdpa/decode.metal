@@ -51,7 +51,8 @@ struct TileLoads {
 
 // One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T, the
 // online softmax, then the V tile replaces K and O += P V. An affine K tile in a 16-bit T holds T(x); S adds
-// Q (x - T(x)) from a second K tile, so the scores are those of the exact affine values to fp32 accuracy.
+// Q (x - T(x)) from a second K tile (the packed K bytes are read twice on this path), so the scores are those of the
+// exact affine values to fp32 accuracy. V is T(x), rounded once.
 template <typename T, int D, int BK, int KEYS, int LD>
 METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8>& q,
                             int slice_row, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
@@ -125,7 +126,8 @@ METAL_FUNC void load_q_direct(thread DirectQ<T, D>& dq, const device T* q_row, b
     }
 }
 
-// The blocks of a quantization group, and whether the groups whose scales and biases the lane reads exist.
+// The blocks of a quantization group (K and V share the group size: the kernel's `direct` condition), and whether the
+// groups whose scales and biases the lane reads exist.
 struct DirectGroups {
     int blocks = 1;
     bool k_exists = false, v_exists = false;
@@ -167,7 +169,8 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
             simdgroup_matrix<T, 8, 8> kt;
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) kt.thread_elements()[e] = T(codes[e][a][b]);
-            simdgroup_multiply_accumulate(dots.frag[a / GROUP_BLOCKS], dq.q.frag[4 * a + b], kt, dots.frag[a / GROUP_BLOCKS]);
+            simdgroup_multiply_accumulate(dots.frag[a / GROUP_BLOCKS], dq.q.frag[4 * a + b], kt,
+                                          dots.frag[a / GROUP_BLOCKS]);
         }
     }
     float q_sum[GROUPS];   // of the lane's row over each group
@@ -255,8 +258,8 @@ METAL_FUNC void attend_direct_groups(thread Fragments<D / 8>& o, thread float* v
         attend_direct<T, D, 1>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid, q_pos, row_valid,
                                slope, rules, scale, fc, lane);
     else if (groups.blocks == 2)
-        attend_direct<T, D, direct_pair<D>()>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid, q_pos, row_valid,
-                               slope, rules, scale, fc, lane);
+        attend_direct<T, D, direct_pair<D>()>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
+                                              q_pos, row_valid, slope, rules, scale, fc, lane);
     else
         attend_direct<T, D, D / DIRECT_BLOCK>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
                                               q_pos, row_valid, slope, rules, scale, fc, lane);
@@ -277,7 +280,8 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
     for (int d = 0; d < D / 8; ++d) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e)
-            scratch[fc.row * D + DIRECT_BLOCK * (d / 4) + 4 * fc.col + 2 * (d % 4) + e] = o.frag[d].thread_elements()[e];
+            scratch[fc.row * D + DIRECT_BLOCK * (d / 4) + 4 * fc.col + 2 * (d % 4) + e] =
+                o.frag[d].thread_elements()[e];
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
     UNROLL_FRAGMENTS
@@ -421,7 +425,7 @@ template <typename T, int D>
     static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * D * sizeof(float), "unpermute_o scratch");
     const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
     const bool direct = direct_head_dim<D>() && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
-                        v_format.kind == KV_AFFINE;
+                        v_format.kind == KV_AFFINE && k_format.group_size == v_format.group_size;
     const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
     DirectQ<T, D> q_direct;
     DirectGroups groups;

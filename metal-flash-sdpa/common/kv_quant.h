@@ -164,7 +164,8 @@ METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, ui
             for (int c = 0; c < 4; ++c) {
                 for (int e = 0; e < PER_WORD; e += 4) {
                     vec<T, 4> values;
-                    for (int i = 0; i < 4; ++i) values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias, residual);
+                    for (int i = 0; i < 4; ++i)
+                        values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias, residual);
                     out4[((w + c) * PER_WORD + e) / 4] = values;
                 }
             }
@@ -195,7 +196,8 @@ METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint 
     }
 }
 
-// A K or V tile into threadgroup memory as T, whatever the cache holds; `residual`: an affine tile's rounding residuals.
+// A K or V tile into threadgroup memory as T, whatever the cache holds (`residual`: an affine tile's rounding
+// residuals, see dequantize).
 template <typename T, int D, int BK, int LD>
 METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads, bool residual = false) {
     if (!kv_quantized || src.kind == KV_PLAIN)
