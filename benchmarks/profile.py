@@ -29,7 +29,7 @@ import torch
 import mslsim
 from benchmarks import cost_model
 from tests.mslsim.anchors import mlx
-from tests.reference import attention_reference
+from tests.reference import affine_values, attention_reference
 
 # Counters that do not scale with the number of threadgroups.
 INTENSIVE = ("threads_per_threadgroup", "threadgroup_memory", "launches", "registers_per_thread")
@@ -121,8 +121,8 @@ def quantized(fa, x, bits):
 
 
 def as_cached(fa, c, x):
-    """K or V as the kernel reads it: the dequantized cache for quantized cases."""
-    return fa.dequantize_kv(*quantized(fa, x, c["kv_bits"]), c["kv_bits"], KV_GROUP) if c["kv_bits"] else x
+    """K or V as the kernel reads it: for quantized cases the cache's exact affine values (float64)."""
+    return affine_values(*quantized(fa, x, c["kv_bits"]), c["kv_bits"], KV_GROUP) if c["kv_bits"] else x
 
 
 def max_abs_err(out, q, k, v, c, sinks, rows=slice(None)):

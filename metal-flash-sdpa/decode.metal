@@ -41,107 +41,235 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
     return {start, end - start};
 }
 
-// Restores the V tile (barriers + copy) between a tile's softmax and its P V product.
+// Reloads the tile (barriers + copy) between a tile's steps: K's rounding residuals (affine K), then V.
 template <typename T>
-struct LoadV {
+struct TileLoads {
     threadgroup uint4* tile_storage;
-    CacheTile<T> cache;
+    CacheTile<T> k, v;
     uint tid, threads;
 };
 
 // One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T, the
-// online softmax, then the V tile replaces K and O += P V.
+// online softmax, then the V tile replaces K and O += P V. An affine K tile in a 16-bit T holds T(x); S adds
+// Q (x - T(x)) from a second K tile (the packed K bytes are read twice on this path), so the scores are those of the
+// exact affine values to fp32 accuracy. V is T(x), rounded once.
 template <typename T, int D, int BK, int KEYS, int LD>
 METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8>& q,
                             int slice_row, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
-                            ScoreRules rules, FragmentCoord fc, LoadV<T> v) {
-    threadgroup T* tile = reinterpret_cast<threadgroup T*>(v.tile_storage);
+                            ScoreRules rules, FragmentCoord fc, TileLoads<T> loads) {
+    threadgroup T* tile = reinterpret_cast<threadgroup T*>(loads.tile_storage);
     Fragments<KEYS / 8> s;
     qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
+    if (sizeof(T) < 4 && kv_quantized && loads.k.kind == KV_AFFINE) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        load_cache_tile<T, D, BK, LD>(tile, loads.k, loads.tid, loads.threads, true);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        Fragments<KEYS / 8> rest;
+        qk_tile<T, D, KEYS, LD>(rest, q, tile + slice_row * LD);
+        UNROLL_FRAGMENTS
+        for (int j = 0; j < KEYS / 8; ++j) s.frag[j].thread_elements() += rest.frag[j].thread_elements();
+    }
     softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
                           rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    load_cache_tile<T, D, BK, LD>(tile, v.cache, v.tid, v.threads);
-    if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    load_cache_tile<T, D, BK, LD>(tile, loads.v, loads.tid, loads.threads);
+    if (loads.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
 }
 
 // ---------------------------------------------------------------------------------------------- direct path
-// Affine K and V (kv_quant.h), head dim 64 or 128, at most 8 query rows (key slices): each slice reads its 8 keys of
-// a tile from the device straight into MMA fragments and dequantizes them in registers, so there is no threadgroup
-// tile to store and reload and a tile costs 2 barriers instead of 4. A dot product does not see the order of the head
-// dim, so the kernel permutes it for contiguous per-lane reads:
-// - S = Q K^T: row k of K^T fragment d is element (D / 8) k + d, so a lane reads one run of D / 8 elements of each
-//   of its two keys; Q is loaded in the same order (load_q_direct);
-// - O += P V: column 2 c + e of V fragment d is element (D / 4) c + 2 d + e, so a lane reads one run of D / 4
-//   elements of its key; O's columns come out in that order and are put back before the store (unpermute_o).
-// A run (8 to 32 elements, a power of two) lies in one quantization group (32 to 128 elements), so a lane needs one
-// scale and bias per key: lane l reads those of key l % 8 and group l / 8 (each once) and the lanes shuffle them.
-// Both are dequantized exactly as dequantize_kv. K and Q (unscaled: exact) multiply as T fragments, like prefill's, and
-// the softmax scale applies to the fp32 scores (ScoreRules::raw_scale); P and V multiply in fp32.
+// Affine K and V (kv_quant.h), head dim 64 or 128, at most 8 query rows (key slices): each slice reads the raw codes
+// of its 8 keys of a tile from the device straight into MMA fragments, with no threadgroup tile (2 barriers a tile
+// instead of 4), and the affine map x = scale * code + bias (scale, bias per key and group) is folded out of the MMAs:
+// - S[r, j] = sum_g scale[j, g] (Q_g . code_j,g) + bias[j, g] qsum[r, g]: Q (T) times the codes (T, exact) into one
+//   fp32 accumulator per group, then scaled per key; qsum[r, g] (sum of Q's row r over group g) is computed at Q load;
+// - O[r, :] += sum_j (P[r, j] scale[j, g]) code_j,g + sum_j P[r, j] bias[j, g]: P scaled per key for each group times
+//   the codes (fp32), and per lane a running sum of P bias per group (value_bias, rescaled with O), added to O once.
+// The kernel computes with the exact affine values in fp32 (no rounding of a dequantized element to T, as MLX's
+// quantized matmuls), which dequantize_kv rounds to T. A dot product does not see the order of the head dim, so the
+// kernel permutes it in blocks of 32 elements (a block lies in one quantization group: groups are 32 to 128 elements):
+// - S = Q K^T: row k of K^T fragment 4 a + b is element 32 a + 4 k + b, so a lane reads 4 codes of each of its two keys
+//   per block; Q is loaded in the same order (load_q_direct);
+// - O += P V: column c of V fragment 4 a + b is element 32 a + 8 (c / 2) + 2 b + c % 2, so a lane reads 8 codes of its
+//   key per block; O's columns come out in that order and are put back before the store (unpermute_o).
+// The fragments of a group are GROUP_BLOCKS = group_size / 32 consecutive blocks (a template argument, chosen per
+// tile). Lane l reads the scale and bias of key l % 8 and group l / 8 (each once) and the lanes shuffle them.
 template <int D>
 constexpr bool direct_head_dim() { return D == 64 || D == 128; }
 
-// Q in the direct path's order as T fragments, unscaled (exact). Every slice reads it: Q is 1/64 of a 32-key tile's
-// K/V bytes at 8 rows, and no conversion or barrier is needed.
+constant constexpr int DIRECT_BLOCK = 32;   // elements of a block: 4 fragments of the contraction
+
+// Q in the direct path's order as T fragments, unscaled (exact), and the sums of its row over each block. Every slice
+// reads it: Q is 1/64 of a 32-key tile's K/V bytes at 8 rows, and no conversion or barrier is needed.
 template <typename T, int D>
-METAL_FUNC void load_q_direct(thread Fragments<D / 8, T>& q, const device T* q_row, bool row_valid, FragmentCoord fc) {
+struct DirectQ {
+    Fragments<D / 8, T> q;
+    float block_sum[D / DIRECT_BLOCK];
+};
+
+template <typename T, int D>
+METAL_FUNC void load_q_direct(thread DirectQ<T, D>& dq, const device T* q_row, bool row_valid, FragmentCoord fc) {
     UNROLL_FRAGMENTS
-    for (int d = 0; d < D / 8; ++d) {
+    for (int a = 0; a < D / DIRECT_BLOCK; ++a) {
+        float sum = 0.0f;
         UNROLL_FRAGMENTS
-        for (int e = 0; e < 2; ++e) q.frag[d].thread_elements()[e] = row_valid ? q_row[D / 8 * (fc.col + e) + d] : T(0);
+        for (int b = 0; b < 4; ++b) {
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) {
+                const T x = row_valid ? q_row[DIRECT_BLOCK * a + 4 * (fc.col + e) + b] : T(0);
+                dq.q.frag[4 * a + b].thread_elements()[e] = x;
+                sum += float(x);
+            }
+        }
+        dq.block_sum[a] = row_sum(sum);
     }
 }
 
-// The group of a lane's K run and of its V run, and whether the groups whose scales and biases the lane reads exist.
+// The blocks of a quantization group (K and V share the group size: the kernel's `direct` condition), and whether the
+// groups whose scales and biases the lane reads exist.
 struct DirectGroups {
-    int k = 0, v = 0;
+    int blocks = 1;
     bool k_exists = false, v_exists = false;
 };
 
 template <int D>
-METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, FragmentCoord fc, ushort lane) {
-    return {fc.row * (D / 8) / k.group_size, fc.col / 2 * (D / 4) / v.group_size, lane / 8 < D / k.group_size,
-            lane / 8 < D / v.group_size};
+METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, ushort lane) {
+    return {k.group_size / DIRECT_BLOCK, lane / 8 < D / k.group_size, lane / 8 < D / v.group_size};
 }
 
-// One slice's 8 keys (tile rows first..first + 7) on the direct path: S = Q K^T, the online softmax, O += P V.
-template <typename T, int D>
-METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8, T>& q,
-                              CacheTile<T> k, CacheTile<T> v, DirectGroups groups, int first, int key0, int key_end,
-                              uint valid, int q_pos, bool row_valid, float slope, ScoreRules rules, float scale,
-                              FragmentCoord fc, ushort lane) {
+// The row offset lane `from` holds (a 64-bit value as two 32-bit shuffles).
+METAL_FUNC int64_t shuffle_offset(int64_t offset, int from) {
+    return as_type<int64_t>(simd_shuffle(as_type<int2>(offset), ushort(from)));
+}
+
+// One slice's 8 keys (tile rows first..first + 7) on the direct path, GROUP_BLOCKS blocks a group: S = Q K^T, the
+// online softmax, O += P V; value_bias[g] is the lane's running sum of P bias over its two keys (per group).
+template <typename T, int D, int GROUP_BLOCKS>
+METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bias, thread OnlineSoftmax& state,
+                              thread const DirectQ<T, D>& dq, CacheTile<T> k, CacheTile<T> v, DirectGroups groups,
+                              int first, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
+                              ScoreRules rules, float scale, FragmentCoord fc, ushort lane) {
+    constexpr int BLOCKS = D / DIRECT_BLOCK, GROUPS = BLOCKS / GROUP_BLOCKS;
     const int mine = first + lane % 8, group = lane / 8;
-    const float2 k_mine = affine_group_at(k, mine, group, groups.k_exists);
-    const float2 v_mine = affine_group_at(v, mine, group, groups.v_exists);
-    T run[2][D / 8];
+    const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // key l % 8 (-1 in both: no key)
+    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, groups.v_exists);
+    uint codes[2][BLOCKS][4];
     UNROLL_FRAGMENTS
-    for (int e = 0; e < 2; ++e) {
-        const int key = fc.col + e;
-        affine_run<T, D / 8>(run[e], k, k.offset[first + key], fc.row * (D / 8),
-                             simd_shuffle(k_mine, ushort(groups.k * 8 + key)));
+    for (int e = 0; e < 2; ++e)
+        row_codes<T, 4, BLOCKS, DIRECT_BLOCK>(codes[e], k, shuffle_offset(k_row, fc.col + e), 4 * fc.row);
+    Fragments<GROUPS> dots;   // Q_g . code_j,g
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) dots.frag[g] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    UNROLL_FRAGMENTS
+    for (int a = 0; a < BLOCKS; ++a) {
+        UNROLL_FRAGMENTS
+        for (int b = 0; b < 4; ++b) {
+            simdgroup_matrix<T, 8, 8> kt;
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) kt.thread_elements()[e] = T(codes[e][a][b]);
+            simdgroup_multiply_accumulate(dots.frag[a / GROUP_BLOCKS], dq.q.frag[4 * a + b], kt,
+                                          dots.frag[a / GROUP_BLOCKS]);
+        }
+    }
+    float q_sum[GROUPS];   // of the lane's row over each group
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) {
+        q_sum[g] = dq.block_sum[g * GROUP_BLOCKS];
+        UNROLL_FRAGMENTS
+        for (int a = g * GROUP_BLOCKS + 1; a < (g + 1) * GROUP_BLOCKS; ++a) q_sum[g] += dq.block_sum[a];
     }
     Fragments<1> s;
-    s.frag[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     UNROLL_FRAGMENTS
-    for (int d = 0; d < D / 8; ++d) {
-        simdgroup_matrix<T, 8, 8> kt;
+    for (int e = 0; e < 2; ++e) {
+        float score = 0.0f;
         UNROLL_FRAGMENTS
-        for (int e = 0; e < 2; ++e) kt.thread_elements()[e] = run[e][d];
-        simdgroup_multiply_accumulate(s.frag[0], q.frag[d], kt, s.frag[0]);
+        for (int g = 0; g < GROUPS; ++g) {
+            const float2 affine = simd_shuffle(k_mine, ushort(g * 8 + fc.col + e));
+            score += affine.x * dots.frag[g].thread_elements()[e] + affine.y * q_sum[g];
+        }
+        s.frag[0].thread_elements()[e] = score;
     }
     rules.raw_scale = scale;   // Q is unscaled
-    softmax_tile<D, 8>(s, state, o, key0 + first, key_end, valid >> first, q_pos, row_valid, true, slope, rules, fc);
-    float values[D / 4];
-    affine_run<T, D / 4>(values, v, v.offset[first + fc.row], fc.col / 2 * (D / 4),
-                         simd_shuffle(v_mine, ushort(groups.v * 8 + fc.row)));
-    UNROLL_FRAGMENTS
-    for (int d = 0; d < D / 8; ++d) {
-        simdgroup_float8x8 vt;
-        vt.thread_elements() = float2(values[2 * d], values[2 * d + 1]);
-        simdgroup_multiply_accumulate(o.frag[d], s.frag[0], vt, o.frag[d]);
+    const float old_max = state.max_log2;
+    // O is rescaled here, and only when some row's max moved (a uniform branch): softmax_tile rescales a stand-in.
+    Fragments<1> stand_in;
+    stand_in.frag[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    softmax_tile<8, 8>(s, state, stand_in, key0 + first, key_end, valid >> first, q_pos, row_valid, true, slope, rules,
+                       fc);
+    if (simd_any(state.max_log2 != old_max)) {
+        const float rescale = fast::exp2(old_max - state.max_log2);   // as softmax_tile's
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
+        UNROLL_FRAGMENTS
+        for (int g = 0; g < GROUPS; ++g) value_bias[g] *= rescale;
     }
+
+    uint value_codes[BLOCKS][8];
+    row_codes<T, 8, BLOCKS, DIRECT_BLOCK>(value_codes, v, shuffle_offset(v_row, fc.row), 4 * fc.col);
+    Fragments<GROUPS> scaled_p;   // P[r, j] scale[j, g]
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) {
+        float bias = value_bias[g];
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) {
+            const float2 affine = simd_shuffle(v_mine, ushort(g * 8 + fc.col + e));
+            const float p = s.frag[0].thread_elements()[e];
+            scaled_p.frag[g].thread_elements()[e] = p * affine.x;
+            bias += p * affine.y;
+        }
+        value_bias[g] = bias;
+    }
+    UNROLL_FRAGMENTS
+    for (int a = 0; a < BLOCKS; ++a) {
+        UNROLL_FRAGMENTS
+        for (int b = 0; b < 4; ++b) {
+            simdgroup_float8x8 vt;
+            vt.thread_elements() = float2(float(value_codes[a][2 * b]), float(value_codes[a][2 * b + 1]));
+            simdgroup_multiply_accumulate(o.frag[4 * a + b], scaled_p.frag[a / GROUP_BLOCKS], vt, o.frag[4 * a + b]);
+        }
+    }
+}
+
+// O += the row's sum of P bias per group (the four lanes of a row hold two keys each), before the slices merge.
+template <int D, int GROUP_BLOCKS>
+METAL_FUNC void add_value_bias(thread Fragments<D / 8>& o, thread const float* value_bias) {
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < D / DIRECT_BLOCK / GROUP_BLOCKS; ++g) {
+        const float bias = row_sum(value_bias[g]);
+        UNROLL_FRAGMENTS
+        for (int d = g * GROUP_BLOCKS * 4; d < (g + 1) * GROUP_BLOCKS * 4; ++d) o.frag[d].thread_elements() += bias;
+    }
+}
+
+// The direct path's steps for the group size at hand (uniform; D / 32 blocks at most). Every head dim instantiates
+// them; a pair of blocks is a valid grouping only when the block count is even (direct_head_dim's are).
+template <int D>
+constexpr int direct_pair() { return D / DIRECT_BLOCK % 2 == 0 ? 2 : 1; }
+
+template <typename T, int D>
+METAL_FUNC void attend_direct_groups(thread Fragments<D / 8>& o, thread float* value_bias, thread OnlineSoftmax& state,
+                                     thread const DirectQ<T, D>& dq, CacheTile<T> k, CacheTile<T> v,
+                                     DirectGroups groups, int first, int key0, int key_end, uint valid, int q_pos,
+                                     bool row_valid, float slope, ScoreRules rules, float scale, FragmentCoord fc,
+                                     ushort lane) {
+    if (groups.blocks == 1)
+        attend_direct<T, D, 1>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid, q_pos, row_valid,
+                               slope, rules, scale, fc, lane);
+    else if (groups.blocks == 2)
+        attend_direct<T, D, direct_pair<D>()>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
+                                              q_pos, row_valid, slope, rules, scale, fc, lane);
+    else
+        attend_direct<T, D, D / DIRECT_BLOCK>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
+                                              q_pos, row_valid, slope, rules, scale, fc, lane);
+}
+
+template <int D>
+METAL_FUNC void add_value_bias_groups(thread Fragments<D / 8>& o, thread const float* value_bias, DirectGroups groups) {
+    if (groups.blocks == 1) add_value_bias<D, 1>(o, value_bias);
+    else if (groups.blocks == 2) add_value_bias<D, direct_pair<D>()>(o, value_bias);
+    else add_value_bias<D, D / DIRECT_BLOCK>(o, value_bias);
 }
 
 // O's columns from the direct path's V order back to the fragment order, through `scratch` (8 x D floats).
@@ -152,7 +280,8 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
     for (int d = 0; d < D / 8; ++d) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e)
-            scratch[fc.row * D + fc.col / 2 * (D / 4) + 2 * d + e] = o.frag[d].thread_elements()[e];
+            scratch[fc.row * D + DIRECT_BLOCK * (d / 4) + 4 * fc.col + 2 * (d % 4) + e] =
+                o.frag[d].thread_elements()[e];
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
     UNROLL_FRAGMENTS
@@ -296,13 +425,14 @@ template <typename T, int D>
     static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * D * sizeof(float), "unpermute_o scratch");
     const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
     const bool direct = direct_head_dim<D>() && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
-                        v_format.kind == KV_AFFINE;
+                        v_format.kind == KV_AFFINE && k_format.group_size == v_format.group_size;
     const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
-    Fragments<D / 8, T> q_direct;
+    DirectQ<T, D> q_direct;
     DirectGroups groups;
+    float value_bias[D / DIRECT_BLOCK] = {};
     if (direct) {
         load_q_direct<T, D>(q_direct, q_row, row_valid, fc);
-        groups = direct_groups<D>(k_format, v_format, fc, lane);
+        groups = direct_groups<D>(k_format, v_format, lane);
     } else {
         load_q<T, D>(q_frag, q_row, row_valid && slice == 0, p.mask.scale, fc);
         if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
@@ -327,21 +457,22 @@ template <typename T, int D>
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         if (direct) {   // the next tile's first barrier keeps the offsets until every slice has read them
-            attend_direct<T, D>(o_frag, state, q_direct, k_tile, v_tile, groups, slice * 8, key0, hi, tile_valid,
-                                token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
+            attend_direct_groups<T, D>(o_frag, value_bias, state, q_direct, k_tile, v_tile, groups, slice * 8, key0, hi,
+                                       tile_valid, token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
             continue;
         }
         load_cache_tile<T, D, BK, LD>(tile, k_tile, tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        const LoadV<T> load_v{tile_storage, v_tile, tid, threads};
+        const TileLoads<T> loads{tile_storage, k_tile, v_tile, tid, threads};
         if (slices > 1)
             attend_tile<T, D, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift, row_valid,
-                                         slope, rules, fc, load_v);
+                                         slope, rules, fc, loads);
         else
             attend_tile<T, D, BK, BK, LD>(o_frag, state, q_frag, 0, key0, hi, tile_valid, token + shift, row_valid,
-                                          slope, rules, fc, load_v);
+                                          slope, rules, fc, loads);
     }
+    if (direct) add_value_bias_groups<D>(o_frag, value_bias, groups);
     if (slices > 1) merge_key_slices<D>(state, o_frag, scratch, slices, slice, lane);
     if (direct && slice == 0) unpermute_o<D>(o_frag, scratch, fc);
 

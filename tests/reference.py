@@ -6,6 +6,16 @@ import math
 import torch
 
 
+def affine_values(packed, scales, biases, bits, group_size):
+    """The exact values an affine quantized cache holds (README "Quantized KV caches"), in float64: scale * code +
+    bias from the stored scales and biases; `packed` holds the codes little-endian in uint32 words."""
+    words = packed.cpu().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    codes = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2).double()
+    expand = lambda t: t.cpu().double().repeat_interleave(group_size, dim=-1)   # noqa: E731
+    return expand(scales) * codes + expand(biases)
+
+
 def visible_keys(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
     """[seqlen_q, seqlen_k] bool: which keys each query row may attend to (bottom-right aligned), and the
     signed distances q_pos - k_pos."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import DEVICE, DTYPES, KERNEL, REPO, PagedCache
-from tests.reference import assert_matches_reference, attention_reference
+from tests.reference import affine_values, assert_matches_reference, attention_reference
 
 REPO_README = (REPO / "README.md").read_text()
 BITS = [4, 8]
@@ -67,7 +67,12 @@ def test_quantize_matches_mlx(fa, bits, group_size, dtype):
     with mx.stream(mx.cpu):
         theirs = mx.dequantize(mx.array(packed.cpu().view(torch.int32).numpy()).view(mx.uint32), to_mlx(scales),
                                to_mlx(biases), group_size=group_size, bits=bits)
-    assert_bits_equal(fa.dequantize_kv(packed, scales, biases, bits, group_size), from_mlx(theirs))
+    dequantized = fa.dequantize_kv(packed, scales, biases, bits, group_size)
+    assert_bits_equal(dequantized, from_mlx(theirs))
+    # the exact affine values the tests' reference uses: mlx's two roundings to the dtype away at most
+    exact, rounded = affine_values(packed, scales, biases, bits, group_size), dequantized.cpu().double()
+    bias = biases.cpu().double().repeat_interleave(group_size, dim=-1)
+    assert ((exact - rounded).abs() <= torch.finfo(dtype).eps * (2 * rounded.abs() + bias.abs())).all()
 
 
 def test_quantize_strided_and_empty(fa):
@@ -93,7 +98,7 @@ def test_quantize_bad_input(fa, kwargs, exception, words):
 
 class QuantCache:
     """A paged (or contiguous) cache quantized with quantize_kv (k_bits / v_bits independently), and its plain
-    source: the reference attends to dequantize_kv of it."""
+    source: the reference attends to the exact affine values of it (affine_values)."""
 
     def __init__(self, seqlens, Hkv, D, block_size, dtype, k_bits, v_bits, group_size, paged=True, seed=0):
         self.paged = paged
@@ -113,9 +118,9 @@ class QuantCache:
         return dict(k_scales=self.k[1], k_biases=self.k[2], v_scales=self.v[1], v_biases=self.v[2],
                     kv_bits=(self.k_bits, self.v_bits), kv_group_size=self.group_size)
 
-    def dequantized(self):
-        return (KERNEL.dequantize_kv(*self.k, self.k_bits, self.group_size),
-                KERNEL.dequantize_kv(*self.v, self.v_bits, self.group_size))
+    def affine(self):
+        return (affine_values(*self.k, self.k_bits, self.group_size),
+                affine_values(*self.v, self.v_bits, self.group_size))
 
 
 def fa_quantize(x, bits, group_size):
@@ -211,7 +216,7 @@ def test_quantized_bad_input_changes_nothing(fa, case, op):
 def decode_on_quantized(fa, cache, q, causal=True, window=(-1, -1), softcap=0.0, sinks=None, alibi=None,
                         num_splits=0, new_kv=None):
     """flash_attn_with_kvcache on a QuantCache (appending new_kv first, quantized on the way in) against the float64
-    reference on the dequantized cache; returns (out, the reference inputs)."""
+    reference on the exact affine values of the cache; returns (out, the reference inputs)."""
     B, Sq, H, D = q.shape
     seqlens = cache.seqlens.to(DEVICE)
     kw = dict(causal=causal, window_size=window, softcap=softcap, num_splits=num_splits, return_softmax_lse=True,
@@ -223,7 +228,7 @@ def decode_on_quantized(fa, cache, q, causal=True, window=(-1, -1), softcap=0.0,
         kw.update(k=new_kv[0].to(DEVICE), v=new_kv[1].to(DEVICE))
     out, lse = fa.flash_attn_with_kvcache(q.to(DEVICE), cache.k[0], cache.v[0], **kw)
     lengths = [int(n) + (0 if new_kv is None else new_kv[0].shape[1]) for n in cache.seqlens]
-    keys, values = gather(cache, cache.dequantized(), lengths)
+    keys, values = gather(cache, cache.affine(), lengths)
     cu_q = torch.arange(B + 1, dtype=torch.int32) * Sq
     cu_k = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
     rkw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi)
@@ -293,7 +298,7 @@ def test_decode_head_dims_and_dtypes(fa, dtype, D):
 
 @pytest.mark.parametrize("Sq, new, splits", [(1, 1, 0), (3, 3, 0), (4, 2, 1), (2, 0, 5)])
 def test_decode_append_multi_query_and_splits(fa, Sq, new, splits):
-    """Sq_new > 1, new tokens quantized on the way in (the reference reads them back dequantized), forced split
+    """Sq_new > 1, new tokens quantized on the way in (the reference reads their affine values back), forced split
     counts (1: no split-K; 5: split-K with the reduce)."""
     run_matrix_case(fa, (4, 8), 64, True, "window", (8, 2), Sq=Sq, new=new, splits=splits)
 

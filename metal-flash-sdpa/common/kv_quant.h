@@ -1,7 +1,7 @@
 // Quantized K/V caches (params.h: CacheFormat): the quantization rules, shared by the KV write (quantizes rows on
 // the way in) and the decode kernel, which dequantizes either whole tiles while copying them into threadgroup memory
-// (the attention math after the copy is the unquantized kernel's) or, for affine caches on its direct path, runs of
-// a row straight into registers (affine_run).
+// (the attention math after the copy is the unquantized kernel's) or, for affine caches on its direct path, reads
+// the raw codes into registers (row_codes) and applies the affine map outside its inner loop.
 #pragma once
 #include <metal_stdlib>
 
@@ -113,12 +113,13 @@ struct CacheTile {
     float descale;                         // fp8
 };
 
-// code * scale + bias rounded to T after the product and after the sum, as mx.dequantize (and dequantize_kv)
-// compute it in T: the tile holds exactly the dequantized cache. (The product of a code and a half / bfloat scale
-// is exact in fp32.)
+// The affine value x = code * scale + bias (one fp32 rounding: the product of a code and a half / bfloat scale is
+// exact) in T, or with `residual` the part of x that T(x) misses, x - T(x): a tile of each gives Q K^T to fp32
+// accuracy (the kernel computes with the exact affine values; dequantize_kv rounds them to T as mx.dequantize does).
 template <typename T>
-METAL_FUNC T dequantize(uint code, float scale, float bias) {
-    return T(float(T(float(code) * scale)) + bias);
+METAL_FUNC T dequantize(uint code, float scale, float bias, bool residual) {
+    const float x = fma(float(code), scale, bias);
+    return residual ? T(x - float(T(x))) : T(x);
 }
 
 // A cache as the decode threadgroup of (seq, kv_head) reads it; head_stride in cache elements. Lane 0 of each
@@ -139,7 +140,7 @@ METAL_FUNC CacheTile<T> cache_tile(const device uchar* cache, const device T* sc
 // Affine: one work item per (row, group), so each scale and bias is read once per key; the group's packed words
 // arrive 16 bytes at a time (aligned rows, FC_KV_VECTOR) or a word at a time.
 template <typename T, int D, int BK, int LD, int BITS>
-METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
+METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads, bool residual) {
     constexpr int PER_WORD = 32 / BITS;
     constexpr uint MASK = (1u << BITS) - 1u;
     const int group_size = src.group_size, groups = D / group_size, group_words = group_size / PER_WORD;
@@ -163,7 +164,8 @@ METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, ui
             for (int c = 0; c < 4; ++c) {
                 for (int e = 0; e < PER_WORD; e += 4) {
                     vec<T, 4> values;
-                    for (int i = 0; i < 4; ++i) values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias);
+                    for (int i = 0; i < 4; ++i)
+                        values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias, residual);
                     out4[((w + c) * PER_WORD + e) / 4] = values;
                 }
             }
@@ -194,48 +196,38 @@ METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint 
     }
 }
 
-// A K or V tile into threadgroup memory as T, whatever the cache holds.
+// A K or V tile into threadgroup memory as T, whatever the cache holds (`residual`: an affine tile's rounding
+// residuals, see dequantize).
 template <typename T, int D, int BK, int LD>
-METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
+METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads, bool residual = false) {
     if (!kv_quantized || src.kind == KV_PLAIN)
         copy_kv_tile<T, D, BK, LD>(tile, reinterpret_cast<const device T*>(src.head), TableRows{src.offset}, tid, threads);
     else if (src.kind == KV_FP8_E4M3)
         dequantize_fp8_tile<T, D, BK, LD>(tile, src, tid, threads);
     else if (src.bits == 4)
-        dequantize_affine_tile<T, D, BK, LD, 4>(tile, src, tid, threads);
+        dequantize_affine_tile<T, D, BK, LD, 4>(tile, src, tid, threads, residual);
     else
-        dequantize_affine_tile<T, D, BK, LD, 8>(tile, src, tid, threads);
+        dequantize_affine_tile<T, D, BK, LD, 8>(tile, src, tid, threads, residual);
 }
 
-// ------------------------------------------------------------------------------------- affine runs in registers
-// The decode kernel's direct path reads, per lane, RUN consecutive elements of one affine row (16-byte aligned words:
-// rows start on 16 bytes, FC_KV_VECTOR, and a run starts at a multiple of its length) and dequantizes them in
-// registers exactly as dequantize_kv does (`dequantize`). Every loop is unrolled: the arrays stay in registers.
+// ------------------------------------------------------------------------------------- affine codes in registers
+// The decode kernel's direct path reads, per lane, runs of N = 4 or 8 consecutive codes of one affine row (the run
+// starts at a multiple of N elements, so its N * BITS / 8 bytes are aligned to their size) and multiplies the raw codes
+// (exact in every T: at most 255) in MMAs; the affine map is applied outside the inner loop (decode.metal). Every loop
+// is unrolled: the arrays stay in registers.
 #define UNROLL_RUN _Pragma("clang loop unroll(full)")
 
-template <int WORDS>
-METAL_FUNC void load_words(thread uint* w, const device uint* p) {
-    constexpr int VEC = WORDS >= 4 ? 4 : WORDS;   // runs are 1, 2 or a multiple of 4 words
+// Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`. A byte is a code as it is (uchar4);
+// a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high nibble).
+template <int BITS, int N>
+METAL_FUNC void load_codes(thread uint* codes, const device uchar* at) {
+    constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8
+    uint2 w = uint2(0u);
+    if (BYTES == 2) w.x = *reinterpret_cast<const device ushort*>(at);
+    else if (BYTES == 4) w.x = *reinterpret_cast<const device uint*>(at);
+    else w = *reinterpret_cast<const device uint2*>(at);
     UNROLL_RUN
-    for (int i = 0; i < WORDS; i += VEC) {
-        uint4 v;
-        if (VEC == 4) v = *reinterpret_cast<const device uint4*>(p + i);
-        else if (VEC == 2) v = uint4(*reinterpret_cast<const device uint2*>(p + i), 0u, 0u);
-        else v = uint4(p[i], 0u, 0u, 0u);
-        UNROLL_RUN
-        for (int j = 0; j < VEC; ++j) w[i + j] = v[j];
-    }
-}
-
-// The codes of RUN elements: a byte as it is (uchar4); 4-bit words split into the low and high nibbles of each byte
-// (elements 2 i and 2 i + 1 of the word).
-template <int BITS, int RUN>
-METAL_FUNC void unpack_codes(thread uint* codes, const device uint* words) {
-    constexpr int WORDS = RUN * BITS / 32;
-    uint w[WORDS];
-    load_words<WORDS>(w, words);
-    UNROLL_RUN
-    for (int i = 0; i < WORDS; ++i) {
+    for (int i = 0; i < (BYTES + 3) / 4; ++i) {
         if (BITS == 8) {
             const uint4 c = uint4(as_type<uchar4>(w[i]));
             UNROLL_RUN
@@ -244,7 +236,7 @@ METAL_FUNC void unpack_codes(thread uint* codes, const device uint* words) {
             const uint4 low = uint4(as_type<uchar4>(w[i] & 0x0F0F0F0Fu));
             const uint4 high = uint4(as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu));
             UNROLL_RUN
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < min(4, N / 2); ++j) {
                 codes[8 * i + 2 * j] = low[j];
                 codes[8 * i + 2 * j + 1] = high[j];
             }
@@ -252,27 +244,34 @@ METAL_FUNC void unpack_codes(thread uint* codes, const device uint* words) {
     }
 }
 
-// Elements [first, first + RUN) of the row at `offset` (cache words; negative: no key, zeros) of an affine cache,
-// inside one group whose (scale, bias) is `affine`, as U.
-template <typename T, int RUN, typename U>
-METAL_FUNC void affine_run(thread U* out, CacheTile<T> src, int64_t offset, int first, float2 affine) {
+template <int BITS, int N, int RUNS, int STRIDE>
+METAL_FUNC void load_runs(thread uint (*codes)[N], const device uchar* row, int first) {
+    const device uchar* at = row + first * BITS / 8;   // one address per row: the runs sit at constant distances
+    UNROLL_RUN
+    for (int r = 0; r < RUNS; ++r) load_codes<BITS, N>(codes[r], at + r * STRIDE * BITS / 8);
+}
+
+// RUNS runs of N codes of the affine row at `offset` (cache words; negative: no key, zeros), run r at element
+// first + r * STRIDE.
+template <typename T, int N, int RUNS, int STRIDE>
+METAL_FUNC void row_codes(thread uint (*codes)[N], CacheTile<T> src, int64_t offset, int first) {
     if (offset < 0) {
         UNROLL_RUN
-        for (int i = 0; i < RUN; ++i) out[i] = U(0);
+        for (int r = 0; r < RUNS; ++r) {
+            UNROLL_RUN
+            for (int i = 0; i < N; ++i) codes[r][i] = 0u;
+        }
         return;
     }
-    const device uint* row = reinterpret_cast<const device uint*>(src.head) + offset;
-    uint codes[RUN];
-    if (src.bits == 4) unpack_codes<4, RUN>(codes, row + first / 8);
-    else unpack_codes<8, RUN>(codes, row + first / 4);
-    UNROLL_RUN
-    for (int i = 0; i < RUN; ++i) out[i] = U(dequantize<T>(codes[i], affine.x, affine.y));
+    const device uchar* row = src.head + offset * 4;
+    if (src.bits == 4) load_runs<4, N, RUNS, STRIDE>(codes, row, first);
+    else load_runs<8, N, RUNS, STRIDE>(codes, row, first);
 }
 
 // The (scale, bias) of group `group` of tile row `row` ((0, 0) when the row has no key or the group does not exist).
 template <typename T>
-METAL_FUNC float2 affine_group_at(CacheTile<T> src, int row, int group, bool exists) {
-    if (!exists || src.offset[row] < 0) return float2(0.0f);
+METAL_FUNC float2 affine_group_at(CacheTile<T> src, bool key, int row, int group, bool exists) {
+    if (!exists || !key) return float2(0.0f);
     const int64_t at = src.scale_offset[row] + group;
     return float2(float(src.scales[at]), float(src.biases[at]));
 }
