@@ -132,6 +132,7 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   attention.constants = mask_constants(pb.options);
   attention.constants.push_back({FC_SPLIT_K, plan.split});
   attention.constants.push_back(kv_vector_constant(t));
+  attention.constants.push_back(v_in_k_tile_constant(t));
   if (plan.split) {
     KernelLaunch& reduce = plan.reduce;
     reduce.kernel = kernel_name("attention_decode_reduce", t.dtype, t.value_head_dim());
@@ -261,7 +262,8 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
                 token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
                 token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)},
-                rows_aligned_16(k_cache) && rows_aligned_16(v_cache), out.size(3)};
+                rows_aligned_16(k_cache) && rows_aligned_16(v_cache), out.size(3),
+                !quant.quantized() && v_in_k_rows(k_cache, v_cache)};   // a quantized V has scales of its own
   pb.options = options;
   pb.seqlen_q = q.size(1);
   pb.block_size = k_cache.size(1);

@@ -70,8 +70,10 @@ METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread
     if (PARTS > 1) share_score_part<KEYS>(s, head.score_parts, head.simdgroup, lane);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (PARTS > 1) sum_score_parts<KEYS, PARTS>(s, head.score_parts, head.row_group, lane);
-    load_cache_tile<T, DV, BK, LD>(tile, v.cache, v.tid, v.threads);
-    if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    if (!v_in_k_tile) {
+        load_cache_tile<T, DV, BK, LD>(tile, v.cache, v.tid, v.threads);
+        if (v.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    }
     softmax_tile<DVP, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
                             rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -58,6 +58,7 @@ struct AttentionTensors {
   Strides3 lse;            // note: {batch, head, token} order for the LSE
   bool kv_rows_aligned = false;   // every k/v row starts on a 16-byte boundary (see kv_vector_copies)
   int64_t head_dim_v = 0;         // v's and out's head dim (forward kernels); 0: head_dim
+  bool v_in_k_rows = false;       // v's rows are the first head_dim_v elements of k's (FC_V_IN_K_TILE)
   int64_t value_head_dim() const { return head_dim_v > 0 ? head_dim_v : head_dim; }
 };
 
@@ -85,6 +86,10 @@ MaskParams mask_params(const AttentionOptions& options);
 std::vector<FunctionConstant> mask_constants(const AttentionOptions& options);   // FC_DO_CAUSAL .. FC_HAS_ALIBI
 // FC_KV_VECTOR (common/kv_tile.h): aligned k/v rows and a K/V tile's token span within 32 bits.
 FunctionConstant kv_vector_constant(const AttentionTensors& tensors);
+// FC_V_IN_K_TILE (common/kv_tile.h).
+inline FunctionConstant v_in_k_tile_constant(const AttentionTensors& tensors) {
+  return {FC_V_IN_K_TILE, tensors.v_in_k_rows};
+}
 // The same for any copy_kv_tile source: tiles of tile_rows tokens, token_stride elements apart.
 FunctionConstant vector_copy_constant(bool rows_aligned, int64_t tile_rows, int64_t token_stride, int64_t head_dim);
 

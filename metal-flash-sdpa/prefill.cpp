@@ -62,6 +62,7 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
   launch.constants.push_back({FC_ALIGN_Q, pb.seqlen_q_gcd % PREFILL_BLOCK_Q == 0});
   launch.constants.push_back({FC_ALIGN_K, pb.seqlen_k_gcd % KV_TILE_KEYS(t.head_dim) == 0});
   launch.constants.push_back(kv_vector_constant(t));
+  launch.constants.push_back(v_in_k_tile_constant(t));
   launch.constants.push_back({FC_PAGED_KV, pb.paged});
   return launch;
 }
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
                 token_strides(v, g.varlen && !g.paged),
                 token_strides(out, g.varlen),
                 g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1},
-                rows_aligned_16(k) && rows_aligned_16(v), g.head_dim_v};
+                rows_aligned_16(k) && rows_aligned_16(v), g.head_dim_v, v_in_k_rows(k, v)};
   pb.options = g.options;
   pb.total_q = g.total_q;
   pb.total_k = g.total_k;

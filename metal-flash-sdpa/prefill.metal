@@ -180,11 +180,13 @@ template <typename T, int DK, int DV>
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
             if (PARTS > 1) sum_score_parts<BK, PARTS>(s_frag, score_parts, row_group, lane);
-            if (paged_kv)
-                copy_kv_tile<T, DV, BK, LD>(tile, v_head, TableRows{v_offset}, tid, THREADS);
-            else
-                copy_kv_tile<T, DV, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, THREADS);
-            WORK_COUNT("v_tiles_loaded", tid == 0);
+            if (!v_in_k_tile) {
+                if (paged_kv)
+                    copy_kv_tile<T, DV, BK, LD>(tile, v_head, TableRows{v_offset}, tid, THREADS);
+                else
+                    copy_kv_tile<T, DV, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, THREADS);
+            }
+            WORK_COUNT("v_tiles_loaded", tid == 0 && !v_in_k_tile);
             // The softmax runs between issuing the V loads and the barrier that waits for them, so its math hides
             // their latency (MLX steel orders it so too); it reads only registers.
             // A paged tile with a key missing (outside the band or the sequence, or its block hidden) masks it.

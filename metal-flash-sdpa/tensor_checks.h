@@ -65,6 +65,13 @@ inline bool rows_aligned_16(const at::Tensor& t) {
   return true;
 }
 
+// Whether v's rows are the first elements of k's rows, as MLA's v = k_cache[..., :head_dim_v]: one storage, offset
+// and strides (then the kernels take V from the K tile: FC_V_IN_K_TILE).
+inline bool v_in_k_rows(const at::Tensor& k, const at::Tensor& v) {
+  return v.is_alias_of(k) && v.scalar_type() == k.scalar_type() && v.storage_offset() == k.storage_offset() &&
+         v.strides() == k.strides() && v.size(-1) <= k.size(-1);
+}
+
 inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 }  // namespace metal_flash_sdpa

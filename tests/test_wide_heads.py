@@ -148,9 +148,9 @@ def test_contiguous_decode_route(fa):
 @pytest.mark.skipif(not SIMULATED, reason="bytes counters exist only in the simulator build")
 @pytest.mark.parametrize("op", ["decode", "paged_prefill"])
 def test_mla_value_view_is_read_in_place(fa, counters, op):
-    """V = k_cache[..., :512] is bound as the K cache's own storage: the bytes read from it are each visible key's K
-    row (576 elements) and V row (512) once (decode: per KV head; prefill: per query head and query block's band),
-    and nothing is copied (the bytes written are the outputs')."""
+    """V = k_cache[..., :512] is bound as the K cache's own storage and taken from the K tile (FC_V_IN_K_TILE): the
+    bytes read from the cache are each visible key's 576-element row once (decode: per KV head; prefill: per query
+    head and query block's band), no V tile is loaded, and nothing is copied (the bytes written are the outputs')."""
     D, DV = MLA
     seqlens, Hkv = [70, 33], 1
     cache, k_cache, v_cache = paged_caches(seqlens, Hkv, MLA, 16, torch.float16)
@@ -169,11 +169,28 @@ def test_mla_value_view_is_read_in_place(fa, counters, op):
     c = counters()
     cache_bytes = c.get("device_bytes_read[1]", 0) + c.get("device_bytes_read[2]", 0)
     if op == "decode":
-        assert cache_bytes == sum(seqlens) * Hkv * (D + DV) * 2
+        assert cache_bytes == sum(seqlens) * Hkv * D * 2
     else:   # each query head's block of 32 rows reads its band's keys: block i of sequence b min(32 (i + 1), n) keys
         reads = sum(min(fa.PREFILL_BLOCK_Q * (i + 1), n) for n in seqlens for i in range(-(-n // fa.PREFILL_BLOCK_Q)))
-        assert cache_bytes == reads * 8 * (D + DV) * 2
+        assert cache_bytes == reads * 8 * D * 2
     assert c["device_bytes_written"] == out.numel() * 2 + lse.numel() * 4   # the outputs only: no copy of a cache
+    assert c["v_tiles_loaded"] == 0 < c["k_tiles_loaded"]
+
+
+@pytest.mark.parametrize("offset", [64, 0])
+def test_value_view_elsewhere_in_the_rows(fa, offset):
+    """A V view that is not the rows' first elements (offset 64), or a copy of them (offset 0, another storage), is
+    read as a V cache of its own: the same results as the reference."""
+    D, DV = MLA
+    cache, k_cache, _ = paged_caches([45, 20], 1, MLA, 16, torch.float16)
+    v_cache = k_cache[..., offset:offset + DV]
+    v_cache = v_cache if offset else v_cache.clone()
+    q = randn(2, 1, 4, D, dtype=torch.float16, seed=2)
+    out, lse = fa.flash_attn_with_kvcache(q.to(DEVICE), k_cache, v_cache, cache_seqlens=cache.seqlens.to(DEVICE),
+                                          block_table=cache.table.to(DEVICE), return_softmax_lse=True)
+    k, v = gathered(cache, [45, 20], k_cache, v_cache)
+    assert_matches_reference(out.cpu().reshape(2, 4, DV), lse.cpu().permute(1, 0, 2).reshape(4, 2), q.reshape(2, 4, D),
+                             k, v, cu([1, 1]), cu([45, 20]))
 
 
 # ----------------------------------------------------------------------------------------------- rejected calls

@@ -18,6 +18,7 @@
 #define FC_HAS_SOFTCAP 304
 #define FC_HAS_ALIBI 305
 #define FC_PAGED_KV 308  // prefill: k/v are paged caches read in place through PREFILL_BUFFER_BLOCK_TABLE
+#define FC_V_IN_K_TILE 309  // v's rows are the first DV elements of k's (MLA's latent cache): the K tile holds V too
 
 // Buffer indices of the prefill kernel.
 #define PREFILL_BUFFER_Q 0
