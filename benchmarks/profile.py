@@ -47,15 +47,29 @@ def agrees(name, value, expected):
     return abs(value - expected) <= (NOISE * abs(expected) if name in NOISY_COUNTERS else 0)
 
 
-def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False, kv_bits=None):
+def case(name, kind, batch, heads, kv_heads, head_dim, seqlen, window=None, sinks=False, kv_bits=None, head_dim_v=None,
+         mla=False):
+    """head_dim: q's and k's; head_dim_v: v's (None: the same); mla: v is the view k[..., :head_dim_v] (decode)."""
     return dict(case=name, kind=kind, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seqlen=seqlen,
-                window=window, sinks=sinks, dtype="float16", kv_bits=kv_bits)
+                window=window, sinks=sinks, dtype="float16", kv_bits=kv_bits, head_dim_v=head_dim_v or head_dim, mla=mla)
 
 
 # Quantized decode (issue 16): kv_bits-bit affine caches in groups of KV_GROUP (quantize_kv, MLX's layout). MLX has
 # no fused equivalent (its sdpa_vector reads fp16/bf16/fp32 K/V only; mlx-lm's quantized cache runs
 # quantized_matmul + softmax unfused), so these cases compare with our own fp16 decode of the same shape.
 KV_GROUP = 64
+
+
+# Issue 17 item 2, wide heads: MLX has no fused kernel for them (steel attention and sdpa_vector stop at D = 256), so
+# they compare with our own kernel at D = 128 on the same shape; run.py's time/FLOP column divides by the FLOPs
+# (proportional to DK + DV).
+WIDE_REFERENCE_HEAD_DIM = 128
+WIDE_CASES = [
+    case("wide prefill 4k causal H32 D512", "prefill", 1, 32, 32, 512, 4096),
+    case("wide prefill 4k causal H32 DK192/DV128", "prefill", 1, 32, 32, 192, 4096, head_dim_v=128),
+    case("wide decode B8 ctx8k Hq32/Hkv8 D512", "decode", 8, 32, 8, 512, 8192),
+    case("wide decode B8 ctx8k Hq16/Hkv1 MLA DK576/DV512", "decode", 8, 16, 1, 576, 8192, head_dim_v=512, mla=True),
+]
 
 
 # The issue's cases (#14). MLX runs D=256 prefill unfused on M1-M4 (ScaledDotProductAttention::use_fallback);
@@ -71,6 +85,7 @@ CASES = [
     case("decode B32 ctx2k Hq32/Hkv32 D128", "decode", 32, 32, 32, 128, 2048),
     case("decode B8 ctx32k Hq32/Hkv4 D128 8-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=8),
     case("decode B8 ctx32k Hq32/Hkv4 D128 4-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=4),
+    *WIDE_CASES,
 ]
 SMOKE_CASES = [
     case("smoke prefill 128 window32+sinks H2 D64", "prefill", 1, 2, 2, 64, 128, window=32, sinks=True),
@@ -93,7 +108,7 @@ def sampled(c, fa=None):
     if fa is not None and c["kind"] == "decode":
         def split(x, num_splits):
             return fa._ops.ops.decode_split(x["batch"], x["heads"], x["kv_heads"], 1, x["head_dim"], 2, x["seqlen"],
-                                            x["window"] - 1 if x["window"] else -1, num_splits, 0)[:2]
+                                            x["window"] - 1 if x["window"] else -1, num_splits, 0, x["head_dim_v"])[:2]
         small["num_splits"] = split(c, 0)[0]
         assert split(small, small["num_splits"]) == split(c, 0), "the slice must run the whole case's partitions"
     return small, c["batch"] * c["kv_heads"]
@@ -108,9 +123,12 @@ def scale(launches, factor):
 def inputs(c, seed=0):
     g = torch.Generator().manual_seed(seed)
     B, H, Hkv, D, n = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["seqlen"]
+    DV = c.get("head_dim_v", D)
     q_len = 1 if c["kind"] == "decode" else n
     q = torch.randn(B, H, q_len, D, generator=g).half()
-    k, v = (torch.randn(B, Hkv, n, D, generator=g).half() for _ in range(2))
+    k, v = torch.randn(B, Hkv, n, D, generator=g).half(), torch.randn(B, Hkv, n, DV, generator=g).half()
+    if c.get("mla"):
+        v = k[..., :DV]
     sinks = torch.randn(H, generator=g).half().float() if c["sinks"] else None
     return q, k, v, sinks
 
@@ -131,7 +149,7 @@ def max_abs_err(out, q, k, v, c, sinks, rows=slice(None)):
     if rows.stop is not None:
         out, q, k, v = out[:, :, rows], q[:, :, rows], k[:, :, :rows.stop], v[:, :, :rows.stop]
     B, H, qL, D = q.shape
-    varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)   # noqa: E731
+    varlen = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])   # noqa: E731
     cu_q, cu_k = (torch.arange(B + 1, dtype=torch.int32) * n for n in (qL, k.shape[2]))
     window = (c["window"] - 1, 0) if c["window"] else (-1, -1)
     ref, _ = attention_reference(varlen(q), varlen(k), varlen(v), cu_q, cu_k, scale=D ** -0.5, causal=True,
@@ -180,12 +198,15 @@ def prefill_tiles(fa, kernel, head_dim):
 SCALAR_REGISTERS = 16
 
 
-def prefill_registers(fa, kernel, head_dim, element_bytes):
+def prefill_registers(fa, kernel, head_dim, element_bytes, head_dim_v=None):
+    """Ours holds 1 / HEAD_PARTS of Q's and O's head dims per simdgroup (the wide heads' split, params.h)."""
+    head_dim_v = head_dim_v or head_dim
     block_q, block_k = prefill_tiles(fa, kernel, head_dim)
     registers = lambda fragments, element=4: fragments * 2 * element // 4   # noqa: E731
     if kernel == "ours":
-        return (registers(head_dim // 8, element_bytes) + registers(head_dim // 8) + registers(block_k // 8) + registers(1)
-                + SCALAR_REGISTERS)
+        parts = fa.HEAD_PARTS[head_dim_v]
+        return (registers(head_dim // parts // 8, element_bytes) + registers(head_dim_v // parts // 8)
+                + registers(block_k // 8) + registers(1) + SCALAR_REGISTERS)
     rows = block_q // (4 * 8)   # 8-row fragments per simdgroup (4 simdgroups)
     return rows * (registers(head_dim // 8) + registers(block_k // 8)) + registers(2) + SCALAR_REGISTERS
 
@@ -213,10 +234,11 @@ def run_ours(fa, lib, c, q, k, v, sinks, columns=None):
             block_size = 32
             blocks = math.ceil(n / block_size)
             cache = lambda x: torch.nn.functional.pad(x, (0, 0, 0, blocks * block_size - n)).transpose(1, 2).reshape(  # noqa: E731
-                B * blocks, block_size, Hkv, D).contiguous()
+                B * blocks, block_size, Hkv, x.shape[3]).contiguous()
             table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
             lens = torch.full((B,), n, dtype=torch.int32)
-            k_cache, v_cache, quant = cache(k), cache(v), {}
+            k_cache, quant = cache(k), {}
+            v_cache = k_cache[..., :v.shape[3]] if c.get("mla") else cache(v)   # MLA: V read in place from K's rows
             if c["kv_bits"]:
                 (k_cache, k_scales, k_biases), (v_cache, v_scales, v_biases) = (
                     quantized(fa, x, c["kv_bits"]) for x in (k_cache, v_cache))
@@ -329,10 +351,11 @@ def dram_bytes(c, kernel):
     """Bytes each implementation must move from DRAM at least: q, k, v read once, out written once (fp16); MLX's
     boolean window mask is read too."""
     B, H, Hkv, D, n = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["seqlen"]
+    DV = c.get("head_dim_v", D)
     q_len = 1 if c["kind"] == "decode" else n
-    # per K or V row: fp16 elements, or packed words + an fp16 scale and bias per group
-    row_bytes = D * c["kv_bits"] // 8 + 2 * 2 * D // KV_GROUP if c["kv_bits"] else 2 * D
-    total = 2 * 2 * B * H * q_len * D + 2 * B * Hkv * n * row_bytes
+    # per K or V row: fp16 elements, or packed words + an fp16 scale and bias per group; MLA's V rows are K's
+    row_bytes = lambda d: d * c["kv_bits"] // 8 + 2 * 2 * d // KV_GROUP if c["kv_bits"] else 2 * d   # noqa: E731
+    total = 2 * B * H * q_len * (D + DV) + B * Hkv * n * (row_bytes(D) + (0 if c.get("mla") else row_bytes(DV)))
     if kernel == "mlx" and c["window"]:
         total += n * n
     return total
@@ -370,17 +393,24 @@ def profile_case(fa, lib, c):
     q, k, v, sinks = inputs(small)
     records = []
     comparator = ("ours fp16", "ours", {**small, "kv_bits": None}) if c["kv_bits"] else ("mlx", "mlx", small)
+    if c["case"].startswith("wide "):   # its own split at D = 128 (decode)
+        D = WIDE_REFERENCE_HEAD_DIM
+        comparator = (f"ours D{D}", "ours", sampled({**c, "head_dim": D, "head_dim_v": D, "mla": False}, fa)[0])
     for kernel, runner, shape in (("ours", "ours", small), comparator):
+        if shape is not small:
+            q, k, v, sinks = inputs(shape)
         launches, err, blocks = simulate(fa, lib, runner, shape, q, k, v, sinks)
         launches = scale(launches, factor)
         if c["kind"] == "prefill":
-            registers = prefill_registers(fa, runner, c["head_dim"], torch.finfo(getattr(torch, c["dtype"])).bits // 8)
+            registers = prefill_registers(fa, runner, shape["head_dim"], torch.finfo(getattr(torch, c["dtype"])).bits // 8,
+                                          shape["head_dim_v"])
             launches = [{**l, "counters": {**l["counters"], "registers_per_thread": registers}} for l in launches]
-        total_bytes = dram_bytes({**c, "kv_bits": shape["kv_bits"]}, runner)
+        total_bytes = dram_bytes({**c, **{k_: shape[k_] for k_ in ("kv_bits", "head_dim", "head_dim_v", "mla")}}, runner)
         predicted, counters = predict(launches, total_bytes), summed(launches)
         records.append(dict(kernel=kernel, case=c["case"],
-                            shape={k_: c[k_] for k_ in ("kind", "batch", "heads", "kv_heads", "head_dim", "seqlen",
-                                                        "window", "sinks", "dtype")},
+                            shape={k_: shape[k_] if k_ in ("head_dim", "head_dim_v") else c[k_]
+                                   for k_ in ("kind", "batch", "heads", "kv_heads", "head_dim", "head_dim_v", "seqlen",
+                                              "window", "sinks", "dtype")},
                             counters=counters, launches=launches, predicted_ms=predicted,
                             device_bytes=device_bytes(counters), minimal_bytes=total_bytes,
                             max_abs_err=err, simulated=dict(batch=1, kv_heads=1, scale_factor=factor,

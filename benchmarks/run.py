@@ -355,6 +355,9 @@ def profile_main(args):
             for gpu in cost_model.PREDICTED_GPUS:
                 row[f"ours_{gpu}_ms_model"], row[f"ref_{gpu}_ms_model"] = ours["predicted_ms"][gpu], theirs["predicted_ms"][gpu]
                 row[f"ours/ref_{gpu}"] = ours["predicted_ms"][gpu] / theirs["predicted_ms"][gpu]
+            # per FLOP (4 (DK + DV) / 2 per visible pair): the wide cases' reference is ours at another head dim
+            flops = lambda r: r["shape"]["head_dim"] + r["shape"].get("head_dim_v", r["shape"]["head_dim"])   # noqa: E731
+            row["ours/ref_per_flop_m3_max"] = row["ours/ref_m3_max"] * flops(theirs) / flops(ours)
             for name, r in (("ours", ours), ("ref", theirs)):   # device bytes moved / the minimal DRAM bytes (issue 15: <= 1.05 x minimal)
                 row[f"{name}_bytes/min"] = r["device_bytes"] / r["minimal_bytes"]
             row["ours_err"], row["ref_err"] = ours["max_abs_err"], theirs["max_abs_err"]

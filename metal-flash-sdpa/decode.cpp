@@ -43,23 +43,24 @@ struct DecodePlan {
   int64_t num_partitions;
 };
 
-// Split-K scratch per partition: fp32 max, sum and D outputs for every (sequence, head, new token).
+// Split-K scratch per partition: fp32 max, sum and DV outputs for every (sequence, head, new token).
 int64_t scratch_bytes_per_partition(const AttentionTensors& t, int64_t seqlen_q) {
-  return t.num_seqs * t.num_heads * seqlen_q * (t.head_dim + 2) * int64_t(sizeof(float));
+  return t.num_seqs * t.num_heads * seqlen_q * (t.value_head_dim() + 2) * int64_t(sizeof(float));
 }
 
 // Query rows per KV head (its heads x the new tokens), and how a threadgroup takes them.
 struct DecodeRows {
   int64_t chunks;                   // threadgroups per (sequence, KV head, partition)
   int64_t per_threadgroup;
-  int64_t threads;                  // a simdgroup per 8 rows, times the key slices
+  int64_t threads;                  // a simdgroup per 8 rows, times the key slices or the head parts
 };
 
 DecodeRows decode_rows(const AttentionTensors& t, int64_t seqlen_q) {
   const int64_t rows = t.num_heads / t.num_kv_heads * seqlen_q;
   const int64_t per_threadgroup = std::min<int64_t>(rows, DECODE_MAX_ROWS);
   return {ceil_div(rows, DECODE_MAX_ROWS), per_threadgroup,
-          32 * ceil_div(per_threadgroup, 8) * DECODE_KEY_SLICES(per_threadgroup, t.head_dim)};
+          32 * ceil_div(per_threadgroup, 8) * DECODE_KEY_SLICES(per_threadgroup, t.head_dim) *
+              HEAD_PARTS(t.value_head_dim())};
 }
 
 // Keys one query row can see at most: the window's span, else all of them.
@@ -76,7 +77,8 @@ int64_t visible_keys(const AttentionOptions& o, int64_t seqlen_q, int64_t max_ke
 int64_t decode_partition_size(const DecodeProblem& pb, int64_t visible, int64_t tile) {
   const AttentionTensors& t = pb.tensors;
   const DecodeRows rows = decode_rows(t, pb.seqlen_q);
-  const int64_t slots = threadgroup_slots(pb.gpu_cores, DECODE_THREADGROUP_BYTES(element_bytes(t.dtype), t.head_dim),
+  const int64_t slots = threadgroup_slots(pb.gpu_cores, DECODE_THREADGROUP_BYTES(element_bytes(t.dtype), t.head_dim,
+                                                                                 t.value_head_dim()),
                                           rows.threads);
   const int64_t items = t.num_seqs * t.num_kv_heads * rows.chunks;
   const int64_t most = std::min(kDecodeMaxPartitions, ceil_div(visible, tile));
@@ -122,7 +124,7 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   plan.split = partitions > 1;
   const DecodeRows rows = decode_rows(t, pb.seqlen_q);
   KernelLaunch& attention = plan.attention;
-  attention.kernel = kernel_name("attention_decode", t.dtype, t.head_dim);
+  attention.kernel = kernel_name("attention_decode", t.dtype, t.head_dim, t.value_head_dim());
   attention.threadgroups[0] = uint32_t(partitions);
   attention.threadgroups[1] = uint32_t(t.num_kv_heads * rows.chunks);
   attention.threadgroups[2] = uint32_t(t.num_seqs);
@@ -130,9 +132,10 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   attention.constants = mask_constants(pb.options);
   attention.constants.push_back({FC_SPLIT_K, plan.split});
   attention.constants.push_back(kv_vector_constant(t));
+  attention.constants.push_back(v_in_k_tile_constant(t));
   if (plan.split) {
     KernelLaunch& reduce = plan.reduce;
-    reduce.kernel = kernel_name("attention_decode_reduce", t.dtype, t.head_dim);
+    reduce.kernel = kernel_name("attention_decode_reduce", t.dtype, t.value_head_dim());
     reduce.threadgroups[0] = uint32_t(pb.seqlen_q);
     reduce.threadgroups[1] = uint32_t(t.num_heads);
     reduce.threadgroups[2] = uint32_t(t.num_seqs);
@@ -184,7 +187,7 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [batch, seqlen_q, heads, head_dim], got shape ", q.sizes());
   const at::Tensor table = decode_table(q, k_cache, block_table, cache_batch_idx, kv_start);
   KvQuant quant;
-  const CacheGeometry c = check_cache(k_cache, v_cache, table, !block_table, q, "q", quant_args, &quant);
+  const CacheGeometry c = check_cache(k_cache, v_cache, table, !block_table, q, "q", quant_args, &quant, true);
   TORCH_CHECK_VALUE(q.size(0) == c.num_seqs, "q has batch size ", q.size(0), " but block_table has ", c.num_seqs,
                     " rows");
   TORCH_CHECK_VALUE(q.size(3) == c.head_dim, "q has head_dim ", q.size(3), " but the cache has ", c.head_dim);
@@ -193,7 +196,7 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
   // A KV head's query rows (its heads x the new tokens) are counted in int32 by the shader and the grid.
   TORCH_CHECK_NOT_IMPLEMENTED(H * q.size(1) <= std::numeric_limits<int32_t>::max(),
                               "more than 2^31 - 1 query rows (heads x new tokens) per call");
-  check_heads(H, c.num_kv_heads, c.head_dim);
+  check_forward_heads(H, c.num_kv_heads, c.head_dim, c.head_dim_v, "v_cache");
   CacheIndices indices{table,
                        cache_seqlens ? per_sequence_index(*cache_seqlens, "cache_seqlens", c.num_seqs, q)
                                      : at::full({c.num_seqs}, c.capacity(), q.options().dtype(at::kInt)),
@@ -202,6 +205,9 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK_VALUE(k_new.has_value() == v_new.has_value(), "pass both k and v (new tokens to append) or neither");
   TORCH_CHECK_VALUE(!k_new || cache_seqlens, "pass cache_seqlens with k and v: the new tokens are written at "
                     "cache_seqlens[b] (the tokens already in the cache)");
+  TORCH_CHECK_NOT_IMPLEMENTED(!k_new || c.head_dim_v == c.head_dim, "appending k and v (new tokens) to caches of "
+                              "different head dims (k_cache ", c.head_dim, ", v_cache ", c.head_dim_v, ") is not "
+                              "supported; write the new tokens into the cache first and count them in cache_seqlens");
   if (k_new) check_new_tokens(*k_new, *v_new, q, c);
   // A sequence has at most capacity keys; the new queries are the last seqlen_q of them.
   const AttentionOptions options = check_attention_options(q, c.num_seqs, H, c.head_dim, q.size(1), c.capacity(),
@@ -210,8 +216,9 @@ DecodeArgs check_decode_args(const at::Tensor& q, const at::Tensor& k_cache, con
   return {c, indices, q.size(1), H, k_new ? k_new->size(1) : 0, options, quant};
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
-  return {at::empty(q.sizes(), q.options()),
+// out [B, Sq, H, DV] (V's head dim, as flash-attn 3) and the LSE.
+std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q, int64_t head_dim_v) {
+  return {at::empty({q.size(0), q.size(1), q.size(2), head_dim_v}, q.options()),
           at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))};
 }
 
@@ -219,9 +226,10 @@ std::tuple<at::Tensor, at::Tensor> decode_outputs(const at::Tensor& q) {
 
 std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t seqlen_q,
                                   int64_t head_dim, int64_t element_bytes, int64_t max_keys, int64_t window_left,
-                                  int64_t num_splits, int64_t gpu_cores) {
+                                  int64_t num_splits, int64_t gpu_cores, int64_t head_dim_v) {
+  head_dim_v = head_dim_v > 0 ? head_dim_v : head_dim;
   TORCH_CHECK_VALUE(batch > 0 && num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && seqlen_q > 0 &&
-                        is_supported_head_dim(head_dim) && (element_bytes == 2 || element_bytes == 4) &&
+                        is_supported_forward_head_dims(head_dim, head_dim_v) && (element_bytes == 2 || element_bytes == 4) &&
                         max_keys > 0 && num_splits >= 0 && gpu_cores >= 0,
                     "decode_split: sizes must be positive, num_heads a multiple of num_kv_heads, head_dim supported, "
                     "element_bytes 2 or 4, num_splits and gpu_cores >= 0");
@@ -231,6 +239,7 @@ std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_
   pb.tensors.num_heads = num_heads;
   pb.tensors.num_kv_heads = num_kv_heads;
   pb.tensors.head_dim = head_dim;
+  pb.tensors.head_dim_v = head_dim_v;
   pb.options.causal = true;
   pb.options.window_left = window_left;
   pb.options.window_right = window_left < 0 ? -1 : 0;
@@ -253,7 +262,8 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   pb.tensors = {element_type(q, "q"), q.size(0), q.size(2), k_cache.size(2), q.size(3),
                 token_strides(q, false), token_strides(k_cache, false), token_strides(v_cache, false),
                 token_strides(out, false), {lse.stride(0), lse.stride(1), lse.stride(2)},
-                rows_aligned_16(k_cache) && rows_aligned_16(v_cache)};
+                rows_aligned_16(k_cache) && rows_aligned_16(v_cache), out.size(3),
+                !quant.quantized() && v_in_k_rows(k_cache, v_cache)};   // a quantized V has scales of its own
   pb.options = options;
   pb.seqlen_q = q.size(1);
   pb.block_size = k_cache.size(1);
@@ -275,7 +285,7 @@ void run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     return plan.split ? at::empty({size}, q.options().dtype(at::kFloat)) : at::Tensor();
   };
   const at::Tensor partial_max = partial(partials), partial_sum = partial(partials);
-  const at::Tensor partial_out = partial(partials * q.size(3));
+  const at::Tensor partial_out = partial(partials * out.size(3));
   std::vector<BufferBinding> shared = {
       bind_bytes(DECODE_BUFFER_PARAMS, params),
       bind_optional(DECODE_BUFFER_SINKS, extras.sinks),
@@ -319,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode(
   const int64_t max_keys = data_checks_enabled(q_in) ? check_cache_indices(a.indices, a.new_tokens, true, a.cache)
                                                      : a.cache.capacity();
   if (k_new) write_new_tokens(*k_new, *v_new, k_cache, v_cache, a.indices, a.cache, a.quant);
-  auto [out, lse] = decode_outputs(q_in);
+  auto [out, lse] = decode_outputs(q_in, a.cache.head_dim_v);
   if (a.cache.num_seqs == 0 || a.num_heads == 0) return {out, lse};
   run_decode(unit_stride_head_dim(q_in), k_cache, v_cache, a.indices.table, a.indices.seqlens, a.new_tokens,
              a.indices.kv_start, max_keys, num_splits, a.options, alibi_slopes, s_aux, out, lse, a.quant);
@@ -337,10 +347,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_decode_meta(
     const std::optional<at::Tensor>& v_biases, int64_t k_bits, int64_t v_bits, int64_t group_size,
     const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale) {
   const KvQuantArgs quant_args{k_scales, k_biases, v_scales, v_biases, k_bits, v_bits, group_size, k_descale, v_descale};
-  check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, cache_seqlens, kv_start,
-                    num_splits, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                    quant_args);
-  return decode_outputs(q);
+  const DecodeArgs a = check_decode_args(q, k_cache, v_cache, k_new, v_new, block_table, cache_batch_idx, cache_seqlens,
+                                         kv_start, num_splits, softmax_scale, causal, window_left, window_right, softcap,
+                                         alibi_slopes, s_aux, quant_args);
+  return decode_outputs(q, a.cache.head_dim_v);
 }
 
 }  // namespace metal_flash_sdpa

@@ -37,10 +37,10 @@ constexpr int64_t kDecodePartitionOverheadKeys = 64;
 
 // How a causal decode call of these sizes splits its keys: {partitions, keys per partition, scratch bytes (0 without
 // a split, <= kDecodeScratchBytes)}. num_splits as the op takes it; window_left -1: no window; gpu_cores 0: this
-// device's.
+// device's; head_dim_v 0: head_dim.
 std::vector<int64_t> decode_split(int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t seqlen_q,
                                   int64_t head_dim, int64_t element_bytes, int64_t max_keys, int64_t window_left,
-                                  int64_t num_splits, int64_t gpu_cores);
+                                  int64_t num_splits, int64_t gpu_cores, int64_t head_dim_v);
 
 // The block table of a contiguous cache [B, S, Hkv, D] read as B blocks of S slots: row b -> block b, on like's
 // device (built there: no host round trip).

@@ -41,7 +41,7 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
     return {start, end - start};
 }
 
-// Reloads the tile (barriers + copy) between a tile's steps: K's rounding residuals (affine K), then V.
+// What attend_tile loads into the tile: K (and, for an affine K in a 16-bit T, its rounding residuals), then V.
 template <typename T>
 struct TileLoads {
     threadgroup uint4* tile_storage;
@@ -49,33 +49,46 @@ struct TileLoads {
     uint tid, threads;
 };
 
-// One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T, the
-// online softmax, then the V tile replaces K and O += P V. An affine K tile in a 16-bit T holds T(x); S adds
-// Q (x - T(x)) from a second K tile (the packed K bytes are read twice on this path), so the scores are those of the
-// exact affine values to fp32 accuracy. V is T(x), rounded once.
-template <typename T, int D, int BK, int KEYS, int LD>
-METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread const Fragments<D / 8>& q,
-                            int slice_row, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
-                            ScoreRules rules, FragmentCoord fc, TileLoads<T> loads) {
+// A simdgroup's head part (HEAD_PARTS, params.h): which part of Q / O it holds, among the parts of its row group.
+struct HeadPart {
+    int part, row_group, simdgroup;
+    threadgroup float* score_parts;   // the exchange of partial scores (wide heads)
+};
+
+// One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T (its
+// head part's, summed over the parts after the barrier that frees the K tile), the V tile replaces K, the online
+// softmax runs while the V loads are in flight (as prefill's), and O += P V. An affine K tile in a 16-bit T holds
+// T(x); S adds Q (x - T(x)) from a second K tile (the packed K bytes are read twice on this path), so the scores are
+// those of the exact affine values to fp32 accuracy. V is T(x), rounded once.
+template <typename T, int DK, int DV, int BK, int KEYS, int LD>
+METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread OnlineSoftmax& state,
+                            thread const Fragments<DK / HEAD_PARTS(DV) / 8>& q, int slice_row, int key0, int key_end,
+                            uint valid, int q_pos, bool row_valid, float slope, ScoreRules rules, FragmentCoord fc,
+                            TileLoads<T> loads, HeadPart head, ushort lane) {
+    constexpr int PARTS = HEAD_PARTS(DV), DKP = DK / PARTS, DVP = DV / PARTS;
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(loads.tile_storage);
     Fragments<KEYS / 8> s;
-    qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
+    qk_tile<T, DKP, KEYS, LD>(s, q, tile + slice_row * LD + head.part * DKP);
     if (sizeof(T) < 4 && kv_quantized && loads.k.kind == KV_AFFINE) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_cache_tile<T, D, BK, LD>(tile, loads.k, loads.tid, loads.threads, true);
+        load_cache_tile<T, DK, BK, LD>(tile, loads.k, loads.tid, loads.threads, true);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         Fragments<KEYS / 8> rest;
-        qk_tile<T, D, KEYS, LD>(rest, q, tile + slice_row * LD);
+        qk_tile<T, DKP, KEYS, LD>(rest, q, tile + slice_row * LD + head.part * DKP);
         UNROLL_FRAGMENTS
         for (int j = 0; j < KEYS / 8; ++j) s.frag[j].thread_elements() += rest.frag[j].thread_elements();
     }
-    softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
-                          rules, fc);
+    if (PARTS > 1) share_score_part<KEYS>(s, head.score_parts, head.simdgroup, lane);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    load_cache_tile<T, D, BK, LD>(tile, loads.v, loads.tid, loads.threads);
-    if (loads.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    if (PARTS > 1) sum_score_parts<KEYS, PARTS>(s, head.score_parts, head.row_group, lane);
+    if (!v_in_k_tile) {
+        load_cache_tile<T, DV, BK, LD>(tile, loads.v, loads.tid, loads.threads);
+        if (loads.tid == 0) WORK_COUNT("v_tiles_loaded", 1);
+    }
+    softmax_tile<DVP, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
+                            rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
+    pv_tile<T, DVP, KEYS, LD>(o, s, tile + slice_row * LD + head.part * DVP);
 }
 
 // ---------------------------------------------------------------------------------------------- direct path
@@ -343,8 +356,9 @@ METAL_FUNC void merge_key_slices(thread OnlineSoftmax& state, thread Fragments<D
     }
 }
 
-template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(128)]] void attention_decode(
+// DK: the head dim of q and the K cache, DV: of the V cache and out. HEAD_PARTS(DV) simdgroups share each 8 rows.
+template <typename T, int DK, int DV>
+[[kernel, max_total_threads_per_threadgroup(128 * HEAD_PARTS(DV))]] void attention_decode(
     const device T* q [[buffer(DECODE_BUFFER_Q)]],
     const device uchar* k_cache [[buffer(DECODE_BUFFER_K_CACHE)]],   // T, or quantized (params.h: CacheFormat)
     const device uchar* v_cache [[buffer(DECODE_BUFFER_V_CACHE)]],
@@ -369,15 +383,18 @@ template <typename T, int D>
     uint threads [[threads_per_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-    constexpr int BK = KV_TILE_KEYS(D);
-    constexpr int LD = D + 8;
-    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
+    constexpr int PARTS = HEAD_PARTS(DV), DKP = DK / PARTS, DVP = DV / PARTS;   // a simdgroup's part of Q and of O
+    constexpr int BK = KV_TILE_KEYS(DK);
+    constexpr int LD = DK + 8;
+    constexpr int SCORE_FLOATS = HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, DK, DV);
+    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD) + SCORE_FLOATS / 4];   // the K/V tile, the score exchange
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
     threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
     threadgroup int64_t k_scale_offset[BK], v_scale_offset[BK];   // ... and in their scales / biases (affine)
     threadgroup uint tile_valid;
-    static_assert(sizeof(uint4) * KV_TILE_VECTORS(T, BK, LD) + 2 * sizeof(int64_t) * BK + sizeof(uint) ==
-                      DECODE_THREADGROUP_BYTES(sizeof(T), D), "the host's residency estimate");
+    static_assert(sizeof(uint4) * KV_TILE_VECTORS(T, BK, LD) + 2 * sizeof(int64_t) * BK + sizeof(uint) +
+                      sizeof(float) * SCORE_FLOATS == DECODE_THREADGROUP_BYTES(sizeof(T), DK, DV),
+                  "the host's residency estimate");
 
     const int seq = int(tgid.z), partition = int(tgid.x);
     const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;
@@ -391,9 +408,13 @@ template <typename T, int D>
     const int lo = int(max(int64_t(band.begin), int64_t(partition) * p.partition_size));
     const int hi = int(min(int64_t(band.end), (int64_t(partition) + 1) * p.partition_size));
 
-    const int slices = DECODE_KEY_SLICES(rows, D), slice = slices > 1 ? int(sg) : 0;
+    const HeadPart head_part{int(sg) % PARTS, int(sg) / PARTS, int(sg),
+                             reinterpret_cast<threadgroup float*>(tile_storage + KV_TILE_VECTORS(T, BK, LD))};
+    const int part = head_part.part;
+    const int slices = DECODE_KEY_SLICES(rows, DK), slice = slices > 1 ? head_part.row_group : 0;
+    static_assert(PARTS == 1 || KV_TILE_KEYS(DK) == 8, "key slices and head parts never meet");
     const FragmentCoord fc = fragment_coord(lane);
-    const int row = row_chunk * DECODE_MAX_ROWS + (slices > 1 ? 0 : int(sg) * 8) + fc.row;
+    const int row = row_chunk * DECODE_MAX_ROWS + (slices > 1 ? 0 : head_part.row_group * 8) + fc.row;
     const bool row_valid = row < rows;
     const int head = kv_head * group + (row_valid ? row / p.seqlen_q : 0);
     const int token = row_valid ? row % p.seqlen_q : 0;
@@ -402,13 +423,13 @@ template <typename T, int D>
     if (lo >= hi) {   // nothing of this partition is visible: no math, no K/V reads
         if (tid == 0) WORK_COUNT("partitions_skipped", 1);
         if (split_k) {
-            if (row_valid && slice == 0 && fc.col == 0) {
+            if (row_valid && slice == 0 && part == 0 && fc.col == 0) {
                 partial_max[partial_row] = -FLT_MAX;
                 partial_sum[partial_row] = 0.0f;
             }
-            if (row_valid && slice == 0) {
-                for (int d = fc.col; d < D; d += 8) {   // the row's four lanes cover the head dim
-                    for (int e = 0; e < 2; ++e) partial_out[partial_row * D + d + e] = 0.0f;
+            if (row_valid && slice == 0 && part == 0) {
+                for (int d = fc.col; d < DV; d += 8) {   // the row's four lanes cover the head dim
+                    for (int e = 0; e < 2; ++e) partial_out[partial_row * DV + d + e] = 0.0f;
                 }
             }
             return;
@@ -419,25 +440,27 @@ template <typename T, int D>
 
     const ScoreRules rules = score_rules(do_causal, has_window, has_softcap, has_alibi, p.mask);
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
-    Fragments<D / 8> q_frag, o_frag;
+    Fragments<DKP / 8> q_frag;
+    Fragments<DVP / 8> o_frag;
     threadgroup float* scratch = reinterpret_cast<threadgroup float*>(tile_storage);
-    static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= (D / 4 + 2) * 32 * sizeof(float), "slice scratch");
-    static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * D * sizeof(float), "unpermute_o scratch");
+    static_assert(KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= (DKP / 4 + 2) * 32 * sizeof(float), "slice scratch");
+    static_assert(!direct_head_dim<DV>() || KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * DV * sizeof(float),
+                  "unpermute_o scratch");
     const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
-    const bool direct = direct_head_dim<D>() && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
+    const bool direct = direct_head_dim<DV>() && DK == DV && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
                         v_format.kind == KV_AFFINE && k_format.group_size == v_format.group_size;
     const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
-    DirectQ<T, D> q_direct;
+    DirectQ<T, DVP> q_direct;   // only used when DK == DV (= DVP)
     DirectGroups groups;
-    float value_bias[D / DIRECT_BLOCK] = {};
+    float value_bias[DVP / DIRECT_BLOCK] = {};
     if (direct) {
-        load_q_direct<T, D>(q_direct, q_row, row_valid, fc);
-        groups = direct_groups<D>(k_format, v_format, lane);
+        load_q_direct<T, DVP>(q_direct, q_row, row_valid, fc);
+        groups = direct_groups<DVP>(k_format, v_format, lane);
     } else {
-        load_q<T, D>(q_frag, q_row, row_valid && slice == 0, p.mask.scale, fc);
-        if (slices > 1) share_q<D>(q_frag, scratch, slice, lane);
+        load_q<T, DKP>(q_frag, q_row + part * DKP, row_valid && slice == 0, p.mask.scale, fc);
+        if (slices > 1) share_q<DKP>(q_frag, scratch, slice, lane);
     }
-    clear<D>(o_frag);
+    clear<DVP>(o_frag);
     OnlineSoftmax state;
     const CacheTile<T> k_tile = cache_tile<T>(k_cache, k_scales, k_biases, k_offset, k_scale_offset, k_format,
                                               p.shape.k_strides[STRIDE_HEAD], seq, kv_head, lane);
@@ -457,42 +480,42 @@ template <typename T, int D>
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         if (direct) {   // the next tile's first barrier keeps the offsets until every slice has read them
-            attend_direct_groups<T, D>(o_frag, value_bias, state, q_direct, k_tile, v_tile, groups, slice * 8, key0, hi,
-                                       tile_valid, token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
+            attend_direct_groups<T, DVP>(o_frag, value_bias, state, q_direct, k_tile, v_tile, groups, slice * 8, key0,
+                                         hi, tile_valid, token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
             continue;
         }
-        load_cache_tile<T, D, BK, LD>(tile, k_tile, tid, threads);
+        load_cache_tile<T, DK, BK, LD>(tile, k_tile, tid, threads);
         if (tid == 0) WORK_COUNT("k_tiles_loaded", 1);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         const TileLoads<T> loads{tile_storage, k_tile, v_tile, tid, threads};
         if (slices > 1)
-            attend_tile<T, D, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift, row_valid,
-                                         slope, rules, fc, loads);
+            attend_tile<T, DK, DV, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift,
+                                              row_valid, slope, rules, fc, loads, head_part, lane);
         else
-            attend_tile<T, D, BK, BK, LD>(o_frag, state, q_frag, 0, key0, hi, tile_valid, token + shift, row_valid,
-                                          slope, rules, fc, loads);
+            attend_tile<T, DK, DV, BK, BK, LD>(o_frag, state, q_frag, 0, key0, hi, tile_valid, token + shift, row_valid,
+                                               slope, rules, fc, loads, head_part, lane);
     }
-    if (direct) add_value_bias_groups<D>(o_frag, value_bias, groups);
-    if (slices > 1) merge_key_slices<D>(state, o_frag, scratch, slices, slice, lane);
-    if (direct && slice == 0) unpermute_o<D>(o_frag, scratch, fc);
+    if (direct) add_value_bias_groups<DVP>(o_frag, value_bias, groups);
+    if (slices > 1) merge_key_slices<DVP>(state, o_frag, scratch, slices, slice, lane);
+    if (direct && slice == 0) unpermute_o<DVP>(o_frag, scratch, fc);
 
     if (!row_valid || slice != 0) return;   // no barrier follows
     if (split_k) {
-        if (fc.col == 0) {
+        if (part == 0 && fc.col == 0) {
             partial_max[partial_row] = state.max_log2;
             partial_sum[partial_row] = state.denominator;
         }
-        device float* partial = partial_out + partial_row * D;
+        device float* partial = partial_out + partial_row * DV + part * DVP;
         UNROLL_FRAGMENTS
-        for (int d = 0; d < D / 8; ++d) {
+        for (int d = 0; d < DVP / 8; ++d) {
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) partial[d * 8 + fc.col + e] = o_frag.frag[d].thread_elements()[e];
         }
         return;
     }
-    if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
-    store_row<T, D>(out + element_offset(p.shape.out_strides, seq, token, head),
-                    lse + lse_offset(p.shape.lse_strides, seq, head, token), state, o_frag, fc);
+    if (has_sinks) fold_sink<DVP>(state, o_frag, sinks[head] * LOG2E);
+    store_row<T, DVP>(out + element_offset(p.shape.out_strides, seq, token, head) + part * DVP,
+                      lse + lse_offset(p.shape.lse_strides, seq, head, token), state, o_frag, fc, part == 0);
 }
 
 // Merge the partitions of one (sequence, head, new token): grid (Sq, H, B), one simdgroup.
@@ -554,11 +577,20 @@ template <typename T, int D>
             denominator > 0.0f ? (max_log2 + log2(denominator)) * LN2 : -INFINITY;
 }
 
+// Host names as kernel_name() (launch.cpp) builds them: "_<D>" when K and V share a head dim, else "_<DK>_<DV>"; the
+// reduce only sees V's head dim, and every DV of a pair is a D of the lists.
+#define INSTANTIATE_DECODE_NAMED(type, dk, dv, name)                                                   \
+    template [[host_name("attention_decode_" #type "_" name)]] [[kernel]]                              \
+    decltype(attention_decode<type, dk, dv>) attention_decode<type, dk, dv>;
 #define INSTANTIATE_DECODE(type, d)                                                                    \
-    template [[host_name("attention_decode_" #type "_" #d)]] [[kernel]]                                \
-    decltype(attention_decode<type, d>) attention_decode<type, d>;                                     \
+    INSTANTIATE_DECODE_NAMED(type, d, d, #d)                                                           \
     template [[host_name("attention_decode_reduce_" #type "_" #d)]] [[kernel]]                         \
     decltype(attention_decode_reduce<type, d>) attention_decode_reduce<type, d>;
-FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, float)
-FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, half)
-FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, bfloat)
+#define INSTANTIATE_DECODE_PAIR(type, dk, dv) INSTANTIATE_DECODE_NAMED(type, dk, dv, #dk "_" #dv)
+#define INSTANTIATE_DECODE_TYPE(unused, type)            \
+    FOR_EACH_HEAD_DIM(INSTANTIATE_DECODE, type)          \
+    FOR_EACH_FORWARD_ONLY_HEAD_DIM(INSTANTIATE_DECODE, type) \
+    FOR_EACH_HEAD_DIM_PAIR(INSTANTIATE_DECODE_PAIR, type)
+INSTANTIATE_DECODE_TYPE(_, float)
+INSTANTIATE_DECODE_TYPE(_, half)
+INSTANTIATE_DECODE_TYPE(_, bfloat)

@@ -60,6 +60,7 @@ inline at::Tensor host_ints(const at::Tensor& index) {   // index: from index_te
 struct CacheGeometry {
   int64_t num_blocks, block_size, num_kv_heads, head_dim, num_seqs, blocks_per_seq;
   bool table_is_batch_idx;
+  int64_t head_dim_v = 0;   // the V cache's (check_cache sets it)
   int64_t capacity() const { return blocks_per_seq * block_size; }   // slots per sequence
 };
 

@@ -139,21 +139,24 @@ int64_t check_one_cache(const CacheArgs& c, int64_t group_size, int64_t num_seqs
 
 CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
                           bool table_is_batch_idx, const at::Tensor& like, const char* like_name,
-                          const KvQuantArgs& qa, KvQuant* quant) {
+                          const KvQuantArgs& qa, KvQuant* quant, bool v_head_dim_may_differ) {
   TORCH_CHECK_VALUE(table.dim() == 2, "block_table must be [batch, max_blocks_per_sequence], got shape ", table.sizes());
   const CacheArgs k_args{k_cache, "k_cache", "k", qa.k_bits, qa.k_scales, qa.k_biases, qa.k_descale};
   const CacheArgs v_args{v_cache, "v_cache", "v", qa.v_bits, qa.v_scales, qa.v_biases, qa.v_descale};
   const int64_t k_dim = check_one_cache(k_args, qa.group_size, table.size(0), like, like_name, &quant->k);
   const int64_t v_dim = check_one_cache(v_args, qa.group_size, table.size(0), like, like_name, &quant->v);
-  TORCH_CHECK_VALUE(v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3) && v_dim == k_dim,
+  const bool plain = !quant->quantized();
+  TORCH_CHECK_VALUE(v_cache.sizes().slice(0, 3) == k_cache.sizes().slice(0, 3) &&
+                        (v_dim == k_dim || (v_head_dim_may_differ && plain)),
                     "v_cache must have the shape of k_cache ", k_cache.sizes(), " (head_dim ", k_dim, "), got ",
-                    v_cache.sizes(), " (head_dim ", v_dim, ")");
+                    v_cache.sizes(), " (head_dim ", v_dim, ")",
+                    v_head_dim_may_differ ? "; only plain (unquantized) caches may differ in the head dim" : "");
   TORCH_CHECK_VALUE(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
                     "k_cache and v_cache need a contiguous head dim (stride 1): the cache is read and written in place");
   if (quant->k.kind == KV_AFFINE) check_scales(k_args, like, like_name, k_dim / qa.group_size);
   if (quant->v.kind == KV_AFFINE) check_scales(v_args, like, like_name, v_dim / qa.group_size);
   CacheGeometry g{k_cache.size(0), k_cache.size(1), k_cache.size(2), k_dim, table.size(0), table.size(1),
-                  table_is_batch_idx};
+                  table_is_batch_idx, v_dim};
   // Keys of a K tile (up to one tile past the last slot) stay within the decode shader's int32.
   constexpr int64_t int_max = std::numeric_limits<int32_t>::max();
   const int64_t max_slots = int_max - KV_TILE_KEYS(g.head_dim);

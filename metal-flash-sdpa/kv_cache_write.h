@@ -40,10 +40,12 @@ struct KvQuant {
 // k_cache/v_cache [num_blocks, block_size, Hkv, D] (head dim contiguous; quantized: D * bits / 32 words or D fp8
 // bytes per row) of the device of `like` (named like_name in errors) and, when plain, its dtype; read through
 // `table` (from index_tensor(); [B, max_blocks], or cache_batch_idx viewed as [B, 1] when table_is_batch_idx).
-// Fills *quant with the caches' formats, their scales / biases / descales checked against the geometry.
+// Fills *quant with the caches' formats, their scales / biases / descales checked against the geometry. With
+// v_head_dim_may_differ (attention, not the append) plain caches may differ in the head dim (CacheGeometry::head_dim_v;
+// the caller checks the pair).
 CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& table,
                           bool table_is_batch_idx, const at::Tensor& like, const char* like_name,
-                          const KvQuantArgs& quant_args, KvQuant* quant);
+                          const KvQuantArgs& quant_args, KvQuant* quant, bool v_head_dim_may_differ = false);
 
 // New tokens k/v [B, n, Hkv, D] of like's dtype for a cache of geometry g.
 void check_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& like, const CacheGeometry& g);

@@ -23,18 +23,49 @@ bool is_supported_head_dim(int64_t head_dim) {
   return std::find(std::begin(kHeadDims), std::end(kHeadDims), head_dim) != std::end(kHeadDims);
 }
 
+bool is_supported_forward_head_dims(int64_t head_dim, int64_t head_dim_v) {
+  if (head_dim == head_dim_v)
+    return is_supported_head_dim(head_dim) ||
+           std::find(std::begin(kForwardOnlyHeadDims), std::end(kForwardOnlyHeadDims), head_dim) !=
+               std::end(kForwardOnlyHeadDims);
+  return std::any_of(std::begin(kHeadDimPairs), std::end(kHeadDimPairs),
+                     [&](const int64_t* pair) { return pair[0] == head_dim && pair[1] == head_dim_v; });
+}
+
+namespace {
+
+template <typename Items, typename Text>
+std::string joined(const Items& items, Text text) {
+  std::string all;
+  for (const auto& item : items) all += (all.empty() ? "" : ", ") + text(item);
+  return all;
+}
+
+std::string number(int64_t d) { return std::to_string(d); }
+
+}  // namespace
+
 const std::string& supported_head_dims() {
-  static const std::string text = [] {
-    std::string joined;
-    for (int64_t d : kHeadDims) joined += (joined.empty() ? "" : ", ") + std::to_string(d);
-    return joined;
-  }();
+  static const std::string text = joined(kHeadDims, number);
   return text;
 }
 
-std::string kernel_name(const char* base, ElementType dtype, int64_t head_dim) {
+const std::string& supported_forward_head_dims() {
+  static const std::string text = supported_head_dims() + ", " + joined(kForwardOnlyHeadDims, number);
+  return text;
+}
+
+const std::string& supported_head_dim_pairs() {
+  static const std::string text =
+      joined(kHeadDimPairs, [](const int64_t* pair) { return "(" + number(pair[0]) + ", " + number(pair[1]) + ")"; });
+  return text;
+}
+
+std::string kernel_name(const char* base, ElementType dtype, int64_t head_dim, int64_t head_dim_v) {
   std::string name = std::string(base) + "_" + type_name(dtype);
-  return head_dim < 0 ? name : name + "_" + std::to_string(head_dim);
+  if (head_dim >= 0) name += "_" + std::to_string(head_dim);
+  if (head_dim_v >= 0 && head_dim_v != head_dim) name += "_" + std::to_string(head_dim_v);
+  return name;
 }
 
 void copy_strides(int64_t dst[3], const Strides3& s) {
@@ -61,7 +92,7 @@ AttentionShape attention_shape(const AttentionTensors& t) {
   shape.num_seqs = int32_t(t.num_seqs);
   shape.num_heads = int32_t(t.num_heads);
   shape.num_kv_heads = int32_t(t.num_kv_heads);
-  shape.head_dim = int32_t(t.head_dim);
+  shape.head_dim = int32_t(t.head_dim);   // q and k (the shaders take V's head dim from their template)
   return shape;
 }
 

@@ -53,15 +53,16 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
   params->has_seqused_k = pb.has_seqused_k;
 
   KernelLaunch launch;
-  launch.kernel = kernel_name("attention_prefill", t.dtype, t.head_dim);
+  launch.kernel = kernel_name("attention_prefill", t.dtype, t.head_dim, t.value_head_dim());
   launch.threadgroups[0] = uint32_t(std::max<int64_t>(ceil_div(pb.max_seqlen_q, PREFILL_BLOCK_Q), 1));
   launch.threadgroups[1] = uint32_t(t.num_heads);
   launch.threadgroups[2] = uint32_t(t.num_seqs);
-  launch.threads_per_threadgroup = PREFILL_THREADS;
+  launch.threads_per_threadgroup = PREFILL_THREADS * HEAD_PARTS(t.value_head_dim());
   launch.constants = mask_constants(pb.options);
   launch.constants.push_back({FC_ALIGN_Q, pb.seqlen_q_gcd % PREFILL_BLOCK_Q == 0});
   launch.constants.push_back({FC_ALIGN_K, pb.seqlen_k_gcd % KV_TILE_KEYS(t.head_dim) == 0});
   launch.constants.push_back(kv_vector_constant(t));
+  launch.constants.push_back(v_in_k_tile_constant(t));
   launch.constants.push_back({FC_PAGED_KV, pb.paged});
   return launch;
 }
@@ -69,7 +70,7 @@ KernelLaunch plan_prefill(const PrefillProblem& pb, PrefillParams* params) {
 // What the shape checks learn about the call.
 struct Geometry {
   bool varlen, paged;
-  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim, head_dim_v;   // head_dim: q's and k's; head_dim_v: v's and out's
   int64_t total_q, total_k;   // tokens per batch entry (varlen: all tokens; paged keys: a sequence's capacity)
   // Varlen: from index_tensor(), as the kernel reads them; cu_seqlens_k, block_table, seqused_k undefined if absent.
   at::Tensor cu_seqlens_q, cu_seqlens_k, block_table, seqused_k;
@@ -84,7 +85,7 @@ CacheGeometry check_paged_kv(const at::Tensor& q, const at::Tensor& k, const at:
   const std::optional<at::Tensor> none;
   KvQuant plain;
   const CacheGeometry cache = check_cache(k, v, table, false, q, "q", {none, none, none, none, 0, 0, 0, none, none},
-                                          &plain);
+                                          &plain, true);
   TORCH_CHECK_VALUE(cache.num_seqs == num_seqs, "block_table has ", cache.num_seqs, " rows but cu_seqlens_q holds ",
                     num_seqs, " sequences; pass one row per sequence");
   return cache;
@@ -120,9 +121,11 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
                       "block_size, kv_heads, head_dim], got shapes ", k.sizes(), " and ", v.sizes());
   } else {
     TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
-    TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+    TORCH_CHECK_VALUE(v.dim() == rank && v.sizes().slice(0, rank - 1) == k.sizes().slice(0, rank - 1),
+                      "v must have the shape of k ", k.sizes(), " (its head dim may differ), got ", v.sizes());
   }
   g.head_dim = q.size(-1);
+  g.head_dim_v = v.size(-1);
   g.num_heads = q.size(-2);
   g.num_kv_heads = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == g.head_dim, "k has head_dim ", k.size(-1), " but q has ", g.head_dim);
@@ -151,7 +154,7 @@ Geometry check_prefill_args(const at::Tensor& q, const at::Tensor& k, const at::
     g.total_q = q.size(1);
     g.total_k = k.size(1);
   }
-  check_heads(g.num_heads, g.num_kv_heads, g.head_dim);
+  check_forward_heads(g.num_heads, g.num_kv_heads, g.head_dim, g.head_dim_v, "v");
   // Rows of a query block (up to PREFILL_BLOCK_Q past the last token) stay within the shaders' int32.
   constexpr int64_t int_max = std::numeric_limits<int32_t>::max(), max_tokens = int_max - PREFILL_BLOCK_Q;
   TORCH_CHECK_NOT_IMPLEMENTED(g.total_q <= max_tokens && g.total_k <= max_tokens && g.num_seqs <= int_max &&
@@ -225,7 +228,9 @@ Seqlens check_key_lengths(const Geometry& g, int64_t max_seqlen_k) {
 }
 
 std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& q, const Geometry& g) {
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  std::vector<int64_t> out_shape = q.sizes().vec();
+  out_shape.back() = g.head_dim_v;   // out has V's head dim (flash-attn 3)
+  at::Tensor out = at::empty(out_shape, q.options());
   at::Tensor lse = g.varlen ? at::empty({g.num_heads, g.total_q}, q.options().dtype(at::kFloat))
                             : at::empty({g.num_seqs, g.num_heads, g.total_q}, q.options().dtype(at::kFloat));
   return {out, lse};
@@ -276,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen(
                 token_strides(v, g.varlen && !g.paged),
                 token_strides(out, g.varlen),
                 g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1},
-                rows_aligned_16(k) && rows_aligned_16(v)};
+                rows_aligned_16(k) && rows_aligned_16(v), g.head_dim_v, v_in_k_rows(k, v)};
   pb.options = g.options;
   pb.total_q = g.total_q;
   pb.total_k = g.total_k;

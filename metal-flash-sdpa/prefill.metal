@@ -67,25 +67,26 @@ METAL_FUNC bool in_no_sequence(const device int* cu_seqlens_q, int num_seqs, int
 
 // Rows of tokens [first, last) that no sequence owns get what a row without keys gets: zeros and LSE -inf. Unchecked
 // cu_seqlens_q can leave such tokens only before its first entry or past its last, so the threadgroups of the first
-// and last sequence write them here and out / lse need no fill pass. Four threads per row, PREFILL_BLOCK_Q rows per
-// block; the blocks stride over the grid's columns as the query blocks do.
-template <typename T, int D>
+// and last sequence write them here and out / lse need no fill pass. THREADS / PREFILL_BLOCK_Q threads per row,
+// PREFILL_BLOCK_Q rows per block; the blocks stride over the grid's columns as the query blocks do.
+template <typename T, int D, int THREADS>
 METAL_FUNC void clear_rows_in_no_sequence(device T* out, device float* lse, const device int* cu_seqlens_q,
                                           constant PrefillParams& p, int head, int first, int last, uint column,
                                           uint columns, uint tid) {
-    static_assert(PREFILL_THREADS == 4 * PREFILL_BLOCK_Q, "four threads per row");
-    const int part = int(tid % 4);
-    for (int64_t token = first + int64_t(column) * PREFILL_BLOCK_Q + tid / 4; token < last;
+    constexpr int PER_ROW = THREADS / PREFILL_BLOCK_Q;
+    const int part = int(tid % PER_ROW);
+    for (int64_t token = first + int64_t(column) * PREFILL_BLOCK_Q + tid / PER_ROW; token < last;
          token += int64_t(columns) * PREFILL_BLOCK_Q) {
         if (!in_no_sequence(cu_seqlens_q, p.shape.num_seqs, p.total_q, int(token))) continue;
         device T* row = out + element_offset(p.shape.out_strides, 0, token, head);
-        for (int col = part; col < D; col += 4) row[col] = T(0);
+        for (int col = part; col < D; col += PER_ROW) row[col] = T(0);
         if (part == 0) lse[lse_offset(p.shape.lse_strides, 0, head, token)] = -INFINITY;
     }
 }
 
-template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(PREFILL_THREADS)]] void attention_prefill(
+// DK: the head dim of q and k, DV: of v and out. HEAD_PARTS(DV) simdgroups share each 8 query rows (params.h).
+template <typename T, int DK, int DV>
+[[kernel, max_total_threads_per_threadgroup(PREFILL_THREADS * HEAD_PARTS(DV))]] void attention_prefill(
     const device T* q [[buffer(PREFILL_BUFFER_Q)]],
     const device T* k [[buffer(PREFILL_BUFFER_K)]],
     const device T* v [[buffer(PREFILL_BUFFER_V)]],
@@ -103,10 +104,14 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]],
     ushort sg [[simdgroup_index_in_threadgroup]],
     ushort lane [[thread_index_in_simdgroup]]) {
-    constexpr int BK = KV_TILE_KEYS(D);
-    constexpr int LD = D + 8;   // padded row: staggers threadgroup memory banks
-    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD)];
+    constexpr int PARTS = HEAD_PARTS(DV), DKP = DK / PARTS, DVP = DV / PARTS;   // a simdgroup's part of Q and of O
+    constexpr int THREADS = PREFILL_THREADS * PARTS;
+    constexpr int BK = KV_TILE_KEYS(DK);
+    constexpr int LD = DK + 8;   // padded row: staggers threadgroup memory banks
+    // The K/V tile, then (wide heads) the score exchange.
+    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD) + HEAD_PARTS_SCORE_FLOATS(PREFILL_BLOCK_Q / 8, DK, DV) / 4];
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
+    threadgroup float* score_parts = reinterpret_cast<threadgroup float*>(tile_storage + KV_TILE_VECTORS(T, BK, LD));
     threadgroup int64_t k_offset[BK], v_offset[BK];   // paged: element offset of each tile key in k / v (-1: none)
     threadgroup uint tile_valid;                      // paged: bit r set when key key0 + r is read
 
@@ -138,15 +143,16 @@ template <typename T, int D>
         const int kb_begin = band.begin / BK;
         const int kb_end = band.end > band.begin ? (band.end + BK - 1) / BK : kb_begin;
 
-        const int row = block_row0 + int(sg) * 8 + fc.row;   // query row in the sequence
+        const int row_group = int(sg) / PARTS, part = int(sg) % PARTS;
+        const int row = block_row0 + row_group * 8 + fc.row;   // query row in the sequence
         const bool row_valid = align_q || row < seqlen_q;
         // Q stays in the input type at every head dim: D/8 registers per lane in 16 bits instead of D/4 in fp32 (at
         // D = 256 fp32 Q and O alone, 64 + 64 floats, overrun a thread's 128 registers), and the K fragments it
         // multiplies need no conversion. Nothing is lost: products of 16-bit values are exact in the fp32 sums.
-        Fragments<D / 8, T> q_frag;
-        Fragments<D / 8> o_frag;
-        load_q<T, D>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN], row_valid, 1.0f, fc);
-        clear<D>(o_frag);
+        Fragments<DKP / 8, T> q_frag;
+        Fragments<DVP / 8> o_frag;
+        load_q<T, DKP>(q_frag, q_seq + row * p.shape.q_strides[STRIDE_TOKEN] + part * DKP, row_valid, 1.0f, fc);
+        clear<DVP>(o_frag);
         OnlineSoftmax state;
 
         for (int kb = kb_begin; kb < kb_end; ++kb) {
@@ -160,50 +166,63 @@ template <typename T, int D>
                     map_paged_keys<BK>(cache, 0, key0, band.begin, band.end, seqlen_k, k_offset, v_offset, &tile_valid, lane);
                 threadgroup_barrier(mem_flags::mem_threadgroup);
                 valid = tile_valid;
-                copy_kv_tile<T, D, BK, LD>(tile, k_head, TableRows{k_offset}, tid, PREFILL_THREADS);
+                copy_kv_tile<T, DK, BK, LD>(tile, k_head, TableRows{k_offset}, tid, THREADS);
             } else {
-                copy_kv_tile<T, D, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, PREFILL_THREADS);
+                copy_kv_tile<T, DK, BK, LD>(tile, k_head + int64_t(key0) * k_rows.token_stride, k_rows, tid, THREADS);
             }
             // Counted by thread 0 without a branch: a divergent `if` right before a barrier lets the compiler copy
             // the barrier into both paths, and the simulator then sees two barriers.
             WORK_COUNT("k_tiles_loaded", tid == 0);
             threadgroup_barrier(mem_flags::mem_threadgroup);
             Fragments<BK / 8> s_frag;
-            qk_tile<T, D, BK, LD>(s_frag, q_frag, tile);
+            qk_tile<T, DKP, BK, LD>(s_frag, q_frag, tile + part * DKP);
+            if (PARTS > 1) share_score_part<BK>(s_frag, score_parts, sg, lane);
 
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            if (paged_kv)
-                copy_kv_tile<T, D, BK, LD>(tile, v_head, TableRows{v_offset}, tid, PREFILL_THREADS);
-            else
-                copy_kv_tile<T, D, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, PREFILL_THREADS);
-            WORK_COUNT("v_tiles_loaded", tid == 0);
+            if (PARTS > 1) sum_score_parts<BK, PARTS>(s_frag, score_parts, row_group, lane);
+            if (!v_in_k_tile) {
+                if (paged_kv)
+                    copy_kv_tile<T, DV, BK, LD>(tile, v_head, TableRows{v_offset}, tid, THREADS);
+                else
+                    copy_kv_tile<T, DV, BK, LD>(tile, v_head + int64_t(key0) * v_rows.token_stride, v_rows, tid, THREADS);
+            }
+            WORK_COUNT("v_tiles_loaded", tid == 0 && !v_in_k_tile);
             // The softmax runs between issuing the V loads and the barrier that waits for them, so its math hides
             // their latency (MLX steel orders it so too); it reads only registers.
             // A paged tile with a key missing (outside the band or the sequence, or its block hidden) masks it.
             const bool edge = edge_tile(key0, BK, seqlen_k, block_row0 + shift, last_row + shift,
                                         align_q || block_row0 + PREFILL_BLOCK_Q <= seqlen_q, p.mask) ||
                               (paged_kv && valid != (BK == 32 ? ~0u : (1u << BK) - 1u));
-            softmax_tile<D, BK>(s_frag, state, o_frag, key0, seqlen_k, valid, row + shift, row_valid, edge, slope, rules, fc);
+            softmax_tile<DVP, BK>(s_frag, state, o_frag, key0, seqlen_k, valid, row + shift, row_valid, edge, slope, rules, fc);
             threadgroup_barrier(mem_flags::mem_threadgroup);
-            pv_tile<T, D, BK, LD>(o_frag, s_frag, tile);
+            pv_tile<T, DVP, BK, LD>(o_frag, s_frag, tile + part * DVP);
         }
-        if (has_sinks) fold_sink<D>(state, o_frag, sinks[head] * LOG2E);
+        if (has_sinks) fold_sink<DVP>(state, o_frag, sinks[head] * LOG2E);
 
         if (!row_valid) continue;   // only ever true in the last block, so no barrier follows
-        store_row<T, D>(out_seq + row * p.shape.out_strides[STRIDE_TOKEN], lse_seq + row * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc);
+        store_row<T, DVP>(out_seq + row * p.shape.out_strides[STRIDE_TOKEN] + part * DVP,
+                          lse_seq + row * p.shape.lse_strides[LSE_TOKEN], state, o_frag, fc, part == 0);
     }
     // After the last barrier: the threads take different paths through this.
     if (p.uniform_seqlen_q < 0 && seq == 0)
-        clear_rows_in_no_sequence<T, D>(out, lse, cu_seqlens_q, p, head, 0, clamp(cu_seqlens_q[0], 0, p.total_q),
-                                        tgid.x, grid.x, tid);
+        clear_rows_in_no_sequence<T, DV, THREADS>(out, lse, cu_seqlens_q, p, head, 0, clamp(cu_seqlens_q[0], 0, p.total_q),
+                                                  tgid.x, grid.x, tid);
     if (p.uniform_seqlen_q < 0 && seq == p.shape.num_seqs - 1)
-        clear_rows_in_no_sequence<T, D>(out, lse, cu_seqlens_q, p, head, clamp(cu_seqlens_q[seq + 1], 0, p.total_q),
-                                        p.total_q, tgid.x, grid.x, tid);
+        clear_rows_in_no_sequence<T, DV, THREADS>(out, lse, cu_seqlens_q, p, head,
+                                                  clamp(cu_seqlens_q[seq + 1], 0, p.total_q), p.total_q, tgid.x, grid.x,
+                                                  tid);
 }
 
-#define INSTANTIATE_PREFILL(type, d) \
-    template [[host_name("attention_prefill_" #type "_" #d)]] [[kernel]] \
-    decltype(attention_prefill<type, d>) attention_prefill<type, d>;
-FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, float)
-FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, half)
-FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, bfloat)
+// Host names as kernel_name() (launch.cpp) builds them: "_<D>" when K and V share a head dim, else "_<DK>_<DV>".
+#define INSTANTIATE_PREFILL_NAMED(type, dk, dv, name) \
+    template [[host_name("attention_prefill_" #type "_" name)]] [[kernel]] \
+    decltype(attention_prefill<type, dk, dv>) attention_prefill<type, dk, dv>;
+#define INSTANTIATE_PREFILL(type, d) INSTANTIATE_PREFILL_NAMED(type, d, d, #d)
+#define INSTANTIATE_PREFILL_PAIR(type, dk, dv) INSTANTIATE_PREFILL_NAMED(type, dk, dv, #dk "_" #dv)
+#define INSTANTIATE_PREFILL_TYPE(unused, type) \
+    FOR_EACH_HEAD_DIM(INSTANTIATE_PREFILL, type) \
+    FOR_EACH_FORWARD_ONLY_HEAD_DIM(INSTANTIATE_PREFILL, type) \
+    FOR_EACH_HEAD_DIM_PAIR(INSTANTIATE_PREFILL_PAIR, type)
+INSTANTIATE_PREFILL_TYPE(_, float)
+INSTANTIATE_PREFILL_TYPE(_, half)
+INSTANTIATE_PREFILL_TYPE(_, bfloat)

@@ -25,12 +25,29 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const ch
                     "; all tensors must be on the same device");
 }
 
+inline void check_head_groups(int64_t num_heads, int64_t num_kv_heads) {
+  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "the number of query heads (", num_heads,
+                    ") must be a multiple of the number of key/value heads (", num_kv_heads, ")");
+}
+
 // Head layout every kernel supports: an instantiated head dim, and GQA/MQA groups of whole query heads.
 inline void check_heads(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
   TORCH_CHECK_NOT_IMPLEMENTED(is_supported_head_dim(head_dim), "head_dim ", head_dim,
                               " is not supported; supported head dims: ", supported_head_dims());
-  TORCH_CHECK_VALUE(num_kv_heads > 0 && num_heads % num_kv_heads == 0, "the number of query heads (", num_heads,
-                    ") must be a multiple of the number of key/value heads (", num_kv_heads, ")");
+  check_head_groups(num_heads, num_kv_heads);
+}
+
+// The same for the forward ops, whose kernels have more head dims, and V's head dim head_dim_v (v_name: the argument
+// holding V) may differ from q's and k's in the pairs they have (flash-attn 3's headdim_v).
+inline void check_forward_heads(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t head_dim_v,
+                                const char* v_name) {
+  TORCH_CHECK_NOT_IMPLEMENTED(head_dim != head_dim_v || is_supported_forward_head_dims(head_dim, head_dim),
+                              "head_dim ", head_dim, " is not supported; supported head dims: ",
+                              supported_forward_head_dims(), " (and (q/k, v) pairs ", supported_head_dim_pairs(), ")");
+  TORCH_CHECK_VALUE(head_dim == head_dim_v || is_supported_forward_head_dims(head_dim, head_dim_v), v_name,
+                    " has head_dim ", head_dim_v, " but q and k have ", head_dim, "; v's head dim may differ from "
+                    "q's only as (q/k, v) = ", supported_head_dim_pairs(), ", else it must be equal");
+  check_head_groups(num_heads, num_kv_heads);
 }
 
 // [total, H, D] (batch stride 0) or [B, S, H, D] / [blocks, slots, H, D] views; the head dim is contiguous.
@@ -46,6 +63,13 @@ inline bool rows_aligned_16(const at::Tensor& t) {
   for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if (t.size(d) > 1 && t.stride(d) * bytes % 16 != 0) return false;
   return true;
+}
+
+// Whether v's rows are the first elements of k's rows, as MLA's v = k_cache[..., :head_dim_v]: one storage, offset
+// and strides (then the kernels take V from the K tile: FC_V_IN_K_TILE).
+inline bool v_in_k_rows(const at::Tensor& k, const at::Tensor& v) {
+  return v.is_alias_of(k) && v.scalar_type() == k.scalar_type() && v.storage_offset() == k.storage_offset() &&
+         v.strides() == k.strides() && v.size(-1) <= k.size(-1);
 }
 
 inline at::Tensor unit_stride_head_dim(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

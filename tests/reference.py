@@ -32,11 +32,12 @@ def visible_keys(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
 
 def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False, window=(-1, -1),
                         softcap=0.0, sinks=None, alibi_slopes=None, dtype=torch.float64):
-    """q [total_q, H, D], k/v [total_k, Hkv, D] -> (out [total_q, H, D], lse [H, total_q]) in `dtype`."""
+    """q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, DV] -> (out [total_q, H, DV], lse [H, total_q]) in
+    `dtype`; scale defaults to 1/sqrt(D)."""
     H, D = q.shape[1], q.shape[2]
     group = H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    out = torch.zeros(q.shape, dtype=dtype)
+    out = torch.zeros(*q.shape[:2], v.shape[2], dtype=dtype)   # V's head dim (it may differ from q's and k's)
     lse = torch.full((H, q.shape[0]), -math.inf, dtype=torch.float64)
     for b in range(len(cu_seqlens_q) - 1):
         q0, q1 = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])

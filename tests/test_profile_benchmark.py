@@ -83,13 +83,13 @@ def test_mlx_decode_pass1_routing():
 def test_registers_limit_residency(fa):
     """The cost model's register term: with an estimate, resident threadgroups are bounded by the register file;
     without one (decode), by threads alone. Our prefill's estimate stays within a thread's registers at every head
-    dim (16-bit Q: at D = 256 fp32 Q and O alone would take 128)."""
+    dim (16-bit Q: at D = 256 fp32 Q and O alone would take 128; at 512 one simdgroup holds a quarter of them)."""
     from benchmarks import cost_model, profile
     registers = 150
     assert cost_model.residency(128, 1024, registers) == cost_model.REGISTER_FILE_PER_CORE[0] // (4 * registers * 128) == 2
     assert cost_model.residency(128, 1024) == cost_model.MAX_THREADS_PER_CORE[0] // 128
-    for D in fa.SUPPORTED_HEAD_DIMS:
-        assert profile.prefill_registers(fa, "ours", D, 2) <= cost_model.MAX_REGISTERS_PER_THREAD[0], D
+    for D, DV in fa.FORWARD_HEAD_DIMS:   # wide heads: a quarter of Q and O per simdgroup (HEAD_PARTS)
+        assert profile.prefill_registers(fa, "ours", D, 2, DV) <= cost_model.MAX_REGISTERS_PER_THREAD[0], (D, DV)
 
 
 def test_length_law_is_exact_and_checked():

@@ -2,6 +2,8 @@
 // (TORCH_EXTENSION_NAME); Python reaches the ops through `_ops.ops`, never a hard-coded "ns::op".
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "../metal-flash-sdpa/decode.h"
 #include "../metal-flash-sdpa/launch.h"
 #include "registration.h"
@@ -11,10 +13,23 @@
 static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   using namespace metal_flash_sdpa;
   c10::Dict<std::string, std::vector<int64_t>> constants;
-  std::vector<int64_t> head_dims(std::begin(kHeadDims), std::end(kHeadDims)), tile_keys;
-  for (int64_t d : head_dims) tile_keys.push_back(KV_TILE_KEYS(d));
+  std::vector<int64_t> head_dims(std::begin(kHeadDims), std::end(kHeadDims)), tile_keys, head_parts;
+  const std::vector<int64_t> forward_only(std::begin(kForwardOnlyHeadDims), std::end(kForwardOnlyHeadDims));
+  std::vector<int64_t> pairs;   // flattened (q/k, v)
+  for (const auto& pair : kHeadDimPairs) pairs.insert(pairs.end(), {pair[0], pair[1]});
+  std::vector<int64_t> forward_dims = head_dims;   // every q/k head dim a forward kernel has
+  forward_dims.insert(forward_dims.end(), forward_only.begin(), forward_only.end());
+  for (const auto& pair : kHeadDimPairs)
+    if (std::find(forward_dims.begin(), forward_dims.end(), pair[0]) == forward_dims.end()) forward_dims.push_back(pair[0]);
+  for (int64_t d : forward_dims) tile_keys.push_back(KV_TILE_KEYS(d));
+  for (int64_t d : head_dims) head_parts.push_back(HEAD_PARTS(d));   // every v head dim is one of these
+  for (int64_t d : forward_only) head_parts.push_back(HEAD_PARTS(d));
   constants.insert("head_dims", head_dims);
-  constants.insert("kv_tile_keys", tile_keys);   // per head dim
+  constants.insert("forward_only_head_dims", forward_only);
+  constants.insert("head_dim_pairs", pairs);
+  constants.insert("forward_head_dims", forward_dims);
+  constants.insert("kv_tile_keys", tile_keys);   // per forward head dim (q/k)
+  constants.insert("head_parts", head_parts);    // per head dim, then forward-only head dim (v)
   constants.insert("prefill_block_q", std::vector<int64_t>{PREFILL_BLOCK_Q});
   std::vector<int64_t> backward_tile_queries_32bit, backward_tile_queries_16bit;   // per head dim
   for (int64_t d : head_dims) {
@@ -58,7 +73,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def("quantize_kv(Tensor x, int bits, int group_size) -> (Tensor packed, Tensor scales, Tensor biases)");
   ops.def("kernel_constants() -> Dict(str, int[])", &kernel_constants);
   ops.def("decode_split(int batch, int num_heads, int num_kv_heads, int seqlen_q, int head_dim, int element_bytes, "
-          "int max_keys, int window_left, int num_splits, int gpu_cores) -> int[]",
+          "int max_keys, int window_left, int num_splits, int gpu_cores, int head_dim_v=0) -> int[]",
           &metal_flash_sdpa::decode_split);
   ops.def("backward_chunks(int batch, int num_kv_heads, int head_dim, int element_bytes, int max_seqlen_k, "
           "int num_splits, int gpu_cores) -> int", &metal_flash_sdpa::backward_chunks);

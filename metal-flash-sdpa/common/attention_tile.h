@@ -180,16 +180,46 @@ METAL_FUNC void fold_sink(thread OnlineSoftmax& state, thread Fragments<D / 8>& 
     for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
 }
 
-// Normalised output row and natural-log LSE. A row that sees no key (and no sink) gives zeros and -inf.
+// Wide heads (HEAD_PARTS, params.h): simdgroup `simdgroup` publishes its S, partial over its part of the head dim;
+// after a barrier, sum_score_parts gives every part of the row group the whole S, added in part order (so the parts'
+// softmax states agree bit for bit).
+template <int BK>
+METAL_FUNC void share_score_part(thread const Fragments<BK / 8>& s, threadgroup float* exchange, int simdgroup,
+                                 ushort lane) {
+    UNROLL_FRAGMENTS
+    for (int j = 0; j < BK / 8; ++j) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) exchange[((simdgroup * (BK / 8) + j) * 2 + e) * 32 + lane] = s.frag[j].thread_elements()[e];
+    }
+}
+
+template <int BK, int PARTS>
+METAL_FUNC void sum_score_parts(thread Fragments<BK / 8>& s, const threadgroup float* exchange, int row_group,
+                                ushort lane) {
+    UNROLL_FRAGMENTS
+    for (int j = 0; j < BK / 8; ++j) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) {
+            float sum = 0.0f;
+            UNROLL_FRAGMENTS
+            for (int part = 0; part < PARTS; ++part)
+                sum += exchange[(((row_group * PARTS + part) * (BK / 8) + j) * 2 + e) * 32 + lane];
+            s.frag[j].thread_elements()[e] = sum;
+        }
+    }
+}
+
+// Normalised output row and natural-log LSE (written when writes_lse: one head part per row). A row that sees no key
+// (and no sink) gives zeros and -inf.
 template <typename T, int D>
 METAL_FUNC void store_row(device T* out_row, device float* lse, thread const OnlineSoftmax& state,
-                          thread const Fragments<D / 8>& o, FragmentCoord fc) {
+                          thread const Fragments<D / 8>& o, FragmentCoord fc, bool writes_lse) {
     const float inv = state.denominator > 0.0f ? 1.0f / state.denominator : 0.0f;
     UNROLL_FRAGMENTS
     for (int d = 0; d < D / 8; ++d) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) out_row[d * 8 + fc.col + e] = T(o.frag[d].thread_elements()[e] * inv);
     }
-    if (fc.col == 0)   // one lane per row
+    if (writes_lse && fc.col == 0)   // one lane per row
         *lse = state.denominator > 0.0f ? (state.max_log2 + log2(state.denominator)) * LN2 : -INFINITY;
 }

@@ -11,6 +11,9 @@
 using namespace metal;
 
 constant bool kv_vector [[function_constant(FC_KV_VECTOR)]];
+// MLA (V = k_cache[..., :DV], the host saw the same storage, offset and strides): a tile's V rows are its K rows'
+// first DV elements, already in threadgroup memory, so no V tile is loaded (the keys' bytes are read once).
+constant bool v_in_k_tile [[function_constant(FC_V_IN_K_TILE)]];
 
 // Tiles live in `threadgroup uint4 storage[KV_TILE_VECTORS(T, BK, LD)]` (16-byte aligned rows).
 #define KV_TILE_VECTORS(T, BK, LD) ((BK) * (LD) * sizeof(T) / sizeof(uint4))

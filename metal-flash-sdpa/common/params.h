@@ -18,6 +18,7 @@
 #define FC_HAS_SOFTCAP 304
 #define FC_HAS_ALIBI 305
 #define FC_PAGED_KV 308  // prefill: k/v are paged caches read in place through PREFILL_BUFFER_BLOCK_TABLE
+#define FC_V_IN_K_TILE 309  // v's rows are the first DV elements of k's (MLA's latent cache): the K tile holds V too
 
 // Buffer indices of the prefill kernel.
 #define PREFILL_BUFFER_Q 0
@@ -36,14 +37,30 @@
 // The head dims every kernel is instantiated for: X(arg, d) for each d. The one list behind the shader
 // instantiations, the host checks, the Python module's SUPPORTED_HEAD_DIMS and (tested) the README.
 #define FOR_EACH_HEAD_DIM(X, arg) X(arg, 32) X(arg, 64) X(arg, 72) X(arg, 80) X(arg, 96) X(arg, 128) X(arg, 192) X(arg, 256)
+// Head dims only the forward kernels (prefill, decode) have, the backward not: wide heads D (K and V) and
+// (DK, DV) pairs with a narrower V (DeepSeek-V2-Lite 192/128; MLA 576/512, V a view of the latent K cache). The
+// lists behind the forward instantiations, the host's checks and the Python module's FORWARD_HEAD_DIMS.
+#define FOR_EACH_FORWARD_ONLY_HEAD_DIM(X, arg) X(arg, 512)
+#define FOR_EACH_HEAD_DIM_PAIR(X, arg) X(arg, 192, 128) X(arg, 576, 512)
 
 // Prefill tiling: a threadgroup owns PREFILL_BLOCK_Q query rows of one (sequence, head); each of its
 // four simdgroups owns 8 of them.
 #define PREFILL_BLOCK_Q 32
 #define PREFILL_THREADS 128
-// Keys per K/V tile in threadgroup memory (prefill and decode): a tile of that many keys x D (padded rows)
-// must fit the 32 KiB of threadgroup memory.
-#define KV_TILE_KEYS(head_dim) ((head_dim) <= 128 ? 32 : 16)
+// Keys per K/V tile in threadgroup memory (prefill and decode): a tile of that many keys x D (padded rows; D the
+// K head dim, the wider) must fit the 32 KiB of threadgroup memory (fp32 at D 576: 8 keys, 18.3 KiB).
+#define KV_TILE_KEYS(head_dim) ((head_dim) <= 128 ? 32 : (head_dim) <= 256 ? 16 : 8)
+// Wide heads: the simdgroups that share 8 query rows, each holding head_dim / HEAD_PARTS of Q and of O (V's head dim
+// decides). One simdgroup holding a whole 512-wide row would need 128 fp32 registers per lane for O alone (a thread
+// has 128); split in 4, a simdgroup holds what it holds at D = 128 (the cost model's register estimate then lets as
+// many threadgroups reside), and a K/V tile still serves 32 query rows (tile copies per FLOP as at D = 128). The
+// price: each simdgroup's S is partial over its head-dim part, so the parts add theirs through threadgroup memory
+// (HEAD_PARTS_SCORE_FLOATS) and each runs the softmax of the whole S (identical, summed in the same order).
+#define HEAD_PARTS(head_dim_v) ((head_dim_v) > 256 ? 4 : 1)
+// Floats of that exchange (after the K/V tile in threadgroup memory): one BK-key S fragment row per simdgroup (none
+// when nothing is split).
+#define HEAD_PARTS_SCORE_FLOATS(row_groups, head_dim_k, head_dim_v) \
+  (HEAD_PARTS(head_dim_v) > 1 ? (row_groups) * HEAD_PARTS(head_dim_v) * KV_TILE_KEYS(head_dim_k) * 8 : 0)
 
 // Strides are in elements, int64 like MLX's AttnParams: a [B, S, H, D] view of a larger tensor can span
 // more than 2^31 elements. The head dimension is always contiguous (stride 1).
@@ -128,10 +145,12 @@ static_assert(sizeof(PrefillParams) == 208, "PrefillParams layout is shared by h
 // Simdgroups that split each K/V tile's keys (8 per simdgroup) when a KV head has at most 8 query rows, so a
 // threadgroup keeps 2-4 simdgroups busy instead of one with half its MMA rows idle; else 1.
 #define DECODE_KEY_SLICES(rows, head_dim) ((rows) <= 8 ? KV_TILE_KEYS(head_dim) / 8 : 1)
-// Threadgroup memory of attention_decode: one K/V tile (rows padded to D + 8 elements) and the tile's key offsets
-// in both caches (int64) and valid-key mask; the host sizes the split-K grid by how many fit on a core.
-#define DECODE_THREADGROUP_BYTES(element_bytes, head_dim) \
-    (KV_TILE_KEYS(head_dim) * ((head_dim) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim) * 8 + 4)
+// Threadgroup memory of attention_decode: one K/V tile (rows padded to DK + 8 elements), the tile's key offsets
+// in both caches (int64) and valid-key mask, and the head parts' score exchange; the host sizes the split-K grid
+// by how many fit on a core.
+#define DECODE_THREADGROUP_BYTES(element_bytes, head_dim_k, head_dim_v) \
+    (KV_TILE_KEYS(head_dim_k) * ((head_dim_k) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + \
+     4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {

@@ -19,14 +19,21 @@ from ._ops import add_op_namespace_prefix, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "kv_cache_write", "quantize_kv",
            "dequantize_kv",
-           "SUPPORTED_HEAD_DIMS", "PREFILL_BLOCK_Q", "KV_TILE_KEYS", "DECODE_MAX_PARTITIONS",
+           "SUPPORTED_HEAD_DIMS", "FORWARD_HEAD_DIMS", "PREFILL_BLOCK_Q", "HEAD_PARTS", "KV_TILE_KEYS", "DECODE_MAX_PARTITIONS",
            "DECODE_SCRATCH_BYTES", "DECODE_MAX_NEW_TOKENS", "BACKWARD_BLOCK_Q", "BACKWARD_BLOCK_K",
            "BACKWARD_TILE_QUERIES"]
 
 _constants = ops.kernel_constants()
-SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_constants["head_dims"])   # head dims with a kernel (every op)
+# (q/k head dim, v head dim) pairs of the forward ops (prefill, decode; no backward): SUPPORTED_HEAD_DIMS as (D, D),
+# wider heads, and V narrower than K (flash-attn 3's headdim_v; out has V's head dim)
+FORWARD_HEAD_DIMS: tuple[tuple[int, int], ...] = (
+    tuple((d, d) for d in SUPPORTED_HEAD_DIMS + tuple(_constants["forward_only_head_dims"]))
+    + tuple(zip(_constants["head_dim_pairs"][::2], _constants["head_dim_pairs"][1::2])))
 PREFILL_BLOCK_Q: int = _constants["prefill_block_q"][0]                 # query rows per prefill threadgroup
-KV_TILE_KEYS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS, _constants["kv_tile_keys"]))   # keys per K/V tile
+KV_TILE_KEYS: dict[int, int] = dict(zip(_constants["forward_head_dims"], _constants["kv_tile_keys"]))   # per q/k head dim
+HEAD_PARTS: dict[int, int] = dict(zip(SUPPORTED_HEAD_DIMS + tuple(_constants["forward_only_head_dims"]),
+                                     _constants["head_parts"]))   # simdgroups sharing 8 query rows, per v head dim
 DECODE_MAX_PARTITIONS: int = _constants["decode_max_partitions"][0]     # split-K partitions per sequence, at most
 DECODE_SCRATCH_BYTES: int = _constants["decode_scratch_bytes"][0]       # split-K scratch per decode call, at most
 DECODE_MAX_NEW_TOKENS: int = _constants["decode_max_new_tokens"][0]     # flash_attn_func runs the decode kernel up to this Sq
@@ -334,6 +341,11 @@ def _varlen_backward(ctx, dout, dlse):
             "run it under torch.no_grad() / torch.inference_mode(), or detach its inputs; for training pass "
             "contiguous k/v [total_k, Hkv, D] with cu_seqlens_k")
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        raise NotImplementedError(
+            f"the backward has no kernel for head_dim {q.shape[-1]} (q, k) and head_dim_v {v.shape[-1]} (v); its head "
+            f"dims (q, k and v alike): {', '.join(map(str, SUPPORTED_HEAD_DIMS))}. Wider heads and a V head dim that "
+            "differs are forward only: run under torch.no_grad() / torch.inference_mode()")
     none = (None,) * 10   # cu_seqlens, max_seqlen, scale, causal, window, softcap, alibi_slopes: no gradient
     if dout is None and dlse is None:
         return None, None, None, *none, None, None, None
