@@ -109,19 +109,28 @@ struct BackwardPlan {
 };
 
 // Chunks of key blocks per (sequence, KV head) for `items` (sequence, KV head) pairs of `key_blocks` blocks each:
-// num_splits if given, else the count with the fewest waves x key blocks per chunk over the GPU's threadgroup slots
-// (cores x threadgroups resident per core), the fewest among equals (smaller partials, a shorter reduce). At most
-// BACKWARD_MAX_CHUNKS and one per key block.
+// num_splits if given, else the count with the least predicted issue time, counted as benchmarks/cost_model.py
+// does: the longest chunk's key blocks x the threadgroups a core runs at once (they share its issue slots:
+// ceil(threadgroups / cores), at most the resident count) x the waves of the GPU's threadgroup slots, over the
+// latency hiding of that many simdgroups (full from kSaturatingSimdgroups per core); the fewest among equals
+// (smaller partials, a shorter reduce). At most BACKWARD_MAX_CHUNKS and one per key block.
+constexpr int64_t kSaturatingSimdgroups = 16;   // metal-benchmarks: ALU saturation near 16-24 simdgroups per core
 int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t element_size, int64_t num_splits,
                     int64_t gpu_cores) {
   const int64_t most = std::max<int64_t>(std::min<int64_t>(BACKWARD_MAX_CHUNKS, key_blocks), 1);
   if (num_splits > 0) return std::min(num_splits, most);
   const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_size, head_dim);
-  const int64_t slots = threadgroup_slots(gpu_cores, BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
+  const int64_t cores = std::max<int64_t>(gpu_cores, 1);
+  const int64_t slots = threadgroup_slots(cores, BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
                                           BACKWARD_THREADS);
-  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  constexpr int64_t simdgroups = BACKWARD_THREADS / 32;
+  int64_t best = 1;
+  double best_cost = std::numeric_limits<double>::infinity();
   for (int64_t chunks = 1; chunks <= most; ++chunks) {
-    const int64_t cost = ceil_div(std::max<int64_t>(items, 1) * chunks, slots) * ceil_div(key_blocks, chunks);
+    const int64_t threadgroups = std::max<int64_t>(items, 1) * chunks;
+    const int64_t per_core = std::min(slots / cores, ceil_div(threadgroups, cores));
+    const double hiding = std::min(1.0, double(per_core * simdgroups) / kSaturatingSimdgroups);
+    const double cost = double(ceil_div(key_blocks, chunks) * per_core * ceil_div(threadgroups, slots)) / hiding;
     if (cost < best_cost) best_cost = cost, best = chunks;
   }
   return best;
@@ -228,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
   const BackwardPlan plan = plan_backward(pb, &params);
   // Each chunk's fp32 sum of dS K per (token, head): O(n) (at most BACKWARD_MAX_CHUNKS copies of dq); the delta
   // kernel zeroes the rows of every sequence, the reduce reads only those.
-  const at::Tensor dq_partial = at::empty({plan.chunks, g.varlen ? g.total_q : g.num_seqs * g.total_q, g.num_heads, g.head_dim},
+  const at::Tensor dq_partial = at::empty({plan.chunks, g.num_heads, g.varlen ? g.total_q : g.num_seqs * g.total_q, g.head_dim},
                                           q.options().dtype(at::kFloat));
   const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
   const std::vector<BufferBinding> buffers = {

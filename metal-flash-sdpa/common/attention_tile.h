@@ -153,18 +153,20 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
     for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
 }
 
-// O += P V with the BK x D value tile in threadgroup memory.
-template <typename T, int D, int BK, int LD>
-METAL_FUNC void pv_tile(thread Fragments<D / 8>& o, thread const Fragments<BK / 8>& p, const threadgroup T* tile) {
+// O += P V with the BK x D value tile in threadgroup memory; V fragments are converted to P's element type
+// (nothing to convert when P is in T, as the backward rounds it).
+template <typename T, int D, int BK, int LD, typename E = float>
+METAL_FUNC void pv_tile(thread Fragments<D / 8>& o, thread const Fragments<BK / 8, E>& p, const threadgroup T* tile) {
     UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
         UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
             simdgroup_matrix<T, 8, 8> vt;
             simdgroup_load(vt, tile, LD, ulong2(d * 8, j * 8));
-            simdgroup_float8x8 vt_f;
-            vt_f.thread_elements() = float2(vt.thread_elements());
-            simdgroup_multiply_accumulate(o.frag[d], p.frag[j], vt_f, o.frag[d]);
+            simdgroup_matrix<E, 8, 8> vt_e;
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) vt_e.thread_elements()[e] = E(vt.thread_elements()[e]);
+            simdgroup_multiply_accumulate(o.frag[d], p.frag[j], vt_e, o.frag[d]);
         }
     }
 }
