@@ -13,6 +13,8 @@
 //    flash-attn does) with fp32 accumulators, so no fragment is converted inside the tile loop.
 // 3. attention_backward_dq_reduce, grid as the delta kernel's: dq = scale x the sum of the chunks' partials, in
 //    chunk order.
+// A gradient the caller does not want (function constants wants_dq / dk / dv) costs no tile product and no store;
+// without dq there are no partials and no reduce launch.
 // Every output element has exactly one writer and a fixed summation order: deterministic, no atomics. The work is
 // O(n * window) like the forward: the fused kernel visits only the tiles of its band (WORK_COUNT proves it).
 #include <metal_stdlib>
@@ -24,6 +26,10 @@
 #include "common/strided.h"
 #include "common/work_counters.h"
 using namespace metal;
+
+constant bool wants_dq [[function_constant(FC_BACKWARD_DQ)]];
+constant bool wants_dk [[function_constant(FC_BACKWARD_DK)]];
+constant bool wants_dv [[function_constant(FC_BACKWARD_DV)]];
 
 // P = exp2(score - LSE) for the 8 x 8N raw products q.k this lane holds (times rules.raw_scale, the softmax scale),
 // in place, from the forward's base-2 LSE; with softcap also d(capped score)/d(scaled score) = 1 - tanh^2. KEY_ROWS: the fragment rows are keys and the columns
@@ -161,10 +167,35 @@ template <typename T, int D>
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) dot += float(dout_row[d * 8 + fc.col + e]) * float(out_row[d * 8 + fc.col + e]);
             device float* partial = partial_row + d * 8 + fc.col;
-            for (int c = 0; c < p.num_chunks; ++c, partial += chunk_stride) *reinterpret_cast<device float2*>(partial) = float2(0.0f);
+            for (int c = 0; c < (wants_dq ? p.num_chunks : 0); ++c, partial += chunk_stride)
+                *reinterpret_cast<device float2*>(partial) = float2(0.0f);
         }
         const float row_delta = row_sum(dot) - (p.has_dlse ? dlse[row_lse + row * lse_token] : 0.0f);
         if (fc.col == 0) delta[row_lse + row * lse_token] = row_delta;   // one lane per row
+    }
+
+    // Varlen: tokens that unchecked cu_seqlens leave in no sequence (before the first entry or past the last) get
+    // exact zero gradients, written here by the first and the last sequence's threadgroups, so dq, dk and dv need no
+    // zero-fill pass; the fused and reduce launches write every sequence's rows afterwards (also rows that
+    // overlapping cu_seqlens put in a sequence as well). dk / dv rows: by the threadgroups of heads < KV heads.
+    if (p.uniform_seqlen_q >= 0) return;
+    const bool kv_rows = head < p.shape.num_kv_heads;
+    if (seq == 0) {
+        const int queries_before = wants_dq ? clamp(cu_seqlens_q[0], 0, p.total_q) : 0;
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dq, p.dq_strides, head, 0, queries_before, tgid.x, grid.x, tid);
+        const int keys_before = kv_rows ? clamp(cu_seqlens_k[0], 0, p.total_k) : 0;
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dk, p.dk_strides, head, 0, wants_dk ? keys_before : 0, tgid.x, grid.x, tid);
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dv, p.dv_strides, head, 0, wants_dv ? keys_before : 0, tgid.x, grid.x, tid);
+    }
+    if (seq == p.shape.num_seqs - 1) {
+        const int last = p.shape.num_seqs;
+        const int queries_after = wants_dq ? clamp(cu_seqlens_q[last], 0, p.total_q) : p.total_q;
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dq, p.dq_strides, head, queries_after, p.total_q, tgid.x, grid.x, tid);
+        const int keys_after = kv_rows ? clamp(cu_seqlens_k[last], 0, p.total_k) : p.total_k;
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dk, p.dk_strides, head, wants_dk ? keys_after : p.total_k, p.total_k,
+                                                tgid.x, grid.x, tid);
+        zero_token_rows<T, D, BACKWARD_BLOCK_Q>(dv, p.dv_strides, head, wants_dv ? keys_after : p.total_k, p.total_k,
+                                                tgid.x, grid.x, tid);
     }
 }
 
@@ -254,11 +285,15 @@ template <typename T, int D>
                                   !band_interior(row0 + shift, row0 + BQ - 1 + shift, block_key0, last_key, p.mask);
                 probabilities<BQ / 8, true>(s, softcap_grad, key, span.seqlen_k, row0, span.seqlen_q, shift, 0.0f,
                                             lse2_tile, edge, slope, rules, fc);
-                round_fragments(operand, s);
-                pv_tile<T, D, BQ, LD>(dv_frag, operand, dout_tile);   // dV += P^T dO
-                qk_tile<T, D, BQ, LD>(dp, v_frag, dout_tile);         // dP^T = V dO^T
+                if (wants_dv) {
+                    round_fragments(operand, s);
+                    pv_tile<T, D, BQ, LD>(dv_frag, operand, dout_tile);   // dV += P^T dO
+                }
+                if (!wants_dq && !wants_dk) continue;   // uniform (function constants): no barrier is skipped by some
+                qk_tile<T, D, BQ, LD>(dp, v_frag, dout_tile);             // dP^T = V dO^T
                 score_grads<BQ / 8, true>(operand, s, dp, softcap_grad, 0.0f, delta_tile, rules.softcap, fc);
-                pv_tile<T, D, BQ, LD>(dk_frag, operand, q_tile);      // dK += dS^T Q
+                if (wants_dk) pv_tile<T, D, BQ, LD>(dk_frag, operand, q_tile);   // dK += dS^T Q
+                if (!wants_dq) continue;
                 UNROLL_FRAGMENTS
                 for (int j = 0; j < BQ / 8; ++j) simdgroup_store(operand.frag[j], ds_tile + int(sg) * 8 * BQ + j * 8, BQ);
                 threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -295,8 +330,8 @@ template <typename T, int D>
             }
         }
         if (!key_valid) continue;   // only ever true in the last block, so no barrier follows
-        store_fragments<T, D>(dk_seq + key * p.dk_strides[STRIDE_TOKEN], dk_frag, p.mask.scale, fc);
-        store_fragments<T, D>(dv_seq + key * p.dv_strides[STRIDE_TOKEN], dv_frag, 1.0f, fc);
+        if (wants_dk) store_fragments<T, D>(dk_seq + key * p.dk_strides[STRIDE_TOKEN], dk_frag, p.mask.scale, fc);
+        if (wants_dv) store_fragments<T, D>(dv_seq + key * p.dv_strides[STRIDE_TOKEN], dv_frag, 1.0f, fc);
     }
 }
 

@@ -197,6 +197,11 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define BACKWARD_BUFFER_ALIBI 14     // sinks need no buffer: the host turns delta and the LSE into d s_aux
 #define BACKWARD_BUFFER_DQ_PARTIAL 15  // fp32 [chunks, heads, tokens, D]: each chunk's sum of dS K (tokens: B x S, or total)
 
+// Backward: which of dq, dk, dv the caller wants (the op's output_mask); an unwanted gradient costs no tile product,
+// no store and (dq) no partials or reduce launch.
+#define FC_BACKWARD_DQ 320
+#define FC_BACKWARD_DK 321
+#define FC_BACKWARD_DV 322
 #define BACKWARD_THREADS 128     // 4 simdgroups of 8 rows (query rows in the delta and reduce kernels, keys in the fused one)
 #define BACKWARD_BLOCK_Q 32      // query rows per delta / reduce threadgroup
 #define BACKWARD_BLOCK_K 32      // keys per block of the fused kernel
