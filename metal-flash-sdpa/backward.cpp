@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -101,27 +102,38 @@ struct BackwardProblem {
   bool has_dlse;
   bool q_rows_aligned;                    // q and dout rows on 16-byte boundaries (the fused kernel's tile copies)
   int64_t num_splits;                     // chunks asked for (0: heuristic)
+  std::array<bool, 3> wanted;             // dq, dk, dv (the op's output_mask)
 };
 
 struct BackwardPlan {
   KernelLaunch delta, fused, reduce;   // in this order: each reads what the one before wrote
   int64_t chunks;                      // threadgroups of the fused kernel per (sequence, KV head)
+  bool run_fused, run_reduce;          // dk, dv or dq wanted; dq wanted
 };
 
 // Chunks of key blocks per (sequence, KV head) for `items` (sequence, KV head) pairs of `key_blocks` blocks each:
-// num_splits if given, else the count with the fewest waves x key blocks per chunk over the GPU's threadgroup slots
-// (cores x threadgroups resident per core), the fewest among equals (smaller partials, a shorter reduce). At most
-// BACKWARD_MAX_CHUNKS and one per key block.
+// num_splits if given, else the count with the least predicted issue time, counted as benchmarks/cost_model.py
+// does: the longest chunk's key blocks x the threadgroups a core runs at once (they share its issue slots:
+// ceil(threadgroups / cores), at most the resident count) x the waves of the GPU's threadgroup slots, over the
+// latency hiding of that many simdgroups (full from kSaturatingSimdgroups per core); the fewest among equals
+// (smaller partials, a shorter reduce). At most BACKWARD_MAX_CHUNKS and one per key block.
+constexpr int64_t kSaturatingSimdgroups = 16;   // metal-benchmarks: ALU saturation near 16-24 simdgroups per core
 int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t element_size, int64_t num_splits,
                     int64_t gpu_cores) {
   const int64_t most = std::max<int64_t>(std::min<int64_t>(BACKWARD_MAX_CHUNKS, key_blocks), 1);
   if (num_splits > 0) return std::min(num_splits, most);
   const int64_t tile_queries = BACKWARD_TILE_QUERIES(element_size, head_dim);
-  const int64_t slots = threadgroup_slots(gpu_cores, BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
+  const int64_t cores = std::max<int64_t>(gpu_cores, 1);
+  const int64_t slots = threadgroup_slots(cores, BACKWARD_THREADGROUP_BYTES(tile_queries, element_size, head_dim),
                                           BACKWARD_THREADS);
-  int64_t best = 1, best_cost = std::numeric_limits<int64_t>::max();
+  constexpr int64_t simdgroups = BACKWARD_THREADS / 32;
+  int64_t best = 1;
+  double best_cost = std::numeric_limits<double>::infinity();
   for (int64_t chunks = 1; chunks <= most; ++chunks) {
-    const int64_t cost = ceil_div(std::max<int64_t>(items, 1) * chunks, slots) * ceil_div(key_blocks, chunks);
+    const int64_t threadgroups = std::max<int64_t>(items, 1) * chunks;
+    const int64_t per_core = std::min(slots / cores, ceil_div(threadgroups, cores));
+    const double hiding = std::min(1.0, double(per_core * simdgroups) / kSaturatingSimdgroups);
+    const double cost = double(ceil_div(key_blocks, chunks) * per_core * ceil_div(threadgroups, slots)) / hiding;
     if (cost < best_cost) best_cost = cost, best = chunks;
   }
   return best;
@@ -138,6 +150,8 @@ KernelLaunch backward_launch(const char* base, const BackwardProblem& pb, int64_
   launch.threadgroups[2] = uint32_t(t.num_seqs);
   launch.threads_per_threadgroup = BACKWARD_THREADS;
   launch.constants = mask_constants(pb.options);
+  launch.constants.insert(launch.constants.end(), {{FC_BACKWARD_DQ, pb.wanted[0]}, {FC_BACKWARD_DK, pb.wanted[1]},
+                                                   {FC_BACKWARD_DV, pb.wanted[2]}});
   launch.constants.push_back(vector_copy_constant(pb.q_rows_aligned, BACKWARD_TILE_QUERIES(element_bytes(t.dtype), t.head_dim),
                                                   std::max(t.q.token, pb.dout.token), t.head_dim));
   return launch;
@@ -164,17 +178,22 @@ BackwardPlan plan_backward(const BackwardProblem& pb, BackwardParams* params) {
   const int64_t query_blocks = ceil_div(pb.grid_seqlen_q, BACKWARD_BLOCK_Q);
   return {backward_launch("attention_backward_delta", pb, query_blocks, t.num_heads),
           backward_launch("attention_backward_fused", pb, chunks, t.num_kv_heads),
-          backward_launch("attention_backward_dq_reduce", pb, query_blocks, t.num_heads), chunks};
+          backward_launch("attention_backward_dq_reduce", pb, query_blocks, t.num_heads), chunks,
+          pb.wanted[0] || pb.wanted[1] || pb.wanted[2], pb.wanted[0]};
 }
 
-// The gradients' tensors. Varlen outputs start zeroed: tokens of no sequence (possible only with cu_seqlens the
-// forward did not check) get no writer. d s_aux is [H] (empty when there are no sinks).
+// The gradients' tensors, uninitialised: the kernels write every row (the delta kernel zeroes those of tokens in no
+// sequence, possible only with cu_seqlens the forward did not check). One not in output_mask (dq, dk, dv) is empty,
+// as d s_aux is without sinks; else d s_aux is [H].
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_grads(const at::Tensor& q, const at::Tensor& k,
                                                                        const BackwardGeometry& g,
-                                                                       const std::optional<at::Tensor>& s_aux) {
-  const auto make = [&](const at::Tensor& like) { return g.varlen ? at::zeros_like(like, at::MemoryFormat::Contiguous)
-                                                                  : at::empty_like(like, at::MemoryFormat::Contiguous); };
-  return {make(q), make(k), make(k), s_aux ? at::empty({g.num_heads}, s_aux->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
+                                                                       const std::optional<at::Tensor>& s_aux,
+                                                                       std::array<bool, 3> output_mask) {
+  const auto make = [](const at::Tensor& like, bool wanted) {
+    return wanted ? at::empty_like(like, at::MemoryFormat::Contiguous) : at::empty({0}, like.options());
+  };
+  return {make(q, output_mask[0]), make(k, output_mask[1]), make(k, output_mask[2]),
+          s_aux ? at::empty({g.num_heads}, s_aux->options()) : at::empty({0}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace
@@ -185,13 +204,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux,
-    int64_t num_splits) {
+    int64_t num_splits, std::array<bool, 3> output_mask) {
   const BackwardGeometry g = check_backward_args(dout_in, q_in, k_in, v_in, out_in, lse_in, dlse_in, cu_seqlens_q,
                                                  cu_seqlens_k, softmax_scale, causal, window_left, window_right,
                                                  softcap, alibi_slopes, s_aux, num_splits);
-  auto [dq, dk, dv, ds_aux] = empty_grads(q_in, k_in, g, s_aux);
-  if (g.num_seqs == 0 || g.num_heads == 0) {
-    if (!g.varlen) dq.zero_(), dk.zero_(), dv.zero_();
+  auto [dq, dk, dv, ds_aux] = empty_grads(q_in, k_in, g, s_aux, output_mask);
+  if (g.num_seqs == 0 || g.num_heads == 0) {   // no launch: every token is in no sequence
+    dq.zero_(), dk.zero_(), dv.zero_();
     if (s_aux) ds_aux.zero_();
     return {dq, dk, dv, ds_aux};
   }
@@ -199,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
   const at::Tensor out = unit_stride_head_dim(out_in), dout = unit_stride_head_dim(dout_in);
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor dlse = dlse_in ? dlse_in->contiguous() : at::Tensor();
-  // Rows of no sequence keep delta 0 (d s_aux sums every row).
-  const at::Tensor delta = g.varlen ? at::zeros_like(lse) : at::empty_like(lse);
+  // Rows of tokens in no sequence get no delta: their LSE is -inf (the forward's), which d s_aux below masks.
+  const at::Tensor delta = at::empty_like(lse);
 
   BackwardProblem pb{};
   pb.tensors = {element_type(q, "q"), g.num_seqs, g.num_heads, g.num_kv_heads, g.head_dim,
@@ -209,9 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
                 g.varlen ? Strides3{0, lse.stride(0), 1} : Strides3{lse.stride(0), lse.stride(1), 1},
                 rows_aligned_16(k) && rows_aligned_16(v)};
   pb.dout = token_strides(dout, g.varlen);
-  pb.dq = token_strides(dq, g.varlen);
-  pb.dk = token_strides(dk, g.varlen);
-  pb.dv = token_strides(dv, g.varlen);
+  // An unwanted gradient is an empty tensor the kernels never touch.
+  pb.dq = output_mask[0] ? token_strides(dq, g.varlen) : Strides3{};
+  pb.dk = output_mask[1] ? token_strides(dk, g.varlen) : Strides3{};
+  pb.dv = output_mask[2] ? token_strides(dv, g.varlen) : Strides3{};
   pb.options = g.options;
   pb.total_q = g.total_q;
   pb.total_k = g.total_k;
@@ -223,12 +243,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
   pb.has_dlse = dlse.defined();
   pb.q_rows_aligned = rows_aligned_16(q) && rows_aligned_16(dout);
   pb.num_splits = num_splits;
+  pb.wanted = output_mask;
 
   BackwardParams params;
   const BackwardPlan plan = plan_backward(pb, &params);
   // Each chunk's fp32 sum of dS K per (token, head): O(n) (at most BACKWARD_MAX_CHUNKS copies of dq); the delta
   // kernel zeroes the rows of every sequence, the reduce reads only those.
-  const at::Tensor dq_partial = at::empty({plan.chunks, g.varlen ? g.total_q : g.num_seqs * g.total_q, g.num_heads, g.head_dim},
+  const at::Tensor dq_partial = at::empty({plan.run_reduce ? plan.chunks : 0, g.num_heads, g.varlen ? g.total_q : g.num_seqs * g.total_q, g.head_dim},
                                           q.options().dtype(at::kFloat));
   const ScoreInputs extras = score_inputs(s_aux, alibi_slopes);
   const std::vector<BufferBinding> buffers = {
@@ -250,8 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
       bind_tensor(BACKWARD_BUFFER_DQ_PARTIAL, dq_partial),
   };
   dispatch(plan.delta, buffers);
-  dispatch(plan.fused, buffers);
-  dispatch(plan.reduce, buffers);
+  if (plan.run_fused) dispatch(plan.fused, buffers);
+  if (plan.run_reduce) dispatch(plan.reduce, buffers);
   if (s_aux) {
     // The sink is one more logit with no value: P_sink = exp(s_aux - LSE) and dLoss/ds_aux = P_sink (dLSE - dO.O)
     // = -P_sink delta, summed over the rows of its head (rows of no sequence have LSE -inf and delta 0).
@@ -267,11 +288,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bac
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     std::optional<double> softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux, int64_t num_splits) {
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux, int64_t num_splits,
+    std::array<bool, 3> output_mask) {
   const BackwardGeometry g = check_backward_args(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                                                  softmax_scale, causal, window_left, window_right, softcap,
                                                  alibi_slopes, s_aux, num_splits);
-  return empty_grads(q, k, g, s_aux);
+  return empty_grads(q, k, g, s_aux, output_mask);
 }
 
 int64_t backward_chunks(int64_t batch, int64_t num_kv_heads, int64_t head_dim, int64_t element_bytes,

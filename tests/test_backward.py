@@ -185,16 +185,48 @@ def test_chunk_counts(fa):
                                        None, None, -1)
 
 
-def test_inputs_that_need_no_grad(fa):
-    """Only the inputs that require grad get one; without any, the forward records nothing for backward."""
-    q, k, v, dout, cu_q, cu_k, _ = make_inputs([9], [9], 2, 1, 32, torch.float32)
-    q, k, v, cu_q, cu_k = (t.to(DEVICE) for t in (q, k, v, cu_q, cu_k))
-    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 9, causal=True)
-    assert out.grad_fn is None
-    k.requires_grad_(True)
-    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 9, causal=True)
-    (dk,) = torch.autograd.grad((out * dout.to(DEVICE)).sum(), [k])
-    assert dk.shape == k.shape and q.grad is None and v.grad is None
+@pytest.mark.parametrize("wanted", ["k", "q", "v+sinks", "q+k+v+sinks"])
+def test_inputs_that_need_no_grad(fa, counters, wanted):
+    """Only the inputs that require grad get one, bitwise the all-inputs run's; an unwanted dq / dk / dv is never
+    written (without dq: no dQ partials and no reduce launch); without any, the forward records nothing for backward."""
+    q, k, v, dout, cu_q, cu_k, s_aux = make_inputs([9, 20], [9, 20], 4, 2, 32, torch.float32, sinks=True)
+    tensors = dict(zip(["q", "k", "v", "sinks"], (t.to(DEVICE) for t in (q, k, v, s_aux))))
+    dout, cu_q, cu_k = dout.to(DEVICE), cu_q.to(DEVICE), cu_k.to(DEVICE)
+
+    def run(leaves):
+        x = {name: t.detach().requires_grad_(name in leaves) for name, t in tensors.items()}
+        out = fa.flash_attn_varlen_func(x["q"], x["k"], x["v"], cu_q, cu_k, 20, 20, causal=True, s_aux=x["sinks"])
+        if not leaves:
+            return out
+        counters(reset=True)   # the backward's launches only
+        grads = torch.autograd.grad((out * dout).sum(), [x[name] for name in leaves])
+        return dict(zip(leaves, grads)), counters()
+
+    assert run([]).grad_fn is None
+    everything, _ = run(list(tensors))
+    some = wanted.split("+")
+    got, c = run(some)
+    assert all(torch.equal(got[name], everything[name]) for name in some)
+    # params.h BACKWARD_BUFFER_DQ 8, _DK 9, _DV 10, _DQ_PARTIAL 15
+    for name, buffers in (("q", (8, 15)), ("k", (9,)), ("v", (10,))):
+        assert all((c.get(f"device_bytes_written[{b}]", 0) > 0) == (name in some) for b in buffers), name
+    assert c["launches"] == (3 if "q" in some else 2)
+
+
+def test_tokens_in_no_sequence_get_zero_gradients(fa, monkeypatch):
+    """Unchecked cu_seqlens leaving tokens before the first entry and past the last: those tokens' dq / dk / dv rows
+    are exactly zero (written by the delta kernel, no zero-fill pass), the sequences' rows are the reference's."""
+    monkeypatch.setenv("METAL_FLASH_SDPA_CHECK_DATA", "0")
+    q, k, v, dout, _, _, s_aux = make_inputs([25], [26], 4, 2, 32, torch.float32, seed=3, sinks=True)
+    cu_q, cu_k = torch.tensor([3, 10, 20], dtype=torch.int32), torch.tensor([2, 12, 22], dtype=torch.int32)
+    for _ in range(2):   # the second call may get the first's freed memory: stale rows would show
+        got = kernel_grads(fa, q, k, v, dout, cu_q, cu_k, s_aux, causal=True)
+    ref = reference_grads(q[3:20], k[2:22], v[2:22], dout[3:20], cu_q - 3, cu_k - 2, s_aux, torch.float64, causal=True)
+    for name, (lo, hi) in (("dq", (3, 20)), ("dk", (2, 22)), ("dv", (2, 22))):
+        outside = torch.cat([got[name][:lo], got[name][hi:]])
+        assert outside.shape[0] > 0 and torch.equal(outside, torch.zeros_like(outside)), name
+        torch.testing.assert_close(got[name][lo:hi].double(), ref[name], atol=1e-4, rtol=1e-4, msg=name)
+    torch.testing.assert_close(got["ds_aux"].double(), ref["ds_aux"], atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- torch.library

@@ -61,7 +61,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor? dsoftmax_lse, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float? softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes, "
-      "Tensor? s_aux, int num_splits=0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor ds_aux)");
+      "Tensor? s_aux, int num_splits=0, bool[3] output_mask=[True, True, True]) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor ds_aux)");
   ops.def(
       "flash_attn_decode(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k_new, Tensor? v_new, "
       "Tensor? block_table, Tensor? cache_batch_idx, Tensor? cache_seqlens, Tensor? kv_start, int num_splits, "

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <map>
 #include <optional>
 #include <string>
@@ -26,14 +27,15 @@ FlashAttnVarlen flash_attn_varlen_meta;   // shapes only, for torch.compile / fa
 
 // Backward of flash_attn_varlen: (dq, dk, dv, d s_aux) from the gradient of the output (and optionally of the LSE),
 // the forward's arguments, output and LSE. d s_aux is [H] in s_aux's dtype, or empty without sinks. num_splits: chunks
-// of key blocks per (sequence, KV head), 0: backward_chunks' heuristic.
+// of key blocks per (sequence, KV head), 0: backward_chunks' heuristic. output_mask: which of dq, dk, dv to compute
+// (one left out is returned empty and costs no work).
 using FlashAttnVarlenBackward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& softmax_lse, const std::optional<at::Tensor>& dsoftmax_lse,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-    const std::optional<at::Tensor>& s_aux, int64_t num_splits);
+    const std::optional<at::Tensor>& s_aux, int64_t num_splits, std::array<bool, 3> output_mask);
 FlashAttnVarlenBackward flash_attn_varlen_backward;
 FlashAttnVarlenBackward flash_attn_varlen_backward_meta;
 // The chunks the backward of these sizes runs with (num_splits as the op takes it; gpu_cores 0: this device's).

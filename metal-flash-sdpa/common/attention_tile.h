@@ -153,18 +153,31 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
     for (int d = 0; d < D / 8; ++d) o.frag[d].thread_elements() *= rescale;
 }
 
-// O += P V with the BK x D value tile in threadgroup memory.
-template <typename T, int D, int BK, int LD>
-METAL_FUNC void pv_tile(thread Fragments<D / 8>& o, thread const Fragments<BK / 8>& p, const threadgroup T* tile) {
+// A fragment's two elements in E: already E (the backward's T operands), or converted to fp32 by the vector
+// constructor.
+template <typename E>
+struct FragmentElements {
+    METAL_FUNC static vec<E, 2> from(vec<E, 2> x) { return x; }
+};
+template <>
+struct FragmentElements<float> {
+    template <typename T>
+    METAL_FUNC static float2 from(vec<T, 2> x) { return float2(x); }
+};
+
+// O += P V with the BK x D value tile in threadgroup memory; V fragments are converted to P's element type
+// (nothing to convert when P is in T, as the backward rounds it).
+template <typename T, int D, int BK, int LD, typename E = float>
+METAL_FUNC void pv_tile(thread Fragments<D / 8>& o, thread const Fragments<BK / 8, E>& p, const threadgroup T* tile) {
     UNROLL_FRAGMENTS
     for (int j = 0; j < BK / 8; ++j) {
         UNROLL_FRAGMENTS
         for (int d = 0; d < D / 8; ++d) {
             simdgroup_matrix<T, 8, 8> vt;
             simdgroup_load(vt, tile, LD, ulong2(d * 8, j * 8));
-            simdgroup_float8x8 vt_f;
-            vt_f.thread_elements() = float2(vt.thread_elements());
-            simdgroup_multiply_accumulate(o.frag[d], p.frag[j], vt_f, o.frag[d]);
+            simdgroup_matrix<E, 8, 8> vt_e;
+            vt_e.thread_elements() = FragmentElements<E>::from(vt.thread_elements());
+            simdgroup_multiply_accumulate(o.frag[d], p.frag[j], vt_e, o.frag[d]);
         }
     }
 }

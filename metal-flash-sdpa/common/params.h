@@ -214,17 +214,22 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define BACKWARD_BUFFER_CU_SEQLENS_K 12
 #define BACKWARD_BUFFER_PARAMS 13
 #define BACKWARD_BUFFER_ALIBI 14     // sinks need no buffer: the host turns delta and the LSE into d s_aux
-#define BACKWARD_BUFFER_DQ_PARTIAL 15  // fp32 [chunks, tokens, heads, D]: each chunk's sum of dS K (tokens: B x S, or total)
+#define BACKWARD_BUFFER_DQ_PARTIAL 15  // fp32 [chunks, heads, tokens, D]: each chunk's sum of dS K (tokens: B x S, or total)
 
+// Backward: which of dq, dk, dv the caller wants (the op's output_mask); an unwanted gradient costs no tile product,
+// no store and (dq) no partials or reduce launch.
+#define FC_BACKWARD_DQ 320
+#define FC_BACKWARD_DK 321
+#define FC_BACKWARD_DV 322
 #define BACKWARD_THREADS 128     // 4 simdgroups of 8 rows (query rows in the delta and reduce kernels, keys in the fused one)
 #define BACKWARD_BLOCK_Q 32      // query rows per delta / reduce threadgroup
 #define BACKWARD_BLOCK_K 32      // keys per block of the fused kernel
 #define BACKWARD_MAX_CHUNKS 8    // key-block chunks per (sequence, KV head): bounds the partials to 8 fp32 copies of dq
 // Query rows per tile of the fused kernel: its Q and dO tiles (padded rows of D + 8 elements), the tile's dS^T
-// (BACKWARD_BLOCK_K x rows, fp32) and two fp32 rows (LSE, delta) in at most 15 KiB, so four threadgroups (16
-// simdgroups, where the ALU saturates) fit a core's 60 KiB (8 rows whatever that takes).
+// (BACKWARD_BLOCK_K x rows, in the input type) and two fp32 rows (LSE, delta) in at most 15 KiB, so four
+// threadgroups (16 simdgroups, where the ALU saturates) fit a core's 60 KiB (8 rows whatever that takes).
 #define BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) \
-  (2 * (rows) * ((head_dim) + 8) * (element_bytes) + 4 * BACKWARD_BLOCK_K * (rows) + 8 * (rows))
+  (2 * (rows) * ((head_dim) + 8) * (element_bytes) + (element_bytes) * BACKWARD_BLOCK_K * (rows) + 8 * (rows))
 #define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) <= 15360)
 #define BACKWARD_TILE_QUERIES(element_bytes, head_dim) \
   (BACKWARD_TILE_FITS(32, element_bytes, head_dim) ? 32 : BACKWARD_TILE_FITS(16, element_bytes, head_dim) ? 16 : 8)

@@ -44,3 +44,16 @@ METAL_FUNC SequenceSpan sequence_span(int seq, constant Params& p, const device 
     const TokenSpan queries = packed_span(cu_seqlens_q, seq, p.total_q), keys = packed_span(cu_seqlens_k, seq, p.total_k);
     return {queries.start, queries.length, keys.start, keys.length};
 }
+
+// Zeroes rows [first, last) of `head` in a packed [token, head, D] view (strides {batch, token, head}, batch 0),
+// ROWS rows per pass of a threadgroup of 4 x ROWS threads (four threads per row), the passes striding over the
+// grid's `columns` from `column`.
+template <typename T, int D, int ROWS>
+METAL_FUNC void zero_token_rows(device T* x, constant const int64_t* strides, int head, int first, int last, uint column,
+                                uint columns, uint tid) {
+    const int part = int(tid % 4);
+    for (int64_t token = first + int64_t(column) * ROWS + tid / 4; token < last; token += int64_t(columns) * ROWS) {
+        device T* row = x + element_offset(strides, 0, token, head);
+        for (int col = part; col < D; col += 4) row[col] = T(0);
+    }
+}

@@ -350,9 +350,13 @@ def _varlen_backward(ctx, dout, dlse):
     if dout is None and dlse is None:
         return None, None, None, *none, None, None, None
     dout = torch.zeros_like(out) if dout is None else dout
+    # Only the gradients of inputs that require grad are computed (output_mask; s_aux's needs delta only).
+    wanted = [bool(x) for x in ctx.needs_input_grad[:3]]
+    sinks = s_aux if ctx.needs_input_grad[13] else None   # input 13: s_aux
     dq, dk, dv, ds_aux = ops.flash_attn_varlen_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                                                        *ctx.options, alibi_slopes, s_aux)
-    return dq, dk, dv, *none, (ds_aux if s_aux is not None else None), None, None
+                                                        *ctx.options, alibi_slopes, sinks, 0, wanted)
+    dq, dk, dv = (grad if w else None for grad, w in zip((dq, dk, dv), wanted))
+    return dq, dk, dv, *none, (ds_aux if sinks is not None else None), None, None
 
 
 class _DecodeNoBackward(torch.autograd.Function):
