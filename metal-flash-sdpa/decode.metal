@@ -60,11 +60,12 @@ METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread float* value_bias
                             int key_end, uint valid, int q_pos, bool row_valid, float slope, ScoreRules rules,
                             FragmentCoord fc, TileLoads<T> loads) {
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(loads.tile_storage);
+    const threadgroup T* rows = tile + slice_row * LD;
     Fragments<KEYS / 8> s;
     if (kv_quantized && loads.k.kind == KV_AFFINE)
         affine_qk_tile<T, D, BK, KEYS, LD>(s, q, q_block_sum, tile, slice_row, loads.k, fc);
     else
-        qk_tile<T, D, KEYS, LD>(s, q, tile + slice_row * LD);
+        qk_tile<T, D, KEYS, LD>(s, q, rows);
     const float old_max = state.max_log2;
     softmax_tile<D, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
                           rules, fc);
@@ -78,7 +79,7 @@ METAL_FUNC void attend_tile(thread Fragments<D / 8>& o, thread float* value_bias
         for (int b = 0; b < kv_affine_blocks<D>(); ++b) value_bias[b] *= rescale;
         affine_pv_tile<T, D, BK, KEYS, LD>(o, value_bias, s, tile, slice_row, loads.v, fc);
     } else {
-        pv_tile<T, D, KEYS, LD>(o, s, tile + slice_row * LD);
+        pv_tile<T, D, KEYS, LD>(o, s, rows);
     }
 }
 
@@ -143,7 +144,7 @@ METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, ushort lane)
 // The (scale, bias) of group g of the slice's key `key`: lane g * 8 + key holds it (kv_quant.h: fold_scores).
 struct ShuffledAffine {
     float2 mine;
-    float2 operator()(int group, int key) const { return simd_shuffle(mine, ushort(group * 8 + key)); }
+    METAL_FUNC float2 operator()(int group, int key) const { return simd_shuffle(mine, ushort(group * 8 + key)); }
 };
 
 // The row offset lane `from` holds (a 64-bit value as two 32-bit shuffles).

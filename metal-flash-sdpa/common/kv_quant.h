@@ -283,7 +283,7 @@ template <typename T, int D, int BK, int LD>
 struct TileAffine {
     threadgroup T* tile;
     int first_row, group_shift;   // the slice's first tile row; log2(group_size / 32)
-    float2 operator()(int block, int key) const {
+    METAL_FUNC float2 operator()(int block, int key) const {
         const threadgroup T* pair = affine_pair<T, D, BK, LD>(tile, first_row + key, block >> group_shift);
         return float2(float(pair[0]), float(pair[1]));
     }
