@@ -41,10 +41,10 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
     return {start, end - start};
 }
 
-// What attend_tile loads into the tile: K (and, for an affine K in a 16-bit T, its rounding residuals), then V.
+// What attend_tile loads into the tile: K, then V in its place.
 template <typename T>
 struct TileLoads {
-    threadgroup uint4* tile_storage;
+    threadgroup uint4* tile_storage;   // the tile (with its affine pairs: kv_quant.h, affine_pair)
     CacheTile<T> k, v;
     uint tid, threads;
 };
@@ -57,28 +57,27 @@ struct HeadPart {
 
 // One K/V tile for a simdgroup's KEYS keys at `slice` (rows of the tile in threadgroup memory): S = Q K^T (its
 // head part's, summed over the parts after the barrier that frees the K tile), the V tile replaces K, the online
-// softmax runs while the V loads are in flight (as prefill's), and O += P V. An affine K tile in a 16-bit T holds
-// T(x); S adds Q (x - T(x)) from a second K tile (the packed K bytes are read twice on this path), so the scores are
-// those of the exact affine values to fp32 accuracy. V is T(x), rounded once.
+// softmax runs while the V loads are in flight (as prefill's), and O += P V. An affine tile holds the codes and each
+// key's (scale, bias) per group: S and P V are computed with the exact affine values in fp32, the affine map folded
+// out of the MMAs per 32-element block (kv_quant.h: affine_qk_tile, affine_pv_tile; q_block_sum: Q's row sums per
+// block, value_bias: the running P bias per block), so each packed byte is read once. Affine caches have equal head
+// dims up to KV_QUANT_MAX_HEAD_DIM (the host checks), so there DKP == DK and DVP == DV.
 template <typename T, int DK, int DV, int BK, int KEYS, int LD>
-METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread OnlineSoftmax& state,
-                            thread const Fragments<DK / HEAD_PARTS(DV) / 8>& q, int slice_row, int key0, int key_end,
-                            uint valid, int q_pos, bool row_valid, float slope, ScoreRules rules, FragmentCoord fc,
-                            TileLoads<T> loads, HeadPart head, ushort lane) {
+METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread float* value_bias,
+                            thread OnlineSoftmax& state, thread const Fragments<DK / HEAD_PARTS(DV) / 8>& q,
+                            thread const float* q_block_sum, int slice_row, int key0, int key_end, uint valid, int q_pos,
+                            bool row_valid, float slope, ScoreRules rules, FragmentCoord fc, TileLoads<T> loads,
+                            HeadPart head, ushort lane) {
     constexpr int PARTS = HEAD_PARTS(DV), DKP = DK / PARTS, DVP = DV / PARTS;
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(loads.tile_storage);
+    const threadgroup T* rows = tile + slice_row * LD;
     Fragments<KEYS / 8> s;
-    qk_tile<T, DKP, KEYS, LD>(s, q, tile + slice_row * LD + head.part * DKP);
-    if (sizeof(T) < 4 && kv_quantized && loads.k.kind == KV_AFFINE) {
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        load_cache_tile<T, DK, BK, LD>(tile, loads.k, loads.tid, loads.threads, true);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        Fragments<KEYS / 8> rest;
-        qk_tile<T, DKP, KEYS, LD>(rest, q, tile + slice_row * LD + head.part * DKP);
-        UNROLL_FRAGMENTS
-        for (int j = 0; j < KEYS / 8; ++j) s.frag[j].thread_elements() += rest.frag[j].thread_elements();
-    }
+    if (kv_quantized && loads.k.kind == KV_AFFINE)
+        affine_qk_tile<T, DKP, BK, KEYS, LD>(s, q, q_block_sum, tile, slice_row, loads.k, fc);
+    else
+        qk_tile<T, DKP, KEYS, LD>(s, q, rows + head.part * DKP);
     if (PARTS > 1) share_score_part<KEYS>(s, head.score_parts, head.simdgroup, lane);
+    const float old_max = state.max_log2;   // before softmax_tile moves it: the running P bias's rescale
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (PARTS > 1) sum_score_parts<KEYS, PARTS>(s, head.score_parts, head.row_group, lane);
     if (!v_in_k_tile) {
@@ -88,7 +87,14 @@ METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread
     softmax_tile<DVP, KEYS>(s, state, o, key0 + slice_row, key_end, valid >> slice_row, q_pos, row_valid, true, slope,
                             rules, fc);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    pv_tile<T, DVP, KEYS, LD>(o, s, tile + slice_row * LD + head.part * DVP);
+    if (kv_quantized && loads.v.kind == KV_AFFINE) {
+        const float rescale = fast::exp2(old_max - state.max_log2);   // softmax_tile's, for the running P bias
+        UNROLL_FRAGMENTS
+        for (int b = 0; b < kv_affine_blocks<DVP>(); ++b) value_bias[b] *= rescale;
+        affine_pv_tile<T, DVP, BK, KEYS, LD>(o, value_bias, s, tile, slice_row, loads.v, fc);
+    } else {
+        pv_tile<T, DVP, KEYS, LD>(o, s, rows + head.part * DVP);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------- direct path
@@ -111,26 +117,24 @@ METAL_FUNC void attend_tile(thread Fragments<DV / HEAD_PARTS(DV) / 8>& o, thread
 template <int D>
 constexpr bool direct_head_dim() { return D == 64 || D == 128; }
 
-constant constexpr int DIRECT_BLOCK = 32;   // elements of a block: 4 fragments of the contraction
-
 // Q in the direct path's order as T fragments, unscaled (exact), and the sums of its row over each block. Every slice
 // reads it: Q is 1/64 of a 32-key tile's K/V bytes at 8 rows, and no conversion or barrier is needed.
 template <typename T, int D>
 struct DirectQ {
     Fragments<D / 8, T> q;
-    float block_sum[D / DIRECT_BLOCK];
+    float block_sum[D / KV_AFFINE_BLOCK];
 };
 
 template <typename T, int D>
 METAL_FUNC void load_q_direct(thread DirectQ<T, D>& dq, const device T* q_row, bool row_valid, FragmentCoord fc) {
     UNROLL_FRAGMENTS
-    for (int a = 0; a < D / DIRECT_BLOCK; ++a) {
+    for (int a = 0; a < D / KV_AFFINE_BLOCK; ++a) {
         float sum = 0.0f;
         UNROLL_FRAGMENTS
         for (int b = 0; b < 4; ++b) {
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) {
-                const T x = row_valid ? q_row[DIRECT_BLOCK * a + 4 * (fc.col + e) + b] : T(0);
+                const T x = row_valid ? q_row[KV_AFFINE_BLOCK * a + 4 * (fc.col + e) + b] : T(0);
                 dq.q.frag[4 * a + b].thread_elements()[e] = x;
                 sum += float(x);
             }
@@ -148,8 +152,14 @@ struct DirectGroups {
 
 template <int D>
 METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, ushort lane) {
-    return {k.group_size / DIRECT_BLOCK, lane / 8 < D / k.group_size, lane / 8 < D / v.group_size};
+    return {k.group_size / KV_AFFINE_BLOCK, lane / 8 < D / k.group_size, lane / 8 < D / v.group_size};
 }
+
+// The (scale, bias) of group g of the slice's key `key`: lane g * 8 + key holds it (kv_quant.h: fold_scores).
+struct ShuffledAffine {
+    float2 mine;
+    METAL_FUNC float2 operator()(int group, int key) const { return simd_shuffle(mine, ushort(group * 8 + key)); }
+};
 
 // The row offset lane `from` holds (a 64-bit value as two 32-bit shuffles).
 METAL_FUNC int64_t shuffle_offset(int64_t offset, int from) {
@@ -163,7 +173,7 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
                               thread const DirectQ<T, D>& dq, CacheTile<T> k, CacheTile<T> v, DirectGroups groups,
                               int first, int key0, int key_end, uint valid, int q_pos, bool row_valid, float slope,
                               ScoreRules rules, float scale, FragmentCoord fc, ushort lane) {
-    constexpr int BLOCKS = D / DIRECT_BLOCK, GROUPS = BLOCKS / GROUP_BLOCKS;
+    constexpr int BLOCKS = D / KV_AFFINE_BLOCK, GROUPS = BLOCKS / GROUP_BLOCKS;
     const int mine = first + lane % 8, group = lane / 8;
     const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // key l % 8 (-1 in both: no key)
     const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
@@ -171,10 +181,10 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
     uint codes[2][BLOCKS][4];
     UNROLL_FRAGMENTS
     for (int e = 0; e < 2; ++e)
-        row_codes<T, 4, BLOCKS, DIRECT_BLOCK>(codes[e], k, shuffle_offset(k_row, fc.col + e), 4 * fc.row);
-    Fragments<GROUPS> dots;   // Q_g . code_j,g
+        row_codes<T, 4, BLOCKS, KV_AFFINE_BLOCK>(codes[e], k, shuffle_offset(k_row, fc.col + e), 4 * fc.row);
+    Fragments<1> dots[GROUPS];   // Q_g . code_j,g
     UNROLL_FRAGMENTS
-    for (int g = 0; g < GROUPS; ++g) dots.frag[g] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (int g = 0; g < GROUPS; ++g) dots[g].frag[0] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     UNROLL_FRAGMENTS
     for (int a = 0; a < BLOCKS; ++a) {
         UNROLL_FRAGMENTS
@@ -182,8 +192,8 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
             simdgroup_matrix<T, 8, 8> kt;
             UNROLL_FRAGMENTS
             for (int e = 0; e < 2; ++e) kt.thread_elements()[e] = T(codes[e][a][b]);
-            simdgroup_multiply_accumulate(dots.frag[a / GROUP_BLOCKS], dq.q.frag[4 * a + b], kt,
-                                          dots.frag[a / GROUP_BLOCKS]);
+            simdgroup_multiply_accumulate(dots[a / GROUP_BLOCKS].frag[0], dq.q.frag[4 * a + b], kt,
+                                          dots[a / GROUP_BLOCKS].frag[0]);
         }
     }
     float q_sum[GROUPS];   // of the lane's row over each group
@@ -194,16 +204,7 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
         for (int a = g * GROUP_BLOCKS + 1; a < (g + 1) * GROUP_BLOCKS; ++a) q_sum[g] += dq.block_sum[a];
     }
     Fragments<1> s;
-    UNROLL_FRAGMENTS
-    for (int e = 0; e < 2; ++e) {
-        float score = 0.0f;
-        UNROLL_FRAGMENTS
-        for (int g = 0; g < GROUPS; ++g) {
-            const float2 affine = simd_shuffle(k_mine, ushort(g * 8 + fc.col + e));
-            score += affine.x * dots.frag[g].thread_elements()[e] + affine.y * q_sum[g];
-        }
-        s.frag[0].thread_elements()[e] = score;
-    }
+    fold_scores<1, GROUPS>(s, dots, q_sum, ShuffledAffine{k_mine}, fc);
     rules.raw_scale = scale;   // Q is unscaled
     const float old_max = state.max_log2;
     // O is rescaled here, and only when some row's max moved (a uniform branch): softmax_tile rescales a stand-in.
@@ -220,46 +221,24 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
     }
 
     uint value_codes[BLOCKS][8];
-    row_codes<T, 8, BLOCKS, DIRECT_BLOCK>(value_codes, v, shuffle_offset(v_row, fc.row), 4 * fc.col);
-    Fragments<GROUPS> scaled_p;   // P[r, j] scale[j, g]
-    UNROLL_FRAGMENTS
-    for (int g = 0; g < GROUPS; ++g) {
-        float bias = value_bias[g];
-        UNROLL_FRAGMENTS
-        for (int e = 0; e < 2; ++e) {
-            const float2 affine = simd_shuffle(v_mine, ushort(g * 8 + fc.col + e));
-            const float p = s.frag[0].thread_elements()[e];
-            scaled_p.frag[g].thread_elements()[e] = p * affine.x;
-            bias += p * affine.y;
-        }
-        value_bias[g] = bias;
-    }
+    row_codes<T, 8, BLOCKS, KV_AFFINE_BLOCK>(value_codes, v, shuffle_offset(v_row, fc.row), 4 * fc.col);
+    Fragments<1> scaled_p[GROUPS];   // P[r, j] scale[j, g]
+    scale_probabilities<1, GROUPS>(scaled_p, value_bias, s, ShuffledAffine{v_mine}, fc);
     UNROLL_FRAGMENTS
     for (int a = 0; a < BLOCKS; ++a) {
         UNROLL_FRAGMENTS
         for (int b = 0; b < 4; ++b) {
             simdgroup_float8x8 vt;
             vt.thread_elements() = float2(float(value_codes[a][2 * b]), float(value_codes[a][2 * b + 1]));
-            simdgroup_multiply_accumulate(o.frag[4 * a + b], scaled_p.frag[a / GROUP_BLOCKS], vt, o.frag[4 * a + b]);
+            simdgroup_multiply_accumulate(o.frag[4 * a + b], scaled_p[a / GROUP_BLOCKS].frag[0], vt, o.frag[4 * a + b]);
         }
-    }
-}
-
-// O += the row's sum of P bias per group (the four lanes of a row hold two keys each), before the slices merge.
-template <int D, int GROUP_BLOCKS>
-METAL_FUNC void add_value_bias(thread Fragments<D / 8>& o, thread const float* value_bias) {
-    UNROLL_FRAGMENTS
-    for (int g = 0; g < D / DIRECT_BLOCK / GROUP_BLOCKS; ++g) {
-        const float bias = row_sum(value_bias[g]);
-        UNROLL_FRAGMENTS
-        for (int d = g * GROUP_BLOCKS * 4; d < (g + 1) * GROUP_BLOCKS * 4; ++d) o.frag[d].thread_elements() += bias;
     }
 }
 
 // The direct path's steps for the group size at hand (uniform; D / 32 blocks at most). Every head dim instantiates
 // them; a pair of blocks is a valid grouping only when the block count is even (direct_head_dim's are).
 template <int D>
-constexpr int direct_pair() { return D / DIRECT_BLOCK % 2 == 0 ? 2 : 1; }
+constexpr int direct_pair() { return D / KV_AFFINE_BLOCK % 2 == 0 ? 2 : 1; }
 
 template <typename T, int D>
 METAL_FUNC void attend_direct_groups(thread Fragments<D / 8>& o, thread float* value_bias, thread OnlineSoftmax& state,
@@ -274,15 +253,16 @@ METAL_FUNC void attend_direct_groups(thread Fragments<D / 8>& o, thread float* v
         attend_direct<T, D, direct_pair<D>()>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
                                               q_pos, row_valid, slope, rules, scale, fc, lane);
     else
-        attend_direct<T, D, D / DIRECT_BLOCK>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
+        attend_direct<T, D, D / KV_AFFINE_BLOCK>(o, value_bias, state, dq, k, v, groups, first, key0, key_end, valid,
                                               q_pos, row_valid, slope, rules, scale, fc, lane);
 }
 
 template <int D>
 METAL_FUNC void add_value_bias_groups(thread Fragments<D / 8>& o, thread const float* value_bias, DirectGroups groups) {
-    if (groups.blocks == 1) add_value_bias<D, 1>(o, value_bias);
-    else if (groups.blocks == 2) add_value_bias<D, direct_pair<D>()>(o, value_bias);
-    else add_value_bias<D, D / DIRECT_BLOCK>(o, value_bias);
+    // O += the row's sum of P bias per group (the four lanes of a row hold two keys each), before the slices merge.
+    if (groups.blocks == 1) add_value_bias<D, kv_affine_blocks<D>()>(o, value_bias);
+    else if (groups.blocks == 2) add_value_bias<D, kv_affine_blocks<D>() / direct_pair<D>()>(o, value_bias);
+    else add_value_bias<D, 1>(o, value_bias);
 }
 
 // O's columns from the direct path's V order back to the fragment order, through `scratch` (8 x D floats).
@@ -293,7 +273,7 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
     for (int d = 0; d < D / 8; ++d) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e)
-            scratch[fc.row * D + DIRECT_BLOCK * (d / 4) + 4 * fc.col + 2 * (d % 4) + e] =
+            scratch[fc.row * D + KV_AFFINE_BLOCK * (d / 4) + 4 * fc.col + 2 * (d % 4) + e] =
                 o.frag[d].thread_elements()[e];
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -386,14 +366,15 @@ template <typename T, int DK, int DV>
     constexpr int PARTS = HEAD_PARTS(DV), DKP = DK / PARTS, DVP = DV / PARTS;   // a simdgroup's part of Q and of O
     constexpr int BK = KV_TILE_KEYS(DK);
     constexpr int LD = DK + 8;
+    constexpr int TILE_VECTORS = KV_TILE_VECTORS(T, BK, LD + 2 * KV_TILE_EXTRA_GROUPS(DK));   // with the affine pairs
     constexpr int SCORE_FLOATS = HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, DK, DV);
-    threadgroup uint4 tile_storage[KV_TILE_VECTORS(T, BK, LD) + SCORE_FLOATS / 4];   // the K/V tile, the score exchange
+    threadgroup uint4 tile_storage[TILE_VECTORS + SCORE_FLOATS / 4];   // the K/V tile, the score exchange
     threadgroup T* tile = reinterpret_cast<threadgroup T*>(tile_storage);
     threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
     threadgroup int64_t k_scale_offset[BK], v_scale_offset[BK];   // ... and in their scales / biases (affine)
     threadgroup uint tile_valid;
-    static_assert(sizeof(uint4) * KV_TILE_VECTORS(T, BK, LD) + 2 * sizeof(int64_t) * BK + sizeof(uint) +
-                      sizeof(float) * SCORE_FLOATS == DECODE_THREADGROUP_BYTES(sizeof(T), DK, DV),
+    static_assert(sizeof(uint4) * TILE_VECTORS + 2 * sizeof(int64_t) * BK + sizeof(uint) + sizeof(float) * SCORE_FLOATS ==
+                      DECODE_THREADGROUP_BYTES(sizeof(T), DK, DV),
                   "the host's residency estimate");
 
     const int seq = int(tgid.z), partition = int(tgid.x);
@@ -409,7 +390,7 @@ template <typename T, int DK, int DV>
     const int hi = int(min(int64_t(band.end), (int64_t(partition) + 1) * p.partition_size));
 
     const HeadPart head_part{int(sg) % PARTS, int(sg) / PARTS, int(sg),
-                             reinterpret_cast<threadgroup float*>(tile_storage + KV_TILE_VECTORS(T, BK, LD))};
+                             reinterpret_cast<threadgroup float*>(tile_storage + TILE_VECTORS)};
     const int part = head_part.part;
     const int slices = DECODE_KEY_SLICES(rows, DK), slice = slices > 1 ? head_part.row_group : 0;
     static_assert(PARTS == 1 || KV_TILE_KEYS(DK) == 8, "key slices and head parts never meet");
@@ -452,13 +433,15 @@ template <typename T, int DK, int DV>
     const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
     DirectQ<T, DVP> q_direct;   // only used when DK == DV (= DVP)
     DirectGroups groups;
-    float value_bias[DVP / DIRECT_BLOCK] = {};
+    float value_bias[kv_affine_blocks<DVP>()] = {};   // per group (direct path) or block (tile path, affine V)
+    float q_block_sum[kv_affine_blocks<DKP>()];        // tile path, affine K
     if (direct) {
         load_q_direct<T, DVP>(q_direct, q_row, row_valid, fc);
         groups = direct_groups<DVP>(k_format, v_format, lane);
     } else {
         load_q<T, DKP>(q_frag, q_row + part * DKP, row_valid && slice == 0, p.mask.scale, fc);
         if (slices > 1) share_q<DKP>(q_frag, scratch, slice, lane);
+        if (kv_quantized && k_format.kind == KV_AFFINE) block_sums<DKP>(q_block_sum, q_frag);
     }
     clear<DVP>(o_frag);
     OnlineSoftmax state;
@@ -489,13 +472,15 @@ template <typename T, int DK, int DV>
         threadgroup_barrier(mem_flags::mem_threadgroup);
         const TileLoads<T> loads{tile_storage, k_tile, v_tile, tid, threads};
         if (slices > 1)
-            attend_tile<T, DK, DV, BK, 8, LD>(o_frag, state, q_frag, slice * 8, key0, hi, tile_valid, token + shift,
-                                              row_valid, slope, rules, fc, loads, head_part, lane);
+            attend_tile<T, DK, DV, BK, 8, LD>(o_frag, value_bias, state, q_frag, q_block_sum, slice * 8, key0, hi,
+                                              tile_valid, token + shift, row_valid, slope, rules, fc, loads, head_part,
+                                              lane);
         else
-            attend_tile<T, DK, DV, BK, BK, LD>(o_frag, state, q_frag, 0, key0, hi, tile_valid, token + shift, row_valid,
-                                               slope, rules, fc, loads, head_part, lane);
+            attend_tile<T, DK, DV, BK, BK, LD>(o_frag, value_bias, state, q_frag, q_block_sum, 0, key0, hi, tile_valid,
+                                               token + shift, row_valid, slope, rules, fc, loads, head_part, lane);
     }
     if (direct) add_value_bias_groups<DVP>(o_frag, value_bias, groups);
+    else if (kv_quantized && v_format.kind == KV_AFFINE) add_value_bias<DVP, kv_affine_blocks<DVP>()>(o_frag, value_bias);
     if (slices > 1) merge_key_slices<DVP>(state, o_frag, scratch, slices, slice, lane);
     if (direct && slice == 0) unpermute_o<DVP>(o_frag, scratch, fc);
 

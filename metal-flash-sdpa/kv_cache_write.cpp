@@ -151,6 +151,9 @@ CacheGeometry check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, 
                     "v_cache must have the shape of k_cache ", k_cache.sizes(), " (head_dim ", k_dim, "), got ",
                     v_cache.sizes(), " (head_dim ", v_dim, ")",
                     v_head_dim_may_differ ? "; only plain (unquantized) caches may differ in the head dim" : "");
+  TORCH_CHECK_VALUE(plain || k_dim <= KV_QUANT_MAX_HEAD_DIM, "quantized caches (kv_bits or fp8) support head dims up "
+                    "to ", KV_QUANT_MAX_HEAD_DIM, ", got head_dim ", k_dim, ": keep wider heads in a plain (fp16, bf16 "
+                    "or fp32) cache");
   TORCH_CHECK_VALUE(k_cache.stride(-1) == 1 && v_cache.stride(-1) == 1,
                     "k_cache and v_cache need a contiguous head dim (stride 1): the cache is read and written in place");
   if (quant->k.kind == KV_AFFINE) check_scales(k_args, like, like_name, k_dim / qa.group_size);

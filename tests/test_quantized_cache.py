@@ -253,10 +253,11 @@ FEATURES = {
     "alibi": dict(alibi=True),
 }
 # (k_bits, v_bits) x group x layout x feature x (H, Hkv): the full product is the slow matrix, every 7th case CI's
-# (7 is prime to every factor, so the sample covers each value of each).
+# (7 is prime to every factor, so the sample covers each value of each). H 32 / Hkv 2 (16 rows per KV head) takes the
+# tile path, the others the direct path.
 MATRIX = [(bits, group, paged, feature, heads)
           for bits in [(4, 4), (8, 8), (8, 4)] for group in GROUPS for paged in (True, False) for feature in FEATURES
-          for heads in [(4, 4), (8, 2), (16, 2)]]
+          for heads in [(4, 4), (8, 2), (16, 2), (32, 2)]]
 CI_MATRIX = MATRIX[::7]
 
 
@@ -290,10 +291,26 @@ def test_decode_matrix_full(fa, case):
     run_matrix_case(fa, *case)
 
 
+@pytest.mark.parametrize("bits", [(8, 4), (4, 8)], ids=["k8v4", "k4v8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 64, 96, 192, 256])
-def test_decode_head_dims_and_dtypes(fa, dtype, D):
-    run_matrix_case(fa, (8, 4), 32, True, "causal", (8, 2), dtype=dtype, D=D)
+def test_decode_head_dims_and_dtypes(fa, dtype, D, bits):
+    """Head dims other than 64 / 128 take the tile path; group 32 and (where it divides D) 64."""
+    run_matrix_case(fa, bits, 32 if bits[0] == 8 or D % 64 else 64, True, "causal", (8, 2), dtype=dtype, D=D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_unaligned_rows(fa, counters, dtype):
+    """Packed rows that do not start on 16-byte boundaries (a cache sliced from wider rows) take the tile path."""
+    Hkv, D, seqlens = 2, 128, [300, 57, 1]
+    cache = QuantCache(seqlens, Hkv, D, 320, dtype, 8, 4, 64, paged=False, seed=3)
+    for kv in (cache.k, cache.v):
+        wider = torch.zeros(*kv[0].shape[:-1], kv[0].shape[-1] + 1, dtype=kv[0].dtype, device=DEVICE)
+        kv[0] = wider[..., :-1].copy_(kv[0])
+    q = torch.randn(len(seqlens), 1, 8, D, generator=torch.Generator().manual_seed(3)).to(dtype)
+    counters(reset=True)
+    decode_on_quantized(fa, cache, q, softcap=8.0)
+    assert counters()["k_tiles_loaded"] > 0
 
 
 @pytest.mark.parametrize("Sq, new, splits", [(1, 1, 0), (3, 3, 0), (4, 2, 1), (2, 0, 5)])
@@ -304,16 +321,23 @@ def test_decode_append_multi_query_and_splits(fa, Sq, new, splits):
 
 
 # --------------------------------------------------------------------------------------------------- bytes read
+# (H, Hkv, D): the direct path (<= 8 rows per KV head, D 128), the tile path for 16 rows per KV head and for D 256.
+BYTES_SHAPES = {"direct": (8, 2, 128), "tile-16rows": (32, 2, 128), "tile-d256": (8, 2, 256)}
+
+
+@pytest.mark.parametrize("path", BYTES_SHAPES)
 @pytest.mark.parametrize("k_bits, v_bits, group_size", [(8, 8, 64), (4, 4, 64), (8, 4, 32)])
-def test_bytes_read_are_the_visible_packed_keys(fa, counters, k_bits, v_bits, group_size):
+def test_bytes_read_are_the_visible_packed_keys(fa, counters, k_bits, v_bits, group_size, path):
     """K/V bytes read per step == the packed words + scales + biases of the visible keys, each once per KV head
-    (simulator counters per buffer); against the fp16 cache: 8-bit ~0.53x, 4-bit (group 64) ~0.28x."""
-    H, Hkv, D, dtype, context, left = 8, 2, 128, torch.float16, 1000, 299
+    (simulator counters per buffer), on both decode paths; against the fp16 cache: 8-bit ~0.53x, 4-bit (group 64)
+    ~0.28x."""
+    (H, Hkv, D), dtype, context, left = BYTES_SHAPES[path], torch.float16, 1000, 299
     cache = QuantCache([context], Hkv, D, 16, dtype, k_bits, v_bits, group_size, seed=7)
     q = torch.randn(1, 1, H, D).to(dtype)
     counters(reset=True)
     decode_on_quantized(fa, cache, q, window=(left, 0))
     c = counters()
+    assert (c.get("k_tiles_loaded", 0) > 0) == path.startswith("tile")   # the tile path counts its K tiles
     visible = left + 1
     for bits, cache_buffer, scale_buffers in ((k_bits, 1, (14, 15)), (v_bits, 2, (16, 17))):
         assert c[f"device_bytes_read[{cache_buffer}]"] == visible * Hkv * D * bits // 8

@@ -231,6 +231,30 @@ def test_rejected_append_changes_nothing(fa):
                                    kv_bits=(8, 0), kv_group_size=64)
 
 
+def test_quantized_wide_heads_rejected(fa):
+    """Quantized caches stop at head dim 256 (KV_QUANT_MAX_HEAD_DIM): a 512-wide affine or fp8 cache gets a ValueError
+    naming the limit, from the decode call (with new tokens to append) and from the write, and nothing is written."""
+    D = 512
+    cache, k_cache, _ = paged_caches([20], 1, (D, D), 16, torch.float16)
+    packed, scales, biases = fa.quantize_kv(cache.k.to(DEVICE), 8, 64)
+    fp8 = k_cache.to(torch.float8_e4m3fn)
+    descale = torch.ones(1, 1, device=DEVICE)
+    q, new = torch.randn(1, 1, 2, D).half().to(DEVICE), torch.randn(1, 1, 1, D).half().to(DEVICE)
+    lens, table = cache.seqlens.to(DEVICE), cache.table.to(DEVICE)
+    affine = dict(k_scales=scales, k_biases=biases, v_scales=scales, v_biases=biases, kv_bits=(8, 8), kv_group_size=64)
+    before = [t.clone() for t in (packed, scales, biases, fp8)]
+    limit = "quantized caches .kv_bits or fp8. support head dims up to 256, got head_dim 512"
+    with pytest.raises(ValueError, match=limit):
+        fa.flash_attn_with_kvcache(q, packed, packed, k=new, v=new, cache_seqlens=lens, block_table=table, **affine)
+    with pytest.raises(ValueError, match=limit):
+        fa.kv_cache_write(new, new, packed, packed, table, lens, **affine)
+    with pytest.raises(ValueError, match=limit):
+        fa.flash_attn_with_kvcache(q, fp8, fp8, k=new, v=new, cache_seqlens=lens, block_table=table,
+                                   k_descale=descale, v_descale=descale)
+    assert all(torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+               for a, b in zip((packed, scales, biases, fp8), before))
+
+
 @pytest.mark.parametrize("dims", [(512, 512), (192, 128)], ids=ids)
 def test_backward_rejects_forward_only_head_dims(fa, dims):
     D, DV = dims

@@ -1,10 +1,13 @@
 // Quantized K/V caches (params.h: CacheFormat): the quantization rules, shared by the KV write (quantizes rows on
 // the way in) and the decode kernel, which dequantizes either whole tiles while copying them into threadgroup memory
-// (the attention math after the copy is the unquantized kernel's) or, for affine caches on its direct path, reads
-// the raw codes into registers (row_codes) and applies the affine map outside its inner loop.
+// (fp8: the attention math after the copy is the unquantized kernel's) or computes with the exact affine values
+// x = scale * code + bias in fp32: MMAs on the raw codes (exact in every T: at most 255), from a threadgroup tile of
+// codes (the tile path) or registers (row_codes, the decode kernel's direct path), and the affine map folded out of
+// the MMAs per key and group (fold_scores, scale_probabilities).
 #pragma once
 #include <metal_stdlib>
 
+#include "attention_tile.h"
 #include "kv_tile.h"
 #include "params.h"
 using namespace metal;
@@ -113,15 +116,6 @@ struct CacheTile {
     float descale;                         // fp8
 };
 
-// The affine value x = code * scale + bias (one fp32 rounding: the product of a code and a half / bfloat scale is
-// exact) in T, or with `residual` the part of x that T(x) misses, x - T(x): a tile of each gives Q K^T to fp32
-// accuracy (the kernel computes with the exact affine values; dequantize_kv rounds them to T as mx.dequantize does).
-template <typename T>
-METAL_FUNC T dequantize(uint code, float scale, float bias, bool residual) {
-    const float x = fma(float(code), scale, bias);
-    return residual ? T(x - float(T(x))) : T(x);
-}
-
 // A cache as the decode threadgroup of (seq, kv_head) reads it; head_stride in cache elements. Lane 0 of each
 // simdgroup reads the fp8 descale (uniform) and broadcasts it.
 template <typename T>
@@ -137,10 +131,20 @@ METAL_FUNC CacheTile<T> cache_tile(const device uchar* cache, const device T* sc
             biases + scale_head, offset, scale_offset, format.kind, format.bits, format.group_size, descale};
 }
 
-// Affine: one work item per (row, group), so each scale and bias is read once per key; the group's packed words
-// arrive 16 bytes at a time (aligned rows, FC_KV_VECTOR) or a word at a time.
+// Where tile row `row` keeps the (scale, bias) of its quantization group `group`, in T (exact: the cache stores
+// them in T): the first pairs in the row's padding columns [D, LD), the others after the tile (params.h:
+// KV_TILE_EXTRA_GROUPS).
+template <typename T, int D, int BK, int LD>
+METAL_FUNC threadgroup T* affine_pair(threadgroup T* tile, int row, int group) {
+    constexpr int PADDED = (LD - D) / 2, EXTRA = KV_TILE_EXTRA_GROUPS(D);
+    return group < PADDED ? tile + row * LD + D + 2 * group : tile + BK * LD + 2 * (row * EXTRA + group - PADDED);
+}
+
+// Affine: the raw codes as T (exact) and each row's (scale, bias) per group (affine_pair); one work item per (row,
+// group), so each packed byte, scale and bias is read once per key; the group's packed words arrive 16 bytes at a
+// time (aligned rows, FC_KV_VECTOR) or a word at a time. A row with no key gets codes 0 and (0, 0).
 template <typename T, int D, int BK, int LD, int BITS>
-METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads, bool residual) {
+METAL_FUNC void affine_codes_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
     constexpr int PER_WORD = 32 / BITS;
     constexpr uint MASK = (1u << BITS) - 1u;
     const int group_size = src.group_size, groups = D / group_size, group_words = group_size / PER_WORD;
@@ -149,12 +153,15 @@ METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, ui
         const uint row = i / uint(groups), group = i % uint(groups);
         const int64_t offset = src.offset[row];
         threadgroup T* out = tile + row * LD + group * group_size;
+        threadgroup T* pair = affine_pair<T, D, BK, LD>(tile, row, group);
         if (offset < 0) {
             for (int e = 0; e < group_size; e += 4) *reinterpret_cast<threadgroup vec<T, 4>*>(out + e) = vec<T, 4>(0);
+            pair[0] = pair[1] = T(0);
             continue;
         }
         const int64_t scale_at = src.scale_offset[row] + group;
-        const float scale = float(src.scales[scale_at]), bias = float(src.biases[scale_at]);
+        pair[0] = src.scales[scale_at];
+        pair[1] = src.biases[scale_at];
         const device uint* packed = words + offset + group * group_words;
         // Four elements per threadgroup store (rows and groups start on multiples of 4 elements).
         threadgroup vec<T, 4>* out4 = reinterpret_cast<threadgroup vec<T, 4>*>(out);
@@ -163,10 +170,9 @@ METAL_FUNC void dequantize_affine_tile(threadgroup T* tile, CacheTile<T> src, ui
                                          : uint4(packed[w], packed[w + 1], packed[w + 2], packed[w + 3]);
             for (int c = 0; c < 4; ++c) {
                 for (int e = 0; e < PER_WORD; e += 4) {
-                    vec<T, 4> values;
-                    for (int i = 0; i < 4; ++i)
-                        values[i] = dequantize<T>((four[c] >> ((e + i) * BITS)) & MASK, scale, bias, residual);
-                    out4[((w + c) * PER_WORD + e) / 4] = values;
+                    vec<T, 4> codes;
+                    for (int i = 0; i < 4; ++i) codes[i] = T((four[c] >> ((e + i) * BITS)) & MASK);
+                    out4[((w + c) * PER_WORD + e) / 4] = codes;
                 }
             }
         }
@@ -196,18 +202,143 @@ METAL_FUNC void dequantize_fp8_tile(threadgroup T* tile, CacheTile<T> src, uint 
     }
 }
 
-// A K or V tile into threadgroup memory as T, whatever the cache holds (`residual`: an affine tile's rounding
-// residuals, see dequantize).
+// A K or V tile into threadgroup memory as T: the values (plain, fp8) or the codes and their (scale, bias) (affine).
 template <typename T, int D, int BK, int LD>
-METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads, bool residual = false) {
+METAL_FUNC void load_cache_tile(threadgroup T* tile, CacheTile<T> src, uint tid, uint threads) {
     if (!kv_quantized || src.kind == KV_PLAIN)
         copy_kv_tile<T, D, BK, LD>(tile, reinterpret_cast<const device T*>(src.head), TableRows{src.offset}, tid, threads);
     else if (src.kind == KV_FP8_E4M3)
         dequantize_fp8_tile<T, D, BK, LD>(tile, src, tid, threads);
     else if (src.bits == 4)
-        dequantize_affine_tile<T, D, BK, LD, 4>(tile, src, tid, threads, residual);
+        affine_codes_tile<T, D, BK, LD, 4>(tile, src, tid, threads);
     else
-        dequantize_affine_tile<T, D, BK, LD, 8>(tile, src, tid, threads, residual);
+        affine_codes_tile<T, D, BK, LD, 8>(tile, src, tid, threads);
+}
+
+// ------------------------------------------------------------------------------------ the affine map, folded
+// Attention on affine K and V from MMAs on the raw codes, for KF fragments of 8 keys and the dot products split in
+// GROUPS parts, each inside one quantization group (group g of key j: affine(g, j), its (scale, bias)):
+// - S[r, j] = sum_g scale[j, g] dots_g[r, j] + bias[j, g] q_sum[r, g], dots_g = Q_g . code_j,g, q_sum the sums of Q's
+//   row over each part;
+// - O[r, :] += sum_j (P[r, j] scale[j, g]) code_j,g + sum_j P[r, j] bias[j, g]: P scaled per key for each part times
+//   the codes, and per lane a running sum of P bias per part (value_bias, rescaled with O, added to O once).
+template <int KF, int GROUPS, typename Affine>
+METAL_FUNC void fold_scores(thread Fragments<KF>& s, thread const Fragments<KF>* dots, thread const float* q_sum,
+                            Affine affine, FragmentCoord fc) {
+    UNROLL_FRAGMENTS
+    for (int j = 0; j < KF; ++j) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e) {
+            float score = 0.0f;
+            UNROLL_FRAGMENTS
+            for (int g = 0; g < GROUPS; ++g) {
+                const float2 a = affine(g, j * 8 + fc.col + e);
+                score += a.x * dots[g].frag[j].thread_elements()[e] + a.y * q_sum[g];
+            }
+            s.frag[j].thread_elements()[e] = score;
+        }
+    }
+}
+
+template <int KF, int GROUPS, typename Affine>
+METAL_FUNC void scale_probabilities(thread Fragments<KF>* scaled_p, thread float* value_bias,
+                                    thread const Fragments<KF>& p, Affine affine, FragmentCoord fc) {
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) {
+        float bias = value_bias[g];
+        UNROLL_FRAGMENTS
+        for (int j = 0; j < KF; ++j) {
+            UNROLL_FRAGMENTS
+            for (int e = 0; e < 2; ++e) {
+                const float2 a = affine(g, j * 8 + fc.col + e);
+                const float prob = p.frag[j].thread_elements()[e];
+                scaled_p[g].frag[j].thread_elements()[e] = prob * a.x;
+                bias += prob * a.y;
+            }
+        }
+        value_bias[g] = bias;
+    }
+}
+
+// O += value_bias per part (value_bias: the lane's share, summed over the row's four lanes), O in head-dim order.
+template <int D, int GROUPS>
+METAL_FUNC void add_value_bias(thread Fragments<D / 8>& o, thread const float* value_bias) {
+    constexpr int FRAGS = D / 8 / GROUPS;
+    UNROLL_FRAGMENTS
+    for (int g = 0; g < GROUPS; ++g) {
+        const float bias = row_sum(value_bias[g]);
+        UNROLL_FRAGMENTS
+        for (int d = g * FRAGS; d < (g + 1) * FRAGS; ++d) o.frag[d].thread_elements() += bias;
+    }
+}
+
+// The tile path's parts are the head dim's blocks of 32 elements (KV_AFFINE_BLOCKS; each lies in one group: groups are
+// 32 to 128 elements), so one instantiation serves every group size; part b reads the pair of group b / (group_size /
+// 32) of its key from the tile (affine_pair).
+constant constexpr int KV_AFFINE_BLOCK = 32;
+template <int D>
+constexpr int kv_affine_blocks() { return D / KV_AFFINE_BLOCK; }
+
+template <typename T, int D, int BK, int LD>
+struct TileAffine {
+    threadgroup T* tile;
+    int first_row, group_shift;   // the slice's first tile row; log2(group_size / 32)
+    METAL_FUNC float2 operator()(int block, int key) const {
+        const threadgroup T* pair = affine_pair<T, D, BK, LD>(tile, first_row + key, block >> group_shift);
+        return float2(float(pair[0]), float(pair[1]));
+    }
+};
+
+template <typename T, int D, int BK, int LD>
+METAL_FUNC TileAffine<T, D, BK, LD> tile_affine(threadgroup T* tile, int first_row, CacheTile<T> src) {
+    return {tile, first_row, (src.group_size / KV_AFFINE_BLOCK) >> 1};   // 1, 2, 4 blocks: log2 0, 1, 2
+}
+
+// The sums of each block of Q's row (the lane's row; Q as the tile path holds it, in head-dim order).
+template <int D>
+METAL_FUNC void block_sums(thread float* sums, thread const Fragments<D / 8>& q) {
+    UNROLL_FRAGMENTS
+    for (int b = 0; b < kv_affine_blocks<D>(); ++b) {
+        float sum = 0.0f;
+        UNROLL_FRAGMENTS
+        for (int d = 4 * b; d < 4 * b + 4; ++d) sum += q.frag[d].thread_elements()[0] + q.frag[d].thread_elements()[1];
+        sums[b] = row_sum(sum);
+    }
+}
+
+// S = Q K^T for 8 rows and the KEYS keys of an affine code tile from tile row `first_row`: one MMA chain per block.
+template <typename T, int D, int BK, int KEYS, int LD>
+METAL_FUNC void affine_qk_tile(thread Fragments<KEYS / 8>& s, thread const Fragments<D / 8>& q,
+                               thread const float* q_block_sum, threadgroup T* tile, int first_row, CacheTile<T> src,
+                               FragmentCoord fc) {
+    constexpr int BLOCKS = kv_affine_blocks<D>();
+    Fragments<KEYS / 8> dots[BLOCKS];
+    UNROLL_FRAGMENTS
+    for (int b = 0; b < BLOCKS; ++b) {
+        Fragments<4> q_block;
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < 4; ++d) q_block.frag[d] = q.frag[4 * b + d];
+        qk_tile<T, KV_AFFINE_BLOCK, KEYS, LD>(dots[b], q_block, tile + first_row * LD + KV_AFFINE_BLOCK * b);
+    }
+    fold_scores<KEYS / 8, BLOCKS>(s, dots, q_block_sum, tile_affine<T, D, BK, LD>(tile, first_row, src), fc);
+}
+
+// O += P V for the KEYS keys of an affine code tile from tile row `first_row` (value_bias: per block).
+template <typename T, int D, int BK, int KEYS, int LD>
+METAL_FUNC void affine_pv_tile(thread Fragments<D / 8>& o, thread float* value_bias, thread const Fragments<KEYS / 8>& p,
+                               threadgroup T* tile, int first_row, CacheTile<T> src, FragmentCoord fc) {
+    constexpr int BLOCKS = kv_affine_blocks<D>();
+    Fragments<KEYS / 8> scaled_p[BLOCKS];
+    scale_probabilities<KEYS / 8, BLOCKS>(scaled_p, value_bias, p, tile_affine<T, D, BK, LD>(tile, first_row, src), fc);
+    UNROLL_FRAGMENTS
+    for (int b = 0; b < BLOCKS; ++b) {
+        Fragments<4> o_block;
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < 4; ++d) o_block.frag[d] = o.frag[4 * b + d];
+        pv_tile<T, KV_AFFINE_BLOCK, KEYS, LD>(o_block, scaled_p[b], tile + first_row * LD + KV_AFFINE_BLOCK * b);
+        UNROLL_FRAGMENTS
+        for (int d = 0; d < 4; ++d) o.frag[4 * b + d] = o_block.frag[d];
+    }
 }
 
 // ------------------------------------------------------------------------------------- affine codes in registers

@@ -145,12 +145,18 @@ static_assert(sizeof(PrefillParams) == 208, "PrefillParams layout is shared by h
 // Simdgroups that split each K/V tile's keys (8 per simdgroup) when a KV head has at most 8 query rows, so a
 // threadgroup keeps 2-4 simdgroups busy instead of one with half its MMA rows idle; else 1.
 #define DECODE_KEY_SLICES(rows, head_dim) ((rows) <= 8 ? KV_TILE_KEYS(head_dim) / 8 : 1)
-// Threadgroup memory of attention_decode: one K/V tile (rows padded to DK + 8 elements), the tile's key offsets
-// in both caches (int64) and valid-key mask, and the head parts' score exchange; the host sizes the split-K grid
-// by how many fit on a core.
+// Affine-quantized caches stop at head dim 256 (wide heads split over HEAD_PARTS are plain caches).
+#define KV_QUANT_MAX_HEAD_DIM 256
+// An affine K/V tile in threadgroup memory keeps each row's (scale, bias) per quantization group (>= 32 elements) in
+// the row's 8 padding elements (4 pairs); head dims past 128 have up to D / 32 - 4 more pairs a row, after the tile.
+#define KV_TILE_EXTRA_GROUPS(head_dim) \
+    ((head_dim) / 32 > 4 && (head_dim) <= KV_QUANT_MAX_HEAD_DIM ? (head_dim) / 32 - 4 : 0)
+// Threadgroup memory of attention_decode: one K/V tile (rows padded to DK + 8 elements, plus the extra affine pairs),
+// the tile's key offsets in both caches (int64) and valid-key mask, and the head parts' score exchange; the host
+// sizes the split-K grid by how many fit on a core.
 #define DECODE_THREADGROUP_BYTES(element_bytes, head_dim_k, head_dim_v) \
-    (KV_TILE_KEYS(head_dim_k) * ((head_dim_k) + 8) * (element_bytes) + 2 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + \
-     4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
+    (KV_TILE_KEYS(head_dim_k) * ((head_dim_k) + 8 + 2 * KV_TILE_EXTRA_GROUPS(head_dim_k)) * (element_bytes) + \
+     2 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + 4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {
