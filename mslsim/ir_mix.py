@@ -10,6 +10,10 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
     multiply-accumulates, SIMD-group functions, barriers);
   - exception: calls to transcendental functions count wherever they were inlined from (the shim implements
     metal::exp with libm, and that call is the transcendental the kernel asked for);
+  - exception: the element conversions of Metal's vector constructors (float2(h2), half4(f4), float4(i), written
+    in include/mslsim/vector_constructors.h) count as `convert`, one per element, as the scalar cast float(x) in
+    kernel code does; the constructor's other instructions (element moves) stay free, and conversions elsewhere
+    in the shim (inside a simdgroup matrix load or multiply-accumulate, counted by the runtime) do not count;
   - vector instructions count one per element (Apple GPU ALUs are scalar per lane);
   - loads and stores are not in the mix: the runtime traces them exactly, with their widths;
   - free in this model: phi, bitcast/trunc, vector element moves, unconditional branches, constant-offset
@@ -26,6 +30,7 @@ from pathlib import Path
 from .build import INCLUDE_DIR
 
 RUNTIME_HEADER = INCLUDE_DIR / "mslsim" / "runtime.h"
+VECTOR_CONSTRUCTORS = "/mslsim/vector_constructors.h"   # under INCLUDE_DIR
 
 
 def arithmetic_classes() -> list:
@@ -133,8 +138,11 @@ def _location_file(meta: dict, node: int, cache: dict) -> str:
     return name
 
 
-def _is_shim(file_name: str) -> bool:
-    return file_name.startswith(str(INCLUDE_DIR))
+def _counts(name: str, file_name: str) -> bool:
+    """Whether an instruction of class `name` written in file_name is the kernel's (the docstring's rules)."""
+    if name == "transcendental" or not file_name.startswith(str(INCLUDE_DIR)):
+        return True
+    return name == "convert" and file_name.endswith(VECTOR_CONSTRUCTORS)
 
 
 _LABEL = re.compile(r"^([\w.$-]+|\d+):")
@@ -188,7 +196,7 @@ def instrument(ir: str) -> str:
             continue
         m = _DBG.search(inst)
         file_name = _location_file(meta, int(m.group(1)), cache) if m else function_file
-        if name == "transcendental" or not _is_shim(file_name):
+        if _counts(name, file_name):
             block[_INDEX[name]] += count
     declaration = "declare void @mslsim_profile_block(ptr)"
     return "\n".join(out) + "\n" + "\n".join(globals_) + "\n" + declaration + "\n"

@@ -92,3 +92,31 @@ def test_profile_is_opt_in(lib):
 def test_classes_come_from_the_runtime_header(lib):
     names = lib.profile_counters
     assert names[-len(ir_mix.CLASSES):] == ir_mix.CLASSES
+
+
+def arithmetic(profile):
+    return {k: v for k, v in nonzero(profile).items() if k in ir_mix.CLASSES}
+
+
+def test_vector_constructor_conversions_count_as_scalar_casts(lib):
+    x = np.arange(64, dtype=np.float16).reshape(32, 2)
+    counts = {}
+    for kernel in ("vector_convert", "scalar_convert"):
+        out = np.zeros((32, 2), np.float32)
+        counts[kernel] = arithmetic(lib.dispatch(kernel, 1, 32, {0: x, 1: out}, profile=True).profile)
+        np.testing.assert_array_equal(out, x.astype(np.float32))
+    # the same instructions either way: two converts a lane, and the same address arithmetic of x[lane], out[lane]
+    assert counts["vector_convert"] == counts["scalar_convert"] and counts["vector_convert"]["convert"] == 2 * 32
+    copy = np.zeros((32, 4), np.float16)
+    stats = lib.dispatch("vector_copy", 1, 32, {0: x, 1: copy}, profile=True)
+    np.testing.assert_array_equal(copy, np.concatenate([x, x[:, ::-1]], axis=1))
+    assert "convert" not in arithmetic(stats.profile)
+
+
+def test_matrix_conversions_inside_the_shim_are_free(lib):
+    a, c = (np.arange(64) % 7).astype(np.float16), np.zeros(64, np.float32)
+    stats = lib.dispatch("half_matrix", 1, 32, {0: a, 1: c}, profile=True)
+    m = a.astype(np.float64).reshape(8, 8)
+    np.testing.assert_array_equal(c.reshape(8, 8), m @ m)
+    assert stats.profile["matrix_multiply_accumulate"] == 32
+    assert "convert" not in arithmetic(stats.profile)

@@ -53,26 +53,7 @@ template <class T> struct without_address_space<__attribute__((address_space(3))
 template <class P, class T>
 constexpr bool is_element_of = std::is_same_v<typename without_address_space<std::remove_cv_t<P>>::type, T>;
 
-// Metal vector constructors: float4(x) splats, float4(a.xy, b, c) concatenates, float4(h4) converts.
-template <class T, int N, class A> inline void vector_put(metal::vec<T, N>& r, int& k, A a) {
-  if constexpr (is_vector_v<A>) {
-    for (int i = 0; i < vector_traits<A>::size; i++) r[k++] = (T)a[i];
-  } else {
-    r[k++] = (T)a;
-  }
-}
-template <class T, int N, class... A> inline metal::vec<T, N> make_vector(A... a) {
-  metal::vec<T, N> r = {};
-  if constexpr (sizeof...(A) == 0) {
-    return r;
-  } else if constexpr (sizeof...(A) == 1 && !(is_vector_v<A> || ...)) {
-    ((r = metal::vec<T, N>((T)a)), ...);
-  } else {
-    int k = 0;
-    (vector_put<T, N>(r, k, a), ...);
-  }
-  return r;
-}
+#include "mslsim/vector_constructors.h"   // float4(...) and friends; ir_mix counts their conversions
 // packed_T3 and friends: tightly packed, element-aligned, convertible to and from the vector type.
 template <class T, int N> struct packed_vec {
   T v[N];

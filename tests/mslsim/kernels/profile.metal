@@ -48,3 +48,29 @@ constant bool has_bias [[function_constant(0)]];
   }
 AFFINE_KERNEL(affine_constant, constant)
 AFFINE_KERNEL(affine_device, const device)
+
+// A vector constructor that converts costs what the scalar casts cost: one convert per element (ir_mix's rule
+// for include/mslsim/vector_constructors.h); one that only moves elements costs nothing.
+kernel void vector_convert(device const half2* x [[buffer(0)]], device float2* out [[buffer(1)]],
+                           ushort lane [[thread_index_in_simdgroup]]) {
+  out[lane] = float2(x[lane]);
+}
+kernel void scalar_convert(device const half2* x [[buffer(0)]], device float2* out [[buffer(1)]],
+                           ushort lane [[thread_index_in_simdgroup]]) {
+  half2 h = x[lane];
+  out[lane] = float2(float(h.x), float(h.y));
+}
+kernel void vector_copy(device const half2* x [[buffer(0)]], device half4* out [[buffer(1)]],
+                        ushort lane [[thread_index_in_simdgroup]]) {
+  out[lane] = half4(x[lane], x[lane].yx);
+}
+
+// The multiply-accumulate widens its half operands inside the shim: the runtime's matrix_multiply_accumulate
+// count is its cost, not converts.
+kernel void half_matrix(device const half* a [[buffer(0)]], device float* c [[buffer(1)]]) {
+  simdgroup_half8x8 m;
+  simdgroup_float8x8 d = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  simdgroup_load(m, a);
+  simdgroup_multiply_accumulate(d, m, m, d);
+  simdgroup_store(d, c);
+}
