@@ -85,6 +85,9 @@ CASES = [
     case("decode B32 ctx2k Hq32/Hkv32 D128", "decode", 32, 32, 32, 128, 2048),
     case("decode B8 ctx32k Hq32/Hkv4 D128 8-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=8),
     case("decode B8 ctx32k Hq32/Hkv4 D128 4-bit KV", "decode", 8, 32, 4, 128, 32768, kv_bits=4),
+    # 4 query heads per KV head (Llama 3 8B, Mistral 7B): the quantized vector path
+    case("decode B8 ctx32k Hq32/Hkv8 D128 8-bit KV", "decode", 8, 32, 8, 128, 32768, kv_bits=8),
+    case("decode B8 ctx32k Hq32/Hkv8 D128 4-bit KV", "decode", 8, 32, 8, 128, 32768, kv_bits=4),
     *WIDE_CASES,
 ]
 SMOKE_CASES = [

@@ -284,6 +284,245 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
     }
 }
 
+// ---------------------------------------------------------------------------------------------- vector path
+// Affine K and V as on the direct path, but at most VECTOR_MAX_ROWS query rows (R = 1, 2 or 4, the rows padded up): an
+// 8x8 MMA does 8 rows of work whatever R is, so here each slice's 8 keys are computed with per-lane fp32 FMAs on the
+// exact affine values code * scale + bias in fp32 (the direct path's values), in one lane layout for K and V:
+// - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the slice (KPL = D / 32) and
+//   head-dim elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load; Q's 8 elements of each row live in fp32
+//   registers, in the order the codes unpack (vector_element);
+// - S: the LR lanes of a key group add their KPL x R partial dot products by a reduce-scatter (shuffles by LR / 2 .. 1)
+//   after which lane 4 key + (row << (2 - log2 R)) holds the score of (key, row) (vector_score_lane); the lanes of one
+//   row differ in lane bits 2, 3 and 4, which the online softmax reduces over;
+// - O += P V: each lane takes P of its keys from the score lanes and accumulates its 8 elements of each row; the key
+//   groups' partial O are summed once, after the last tile (vector_to_fragments).
+// At R = 4, D = 128 a lane issues ~9 instructions per K/V element (4 FMAs a row, unpacking, the reduce-scatter), where
+// the MMAs alone cost the equivalent of ~10 (8 rows at 102.5 of 128 FMA lanes).
+constant constexpr int VECTOR_MAX_ROWS = 4;
+
+// Position j of 8 unpacked codes -> its element in the 8: 8-bit bytes in order; 4-bit low nibbles (elements 0, 2, 4,
+// 6) then high nibbles (1, 3, 5, 7).
+METAL_FUNC int vector_element(int bits, int j) { return bits == 8 ? j : j < 4 ? 2 * j : 2 * (j - 4) + 1; }
+
+// The 8 codes from element 8 c of the affine row at `offset` (cache words; negative: no key, zeros), as fp32.
+template <int BITS, typename T>
+METAL_FUNC void unpack8(thread float* x, CacheTile<T> src, int64_t offset, int c) {
+    uint2 w = uint2(0u);
+    if (offset >= 0) {
+        const device uchar* at = src.head + offset * 4 + c * BITS;   // 8 codes are BITS bytes
+        if (BITS == 8) w = *reinterpret_cast<const device uint2*>(at);
+        else w.x = *reinterpret_cast<const device uint*>(at);
+    }
+    const float4 lo = float4(as_type<uchar4>(BITS == 8 ? w.x : w.x & 0x0F0F0F0Fu));
+    const float4 hi = float4(as_type<uchar4>(BITS == 8 ? w.y : (w.x >> 4) & 0x0F0F0F0Fu));
+    UNROLL_RUN
+    for (int j = 0; j < 4; ++j) {
+        x[j] = lo[j];
+        x[4 + j] = hi[j];
+    }
+}
+
+// Per lane: Q's elements of each row, O's partial elements, and the online softmax of the lane's score row.
+struct VectorRows {
+    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale, in K's unpacked order
+    float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only, in V's unpacked order
+    float max_log2 = MASKED, denominator = 0.0f;
+    int log_rows;                  // R = 1 << log_rows
+    ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for slice key 0
+    bool k_group_read, v_group_read;     // whether the group whose (scale, bias) this lane reads exists
+    int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
+    bool row_valid;
+    float slope;
+};
+
+METAL_FUNC int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 : 2; }
+METAL_FUNC ushort vector_score_lane(int key, int row, int log_rows) { return ushort(4 * key + (row << (2 - log_rows))); }
+template <int R>
+constexpr int vector_log() { return R == 4 ? 2 : R == 2 ? 1 : 0; }
+
+// The threadgroup's rows (row r: query head kv_head * group + r / seqlen_q, new token r % seqlen_q).
+struct VectorRowMap {
+    int rows, group, seqlen_q, kv_head, shift;
+    METAL_FUNC int head(int r) const { return kv_head * group + r / seqlen_q; }
+    METAL_FUNC int token(int r) const { return r % seqlen_q; }
+};
+
+template <typename T, int D>
+METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant const int64_t* q_strides,
+                              const device float* alibi_slopes, int alibi_seq_stride, VectorRowMap map, int seq,
+                              CacheFormat k_format, CacheFormat v_format, float scale, ushort lane) {
+    const int c = lane % (D / 8), k_bits = k_format.bits;
+    st.log_rows = vector_log_rows(map.rows);
+    // Group indices once (runtime group sizes: divisions stay out of the tile loop).
+    st.k_group_lane = ushort(8 * (8 * c / k_format.group_size));
+    st.v_group_lane = ushort(8 * (8 * c / v_format.group_size));
+    st.k_group_read = int(lane) / 8 < D / k_format.group_size;
+    st.v_group_read = int(lane) / 8 < D / v_format.group_size;
+    UNROLL_RUN
+    for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
+        const bool valid = r < map.rows;
+        const device T* q_row = q + element_offset(q_strides, seq, map.token(valid ? r : 0), map.head(valid ? r : 0));
+        UNROLL_RUN
+        for (int j = 0; j < 8; ++j) {
+            st.q[r][j] = valid ? float(q_row[8 * c + vector_element(k_bits, j)]) * scale : 0.0f;
+            st.o[r][j] = 0.0f;
+        }
+    }
+    const int row = (lane & 3) >> (2 - st.log_rows);
+    st.row_valid = row < map.rows;
+    st.q_pos = map.token(row) + map.shift;
+    st.slope = has_alibi && st.row_valid ? alibi_slopes[seq * alibi_seq_stride + map.head(row)] * LOG2E : 0.0f;
+}
+
+// The scores of the lane's keys, partial over its 8 elements (part[i * R + r]: key KPL h + i, row r).
+// (k_row: the row offset of slice key lane % 8; every lane reads the offsets of its keys from the lanes holding them.)
+template <typename T, int D, int R, int BITS>
+METAL_FUNC void vector_partial_scores(thread float* part, thread const VectorRows& st, CacheTile<T> k, float2 k_mine,
+                                      int64_t k_row, ushort lane) {
+    constexpr int LR = D / 8, KPL = D / 32;
+    const int h = lane / LR, c = lane % LR;
+    UNROLL_RUN
+    for (int i = 0; i < KPL; ++i) {
+        const int key = KPL * h + i;
+        const float2 a = simd_shuffle(k_mine, ushort(st.k_group_lane + key));   // (scale, bias)
+        float x[8];
+        unpack8<BITS>(x, k, shuffle_offset(k_row, key), c);
+        UNROLL_RUN
+        for (int r = 0; r < R; ++r) part[i * R + r] = 0.0f;
+        UNROLL_RUN
+        for (int j = 0; j < 8; ++j) {
+            const float value = x[j] * a.x + a.y;   // (a multiply-add, as written: the profile counts kernel arithmetic)
+            UNROLL_RUN
+            for (int r = 0; r < R; ++r) part[i * R + r] += st.q[r][j] * value;
+        }
+    }
+}
+
+// O += P V over the lane's keys (prob: the score lane's probability).
+template <typename T, int D, int R, int BITS>
+METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T> v, float2 v_mine, int64_t v_row,
+                                  ushort lane) {
+    constexpr int LR = D / 8, KPL = D / 32;
+    const int h = lane / LR, c = lane % LR;
+    UNROLL_RUN
+    for (int i = 0; i < KPL; ++i) {
+        const int key = KPL * h + i;
+        const float2 a = simd_shuffle(v_mine, ushort(st.v_group_lane + key));
+        float p[R];
+        UNROLL_RUN
+        for (int r = 0; r < R; ++r) p[r] = simd_shuffle(prob, vector_score_lane(key, r, vector_log<R>()));
+        float x[8];
+        unpack8<BITS>(x, v, shuffle_offset(v_row, key), c);
+        UNROLL_RUN
+        for (int j = 0; j < 8; ++j) {
+            const float value = x[j] * a.x + a.y;
+            UNROLL_RUN
+            for (int r = 0; r < R; ++r) st.o[r][j] += p[r] * value;
+        }
+    }
+}
+
+// Reduce-scatter of N values over the lanes that differ in bits BIT, BIT / 2, .. 1: each step keeps half the values
+// (the upper half in lanes whose bit is set) and adds the partner's copy of them; once one value is left, the steps
+// are plain sums. (A template, so every loop has a constant trip count and the values stay in registers.)
+template <int N, int BIT>
+struct ReduceScatter {
+    METAL_FUNC static void run(thread float* part, ushort lane) {
+        const bool upper = (lane & BIT) != 0;
+        if (N > 1) {
+            UNROLL_RUN
+            for (int i = 0; i < N / 2; ++i) {
+                const float send = upper ? part[i] : part[i + N / 2], kept = upper ? part[i + N / 2] : part[i];
+                part[i] = kept + simd_shuffle_xor(send, ushort(BIT));
+            }
+        } else {
+            part[0] += simd_shuffle_xor(part[0], ushort(BIT));
+        }
+        ReduceScatter<(N > 1 ? N / 2 : 1), BIT / 2>::run(part, lane);
+    }
+};
+template <int N>
+struct ReduceScatter<N, 0> {
+    METAL_FUNC static void run(thread float*, ushort) {}
+};
+
+// One slice's 8 keys (tile rows first .. first + 7) on the vector path, R rows.
+template <typename T, int D, int R>
+METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, int first, int key0,
+                              int key_end, uint valid, ScoreRules rules, ushort lane) {
+    constexpr int LR = D / 8, KPL = D / 32;
+    const int mine = first + lane % 8, group = lane / 8;   // the (scale, bias) this lane reads (direct path's rule)
+    const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // (-1 in both: no key)
+    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, st.k_group_read);
+    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, st.v_group_read);
+    float part[KPL * R];
+    if (k.bits == 4) vector_partial_scores<T, D, R, 4>(part, st, k, k_mine, k_row, lane);
+    else vector_partial_scores<T, D, R, 8>(part, st, k, k_mine, k_row, lane);
+    ReduceScatter<KPL * R, LR / 2>::run(part, lane);
+    // The online softmax of the lane's (key, row): the lanes of a row differ in bits 2, 3, 4.
+    const float score = masked_score(part[0], key0 + first + lane / 4, key0, key_end, valid, st.q_pos, st.row_valid,
+                                     true, st.slope, rules);
+    float tile_max = max(score, simd_shuffle_xor(score, 4));
+    tile_max = max(tile_max, simd_shuffle_xor(tile_max, 8));
+    tile_max = max(tile_max, simd_shuffle_xor(tile_max, 16));
+    const float new_max = max(st.max_log2, tile_max);
+    const float rescale = fast::exp2(st.max_log2 - new_max);
+    const float prob = score == MASKED ? 0.0f : fast::exp2(score - new_max);
+    float sum = prob + simd_shuffle_xor(prob, 4);
+    sum += simd_shuffle_xor(sum, 8);
+    sum += simd_shuffle_xor(sum, 16);
+    st.denominator = st.denominator * rescale + sum;
+    const bool moved = simd_any(new_max != st.max_log2);   // O is rescaled only when some row's max moved
+    st.max_log2 = new_max;
+    if (moved) {
+        UNROLL_RUN
+        for (int r = 0; r < R; ++r) {
+            const float f = simd_shuffle(rescale, vector_score_lane(0, r, vector_log<R>()));
+            UNROLL_RUN
+            for (int j = 0; j < 8; ++j) st.o[r][j] *= f;
+        }
+    }
+    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, v_row, lane);
+    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, v_row, lane);
+}
+
+template <typename T, int D>
+METAL_FUNC void attend_vector_rows(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, int first, int key0,
+                                   int key_end, uint valid, ScoreRules rules, ushort lane) {
+    if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, first, key0, key_end, valid, rules, lane);
+    else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, first, key0, key_end, valid, rules, lane);
+    else attend_vector<T, D, 4>(st, k, v, first, key0, key_end, valid, rules, lane);
+}
+
+// The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O summed
+// (shuffles), put in head-dim order through the simdgroup's `region` of scratch (VECTOR_MAX_ROWS x D floats).
+template <int D>
+METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread VectorRows& st,
+                                    threadgroup float* region, int v_bits, FragmentCoord fc, ushort lane) {
+    constexpr int LR = D / 8;
+    UNROLL_RUN
+    for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
+        UNROLL_RUN
+        for (int j = 0; j < 8; ++j) {
+            UNROLL_RUN
+            for (int bit = LR; bit < 32; bit *= 2) st.o[r][j] += simd_shuffle_xor(st.o[r][j], ushort(bit));
+            if (int(lane) < LR) region[r * D + 8 * lane + vector_element(v_bits, j)] = st.o[r][j];
+        }
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    const bool mine = fc.row < (1 << st.log_rows);
+    UNROLL_FRAGMENTS
+    for (int d = 0; d < D / 8; ++d) {
+        UNROLL_FRAGMENTS
+        for (int e = 0; e < 2; ++e)
+            o.frag[d].thread_elements()[e] = mine ? region[fc.row * D + d * 8 + fc.col + e] : 0.0f;
+    }
+    const ushort from = vector_score_lane(0, min(fc.row, VECTOR_MAX_ROWS - 1), st.log_rows);
+    const float max_log2 = simd_shuffle(st.max_log2, from), denominator = simd_shuffle(st.denominator, from);
+    state.max_log2 = mine ? max_log2 : MASKED;
+    state.denominator = mine ? denominator : 0.0f;
+}
+
 // Fragments lane by lane in threadgroup memory (D / 4 x 32 floats: with the two state words below, they fit
 // every head dim's K/V tile), for the key slices of a threadgroup, which hold the same rows.
 template <int D>
@@ -428,14 +667,25 @@ template <typename T, int DK, int DV>
     static_assert(!direct_head_dim<DV>() || KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 8 * DV * sizeof(float),
                   "unpermute_o scratch");
     const CacheFormat k_format = cache_format(quant.k), v_format = cache_format(quant.v);
-    const bool direct = direct_head_dim<DV>() && DK == DV && kv_vector && slices > 1 && k_format.kind == KV_AFFINE &&
-                        v_format.kind == KV_AFFINE && k_format.group_size == v_format.group_size;
+    const bool affine_kv = k_format.kind == KV_AFFINE && v_format.kind == KV_AFFINE;   // (plain unless kv_quantized)
+    constexpr bool VECTOR_DIMS = direct_head_dim<DV>() && DK == DV;
+    constexpr int VD = VECTOR_DIMS ? DV : 64;   // the vector path's head dim (64 where it never runs)
+    static_assert(!VECTOR_DIMS || KV_TILE_VECTORS(T, BK, LD) * sizeof(uint4) >= 4 * VECTOR_MAX_ROWS * VD * sizeof(float),
+                  "vector_to_fragments scratch: a region per slice");
+    const bool vector = VECTOR_DIMS && kv_vector && affine_kv && rows <= VECTOR_MAX_ROWS;
+    const bool direct = !vector && direct_head_dim<DV>() && DK == DV && kv_vector && slices > 1 && affine_kv &&
+                        k_format.group_size == v_format.group_size;
+    VectorRows vrows;
     const device T* q_row = q + element_offset(p.shape.q_strides, seq, token, head);
     DirectQ<T, DVP> q_direct;   // only used when DK == DV (= DVP)
     DirectGroups groups;
     float value_bias[kv_affine_blocks<DVP>()] = {};   // per group (direct path) or block (tile path, affine V)
     float q_block_sum[kv_affine_blocks<DKP>()];        // tile path, affine K
-    if (direct) {
+    if (vector) {
+        const VectorRowMap map{rows, group, p.seqlen_q, kv_head, shift};
+        load_q_vector<T, VD>(vrows, q, p.shape.q_strides, alibi_slopes, p.mask.alibi_seq_stride, map, seq, k_format,
+                             v_format, p.mask.scale, lane);
+    } else if (direct) {
         load_q_direct<T, DVP>(q_direct, q_row, row_valid, fc);
         groups = direct_groups<DVP>(k_format, v_format, lane);
     } else {
@@ -462,7 +712,13 @@ template <typename T, int DK, int DV>
             }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (vector) {   // (as the direct path's)
+            attend_vector_rows<T, VD>(vrows, k_tile, v_tile, slice * 8, key0, hi, tile_valid, rules, lane);
+            if (tid == 0) WORK_COUNT("vector_tiles", 1);
+            continue;
+        }
         if (direct) {   // the next tile's first barrier keeps the offsets until every slice has read them
+            if (tid == 0) WORK_COUNT("direct_tiles", 1);
             attend_direct_groups<T, DVP>(o_frag, value_bias, state, q_direct, k_tile, v_tile, groups, slice * 8, key0,
                                          hi, tile_valid, token + shift, row_valid, slope, rules, p.mask.scale, fc, lane);
             continue;
@@ -479,7 +735,8 @@ template <typename T, int DK, int DV>
             attend_tile<T, DK, DV, BK, BK, LD>(o_frag, value_bias, state, q_frag, q_block_sum, 0, key0, hi, tile_valid,
                                                token + shift, row_valid, slope, rules, fc, loads, head_part, lane);
     }
-    if (direct) add_value_bias_groups<DVP>(o_frag, value_bias, groups);
+    if (vector) vector_to_fragments<DVP>(o_frag, state, vrows, scratch + slice * VECTOR_MAX_ROWS * DVP, v_format.bits, fc, lane);
+    else if (direct) add_value_bias_groups<DVP>(o_frag, value_bias, groups);
     else if (kv_quantized && v_format.kind == KV_AFFINE) add_value_bias<DVP, kv_affine_blocks<DVP>()>(o_frag, value_bias);
     if (slices > 1) merge_key_slices<DVP>(state, o_frag, scratch, slices, slice, lane);
     if (direct && slice == 0) unpermute_o<DVP>(o_frag, scratch, fc);

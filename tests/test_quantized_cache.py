@@ -253,11 +253,11 @@ FEATURES = {
     "alibi": dict(alibi=True),
 }
 # (k_bits, v_bits) x group x layout x feature x (H, Hkv): the full product is the slow matrix, every 7th case CI's
-# (7 is prime to every factor, so the sample covers each value of each). H 32 / Hkv 2 (16 rows per KV head) takes the
-# tile path, the others the direct path.
+# (7 is prime to every factor, so the sample covers each value of each). Rows per KV head: 1, 2 and 4 take the vector
+# path, 8 the direct path, 16 the tile path.
 MATRIX = [(bits, group, paged, feature, heads)
           for bits in [(4, 4), (8, 8), (8, 4)] for group in GROUPS for paged in (True, False) for feature in FEATURES
-          for heads in [(4, 4), (8, 2), (16, 2), (32, 2)]]
+          for heads in [(4, 4), (4, 2), (8, 2), (16, 2), (32, 2)]]
 CI_MATRIX = MATRIX[::7]
 
 
@@ -320,9 +320,34 @@ def test_decode_append_multi_query_and_splits(fa, Sq, new, splits):
     run_matrix_case(fa, (4, 8), 64, True, "window", (8, 2), Sq=Sq, new=new, splits=splits)
 
 
+# (query heads per KV head, new tokens) -> rows per KV head 1..4 (vector path, R = 1, 2, 4 with padded rows), 5 and 8
+# (direct path).
+VECTOR_ROWS = [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (4, 1), (1, 5), (8, 1)]
+
+
+@pytest.mark.parametrize("group, sq", VECTOR_ROWS, ids=lambda x: str(x))
+@pytest.mark.parametrize("D", [64, 128])
+def test_decode_rows_per_path(fa, counters, group, sq, D):
+    """Every row count on the vector path (and its neighbours on the direct path), with Sq_new > 1 (causal inside the
+    new tokens), window, sinks, softcap and ALiBi at once, mixed bits and group sizes, against float64."""
+    Hkv, seqlens, bits = 2, [300, 57, 1 + sq], ((4, 8) if sq % 2 else (8, 4))
+    cache = QuantCache(seqlens, Hkv, D, 16, torch.float16, *bits, 32 if D == 64 else 64, paged=True, seed=group * 7 + sq)
+    g = torch.Generator().manual_seed(sq)
+    H = group * Hkv
+    q = torch.randn(len(seqlens), sq, H, D, generator=g).to(torch.float16)
+    counters(reset=True)
+    decode_on_quantized(fa, cache, q, window=(60, 0), softcap=8.0, sinks=torch.randn(H, generator=g),
+                        alibi=torch.rand(H, generator=g) * 0.1)
+    c = counters()
+    vector = group * sq <= 4
+    assert (c.get("vector_tiles", 0) > 0) == vector and (c.get("direct_tiles", 0) > 0) == (not vector)
+
+
 # --------------------------------------------------------------------------------------------------- bytes read
-# (H, Hkv, D): the direct path (<= 8 rows per KV head, D 128), the tile path for 16 rows per KV head and for D 256.
-BYTES_SHAPES = {"direct": (8, 2, 128), "tile-16rows": (32, 2, 128), "tile-d256": (8, 2, 256)}
+# (H, Hkv, D): the vector path (<= 4 rows per KV head), the direct path (8 rows), the tile path for 16 rows per KV head
+# and for D 256.
+BYTES_SHAPES = {"vector": (8, 2, 128), "direct": (16, 2, 128), "tile-16rows": (32, 2, 128), "tile-d256": (8, 2, 256)}
+PATH_COUNTERS = {"vector": "vector_tiles", "direct": "direct_tiles", "tile": "k_tiles_loaded"}
 
 
 @pytest.mark.parametrize("path", BYTES_SHAPES)
@@ -337,7 +362,8 @@ def test_bytes_read_are_the_visible_packed_keys(fa, counters, k_bits, v_bits, gr
     counters(reset=True)
     decode_on_quantized(fa, cache, q, window=(left, 0))
     c = counters()
-    assert (c.get("k_tiles_loaded", 0) > 0) == path.startswith("tile")   # the tile path counts its K tiles
+    for name, counter in PATH_COUNTERS.items():   # each path counts its tiles
+        assert (c.get(counter, 0) > 0) == path.startswith(name), (counter, c.get(counter))
     visible = left + 1
     for bits, cache_buffer, scale_buffers in ((k_bits, 1, (14, 15)), (v_bits, 2, (16, 17))):
         assert c[f"device_bytes_read[{cache_buffer}]"] == visible * Hkv * D * bits // 8

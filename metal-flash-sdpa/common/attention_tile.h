@@ -103,6 +103,25 @@ METAL_FUNC void qk_tile(thread Fragments<BK / 8>& s, thread const Fragments<D / 
     }
 }
 
+// One raw score q.k of key `key` for the row at q_pos -> the base-2 score the softmax takes (scale, softcap, ALiBi),
+// or MASKED when the pair is hidden (checked only at an `edge`: see softmax_tile). Key key0 + r exists if it is below
+// key_end and bit r of tile_valid is set.
+METAL_FUNC float masked_score(float score, int key, int key0, int key_end, uint tile_valid, int q_pos, bool row_valid,
+                              bool edge, float slope_log2, ScoreRules rules) {
+    const int distance = q_pos - key;
+    if (rules.softcap) score = rules.softcap_value * precise::tanh(score * rules.raw_scale / rules.softcap_value) * LOG2E;
+    else score *= rules.raw_scale * LOG2E;   // one multiply: the product is loop-invariant
+    if (rules.alibi) score -= slope_log2 * float(abs(distance));
+    if (edge) {
+        bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
+        if (rules.causal) visible = visible && distance >= 0;
+        if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
+        if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
+        score = visible ? score : MASKED;
+    }
+    return score;
+}
+
 // Scores of keys [key0, key0 + BK) for the lane's row at position q_pos -> masked base-2 scores, then
 // probabilities relative to the new running max; the state and O are rescaled to that max. A key exists
 // if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set. `edge` false (a tile the
@@ -116,19 +135,8 @@ METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& 
     for (int j = 0; j < BK / 8; ++j) {
         UNROLL_FRAGMENTS
         for (int e = 0; e < 2; ++e) {
-            const int key = key0 + j * 8 + fc.col + e;
-            const int distance = q_pos - key;
-            float score = s.frag[j].thread_elements()[e];
-            if (rules.softcap) score = rules.softcap_value * precise::tanh(score * rules.raw_scale / rules.softcap_value) * LOG2E;
-            else score *= rules.raw_scale * LOG2E;   // one multiply: the product is loop-invariant
-            if (rules.alibi) score -= slope_log2 * float(abs(distance));
-            if (edge) {
-                bool visible = row_valid && key < key_end && ((tile_valid >> (key - key0)) & 1u) != 0;
-                if (rules.causal) visible = visible && distance >= 0;
-                if (rules.window && rules.window_left >= 0) visible = visible && distance <= rules.window_left;
-                if (rules.window && rules.window_right >= 0) visible = visible && -distance <= rules.window_right;
-                score = visible ? score : MASKED;
-            }
+            const float score = masked_score(s.frag[j].thread_elements()[e], key0 + j * 8 + fc.col + e, key0, key_end,
+                                             tile_valid, q_pos, row_valid, edge, slope_log2, rules);
             s.frag[j].thread_elements()[e] = score;
             block_max = max(block_max, score);
         }
