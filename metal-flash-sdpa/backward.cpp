@@ -56,6 +56,7 @@ BackwardGeometry check_backward_args(const at::Tensor& dout, const at::Tensor& q
   TORCH_CHECK_VALUE(k.dim() == rank && k.size(-1) == q.size(-1), "k must be ", layout, " with q's head_dim, got shape ",
                     k.sizes(), " for q of shape ", q.sizes());
   TORCH_CHECK_VALUE(g.varlen || k.size(0) == q.size(0), "k has batch size ", k.size(0), " but q has ", q.size(0));
+  if (v.dim() == rank) check_backward_head_dims(q.size(-1), v.size(-1));
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
