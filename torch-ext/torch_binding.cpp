@@ -43,6 +43,7 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
   constants.insert("decode_max_partitions", std::vector<int64_t>{kDecodeMaxPartitions});
   constants.insert("decode_scratch_bytes", std::vector<int64_t>{kDecodeScratchBytes});
+  constants.insert("saturation_simdgroups", std::vector<int64_t>{SATURATION_SIMDGROUPS});
   return constants;
 }
 
