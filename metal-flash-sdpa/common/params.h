@@ -152,11 +152,11 @@ static_assert(sizeof(PrefillParams) == 208, "PrefillParams layout is shared by h
 #define KV_TILE_EXTRA_GROUPS(head_dim) \
     ((head_dim) / 32 > 4 && (head_dim) <= KV_QUANT_MAX_HEAD_DIM ? (head_dim) / 32 - 4 : 0)
 // Threadgroup memory of attention_decode: one K/V tile (rows padded to DK + 8 elements, plus the extra affine pairs),
-// the tile's key offsets in both caches (int64) and valid-key mask, and the head parts' score exchange; the host
-// sizes the split-K grid by how many fit on a core.
+// the tile's key offsets (int64) in both caches and in their scales / biases (declared whatever the cache format), the
+// valid-key mask, and the head parts' score exchange; the host sizes the split-K grid by how many fit on a core.
 #define DECODE_THREADGROUP_BYTES(element_bytes, head_dim_k, head_dim_v) \
     (KV_TILE_KEYS(head_dim_k) * ((head_dim_k) + 8 + 2 * KV_TILE_EXTRA_GROUPS(head_dim_k)) * (element_bytes) + \
-     2 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + 4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
+     4 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + 4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {
