@@ -19,8 +19,21 @@ what a Mac run should calibrate first (benchmarks/README.md, "Calibrating the pr
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 LANES = 32
+# The kernels' header: constants the host's heuristics share with this model are defined there, once.
+PARAMS_HEADER = Path(__file__).resolve().parents[1] / "metal-flash-sdpa" / "common" / "params.h"
+
+
+def header_constant(name: str) -> int:
+    """The integer of `#define NAME value` in params.h."""
+    match = re.search(rf"^#define {name} (\d+)\b", PARAMS_HEADER.read_text(), re.MULTILINE)
+    if match is None:
+        raise LookupError(f"no '#define {name} <integer>' line in {PARAMS_HEADER}")
+    return int(match.group(1))
+
 
 # Core-cycles one simdgroup instruction occupies on an Apple GPU core (4 schedulers, 32 lanes each: an
 # instruction at full rate takes 1/4 core-cycle of issue). Source: philipturner/metal-benchmarks README
@@ -72,7 +85,8 @@ REGISTER_FILE_PER_CORE = (208 * 1024, "metal-benchmarks 'On-Chip Memory': ~208 K
                           "allocate registers dynamically, so only indicative there)")
 MAX_REGISTERS_PER_THREAD = (128, "applegpu ISA notes (Dougall Johnson): r0-r127 32-bit registers per thread; more "
                             "spill to memory (spills are not modelled)")
-SATURATION_SIMDGROUPS = (16, "metal-benchmarks ILP graphs: ALU saturates near 16-24 resident simdgroups per core")
+SATURATION_SIMDGROUPS = (header_constant("SATURATION_SIMDGROUPS"), "metal-benchmarks ILP graphs: ALU saturates near "
+                         "16-24 resident simdgroups per core (params.h SATURATION_SIMDGROUPS, as the backward's chunk count)")
 PREDICTED_GPUS = ("m3_max", "m4_max")
 
 

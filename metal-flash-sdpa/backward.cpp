@@ -56,6 +56,7 @@ BackwardGeometry check_backward_args(const at::Tensor& dout, const at::Tensor& q
   TORCH_CHECK_VALUE(k.dim() == rank && k.size(-1) == q.size(-1), "k must be ", layout, " with q's head_dim, got shape ",
                     k.sizes(), " for q of shape ", q.sizes());
   TORCH_CHECK_VALUE(g.varlen || k.size(0) == q.size(0), "k has batch size ", k.size(0), " but q has ", q.size(0));
+  if (v.dim() == rank) check_backward_head_dims(q.size(-1), v.size(-1));
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout.sizes());
@@ -115,9 +116,8 @@ struct BackwardPlan {
 // num_splits if given, else the count with the least predicted issue time, counted as benchmarks/cost_model.py
 // does: the longest chunk's key blocks x the threadgroups a core runs at once (they share its issue slots:
 // ceil(threadgroups / cores), at most the resident count) x the waves of the GPU's threadgroup slots, over the
-// latency hiding of that many simdgroups (full from kSaturatingSimdgroups per core); the fewest among equals
+// latency hiding of that many simdgroups (full from SATURATION_SIMDGROUPS per core); the fewest among equals
 // (smaller partials, a shorter reduce). At most BACKWARD_MAX_CHUNKS and one per key block.
-constexpr int64_t kSaturatingSimdgroups = 16;   // metal-benchmarks: ALU saturation near 16-24 simdgroups per core
 int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t element_size, int64_t num_splits,
                     int64_t gpu_cores) {
   const int64_t most = std::max<int64_t>(std::min<int64_t>(BACKWARD_MAX_CHUNKS, key_blocks), 1);
@@ -132,7 +132,7 @@ int64_t chunk_count(int64_t items, int64_t key_blocks, int64_t head_dim, int64_t
   for (int64_t chunks = 1; chunks <= most; ++chunks) {
     const int64_t threadgroups = std::max<int64_t>(items, 1) * chunks;
     const int64_t per_core = std::min(slots / cores, ceil_div(threadgroups, cores));
-    const double hiding = std::min(1.0, double(per_core * simdgroups) / kSaturatingSimdgroups);
+    const double hiding = std::min(1.0, double(per_core * simdgroups) / SATURATION_SIMDGROUPS);
     const double cost = double(ceil_div(key_blocks, chunks) * per_core * ceil_div(threadgroups, slots)) / hiding;
     if (cost < best_cost) best_cost = cost, best = chunks;
   }

@@ -612,7 +612,7 @@ template <typename T, int DK, int DV>
     threadgroup int64_t k_offset[BK], v_offset[BK];   // element offset of each tile key in the caches (-1: none)
     threadgroup int64_t k_scale_offset[BK], v_scale_offset[BK];   // ... and in their scales / biases (affine)
     threadgroup uint tile_valid;
-    static_assert(sizeof(uint4) * TILE_VECTORS + 2 * sizeof(int64_t) * BK + sizeof(uint) + sizeof(float) * SCORE_FLOATS ==
+    static_assert(sizeof(uint4) * TILE_VECTORS + 4 * sizeof(int64_t) * BK + sizeof(uint) + sizeof(float) * SCORE_FLOATS ==
                       DECODE_THREADGROUP_BYTES(sizeof(T), DK, DV),
                   "the host's residency estimate");
 

@@ -50,6 +50,18 @@ inline void check_forward_heads(int64_t num_heads, int64_t num_kv_heads, int64_t
   check_head_groups(num_heads, num_kv_heads);
 }
 
+// The backward's kernels (backward.metal) have the head dims of FOR_EACH_HEAD_DIM, one for q, k and v alike: the forward's
+// wider heads and (q/k, v) pairs get an error saying they are forward only (other head dims, and mismatched ones, get
+// check_heads' and the shape checks' errors).
+inline void check_backward_head_dims(int64_t head_dim, int64_t head_dim_v) {
+  TORCH_CHECK_NOT_IMPLEMENTED((head_dim == head_dim_v && is_supported_head_dim(head_dim)) ||
+                                  !is_supported_forward_head_dims(head_dim, head_dim_v),
+                              "the backward has no kernel for head_dim ", head_dim, " (q, k) and head_dim_v ",
+                              head_dim_v, " (v); its head dims (q, k and v alike): ", supported_head_dims(),
+                              ". Wider heads and a V head dim that differs are forward only: run under "
+                              "torch.no_grad() / torch.inference_mode()");
+}
+
 // [total, H, D] (batch stride 0) or [B, S, H, D] / [blocks, slots, H, D] views; the head dim is contiguous.
 inline Strides3 token_strides(const at::Tensor& t, bool varlen) {
   return varlen ? Strides3{0, t.stride(0), t.stride(1)} : Strides3{t.stride(0), t.stride(1), t.stride(2)};

@@ -3,7 +3,7 @@ never a crash, an out-of-bounds access or a silently wrong answer."""
 import pytest
 import torch
 
-from tests.helpers import DEVICE, HEAD_DIMS
+from tests.helpers import DEVICE, HEAD_DIMS, SIMULATED
 
 
 def inputs(total_q=10, total_k=12, H=4, Hkv=2, D=64, dtype=torch.float16, seqlens=((4, 6), (5, 7))):
@@ -108,3 +108,26 @@ def test_bad_input_under_the_wrapper_is_caught_by_the_op(fa):
         fa._ops.ops.flash_attn_varlen(meta["q"][..., :48], meta["k"][..., :48], meta["v"][..., :48],
                                       meta["cu_seqlens_q"], meta["cu_seqlens_k"], 6, 7, 0.125, False, -1, -1, 0.0,
                                       None, None)
+
+
+@pytest.mark.parametrize("dims", [(512, 512), (192, 128), (576, 512)], ids=lambda d: f"{d[0]}x{d[1]}")
+def test_backward_op_rejects_forward_only_head_dims(fa, dims):
+    """The backward op called directly (below the autograd wrapper) refuses the forward's wide heads and (q/k, v)
+    pairs with the C++ check the meta kernel shares: the message names both head dims and the backward's list; no
+    kernel is launched."""
+    D, DV = dims
+    q, k = torch.randn(1, 6, 2, D, device=DEVICE), torch.randn(1, 6, 2, D, device=DEVICE)
+    v = out = torch.randn(1, 6, 2, DV, device=DEVICE)
+    lse = torch.randn(1, 2, 6, device=DEVICE)
+    message = (rf"the backward has no kernel for head_dim {D} \(q, k\) and head_dim_v {DV} \(v\); its head dims "
+               rf"\(q, k and v alike\): {', '.join(map(str, HEAD_DIMS))}\. Wider heads")
+    args = (None, None, None, -1, -1, None, True, -1, -1, 0.0, None, None, 0, [True, True, True])
+    if SIMULATED:
+        fa.simulator_counters(reset=True)
+    with pytest.raises(NotImplementedError, match=message):
+        fa._ops.ops.flash_attn_varlen_backward(out, q, k, v, out, lse, *args)
+    if SIMULATED:
+        assert fa.simulator_counters().get("launches", 0) == 0   # no launch: no key
+    meta = [t.to("meta") for t in (out, q, k, v, out, lse)]
+    with pytest.raises(NotImplementedError, match=message):
+        fa._ops.ops.flash_attn_varlen_backward(*meta, *args)

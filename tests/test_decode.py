@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tests.helpers import DEVICE, KERNEL, PagedCache, queries
+from tests.helpers import DEVICE, KERNEL, SIMULATED, PagedCache, queries
 from tests.reference import assert_matches_reference, attention_reference, visible_keys
 
 DECODE_SPLIT = KERNEL._ops.ops.decode_split   # (sizes..., num_splits, gpu_cores) -> [partitions, keys each, scratch]
@@ -218,3 +218,24 @@ def test_aiter_matrix(fa, dtype, batch, H, Hkv, D, block_size, context, W):
     lens = [max(context - 37 * b, 1) for b in range(batch)]   # ragged within the batch
     cache = PagedCache(lens, Hkv, D, block_size, dtype, seed=batch + H)
     check_decode(fa, queries(batch, 1, H, D, dtype), cache, lens, window=(W - 1, 0) if W else (-1, -1))
+
+
+@pytest.mark.skipif(not SIMULATED, reason="the launch profile exists only in the simulator build")
+@pytest.mark.parametrize("dims", [(128, 128), (256, 256), (576, 512)], ids=lambda d: f"{d[0]}x{d[1]}")
+def test_threadgroup_bytes_are_the_kernels(fa, monkeypatch, dims):
+    """DECODE_THREADGROUP_BYTES (params.h), by which the host counts the threadgroups a core holds for the split-K
+    grid, is the threadgroup memory the fp16 decode kernel declares, as the simulator's launch profile reports it."""
+    DK, DV = dims
+    keys = 40
+    q = queries(1, 1, 2, DK, torch.float16).to(DEVICE)
+    k_cache = torch.randn(1, keys, 1, DK, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.randn(1, keys, 1, DV, dtype=torch.float16, device=DEVICE)
+    monkeypatch.setenv("MSLSIM_PROFILE", "1")
+    fa.simulator_counters(reset=True)
+    fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([keys], dtype=torch.int32, device=DEVICE),
+                               causal=True, num_splits=1)
+    counters = fa.simulator_counters(reset=True)
+    assert counters["launches"] == 1   # the decode kernel alone: no split, no reduce
+    kernel = f"attention_decode_half_{DK}" + (f"_{DV}" if DV != DK else "")
+    expected = fa._ops.ops.kernel_constants()["decode_threadgroup_bytes_16bit"][fa.FORWARD_HEAD_DIMS.index(dims)]
+    assert counters[f"profile[{kernel}].threadgroup_memory"] == expected

@@ -103,3 +103,10 @@ def test_length_law_is_exact_and_checked():
     runs[max(runs)][0]["counters"]["x"] += 1
     with pytest.raises(RuntimeError, match="off the quadratic law"):
         profile.extrapolate_length(runs, 8192)
+
+
+def test_saturation_is_the_hosts(fa):
+    """The model's latency-hiding point is the one the backward's chunk count (backward.cpp) uses: both take params.h
+    SATURATION_SIMDGROUPS, the model by reading the header, the op as compiled."""
+    from benchmarks import cost_model
+    assert cost_model.SATURATION_SIMDGROUPS[0] == fa._ops.ops.kernel_constants()["saturation_simdgroups"][0]

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 
 #include "../metal-flash-sdpa/decode.h"
 #include "../metal-flash-sdpa/launch.h"
@@ -43,6 +44,19 @@ static c10::Dict<std::string, std::vector<int64_t>> kernel_constants() {
   constants.insert("decode_max_new_tokens", std::vector<int64_t>{kDecodeMaxNewTokens});
   constants.insert("decode_max_partitions", std::vector<int64_t>{kDecodeMaxPartitions});
   constants.insert("decode_scratch_bytes", std::vector<int64_t>{kDecodeScratchBytes});
+  // Per (q/k, v) head dims in the order of the Python module's FORWARD_HEAD_DIMS: (d, d), then the pairs.
+  std::vector<int64_t> decode_threadgroup_bytes_32bit, decode_threadgroup_bytes_16bit;
+  std::vector<std::array<int64_t, 2>> forward_pairs;
+  for (int64_t d : head_dims) forward_pairs.push_back({d, d});
+  for (int64_t d : forward_only) forward_pairs.push_back({d, d});
+  for (const auto& pair : kHeadDimPairs) forward_pairs.push_back({pair[0], pair[1]});
+  for (const auto& [dk, dv] : forward_pairs) {
+    decode_threadgroup_bytes_32bit.push_back(DECODE_THREADGROUP_BYTES(4, dk, dv));
+    decode_threadgroup_bytes_16bit.push_back(DECODE_THREADGROUP_BYTES(2, dk, dv));
+  }
+  constants.insert("decode_threadgroup_bytes_32bit", decode_threadgroup_bytes_32bit);
+  constants.insert("decode_threadgroup_bytes_16bit", decode_threadgroup_bytes_16bit);
+  constants.insert("saturation_simdgroups", std::vector<int64_t>{SATURATION_SIMDGROUPS});
   return constants;
 }
 

@@ -152,11 +152,11 @@ static_assert(sizeof(PrefillParams) == 208, "PrefillParams layout is shared by h
 #define KV_TILE_EXTRA_GROUPS(head_dim) \
     ((head_dim) / 32 > 4 && (head_dim) <= KV_QUANT_MAX_HEAD_DIM ? (head_dim) / 32 - 4 : 0)
 // Threadgroup memory of attention_decode: one K/V tile (rows padded to DK + 8 elements, plus the extra affine pairs),
-// the tile's key offsets in both caches (int64) and valid-key mask, and the head parts' score exchange; the host
-// sizes the split-K grid by how many fit on a core.
+// the tile's key offsets (int64) in both caches and in their scales / biases (declared whatever the cache format), the
+// valid-key mask, and the head parts' score exchange; the host sizes the split-K grid by how many fit on a core.
 #define DECODE_THREADGROUP_BYTES(element_bytes, head_dim_k, head_dim_v) \
     (KV_TILE_KEYS(head_dim_k) * ((head_dim_k) + 8 + 2 * KV_TILE_EXTRA_GROUPS(head_dim_k)) * (element_bytes) + \
-     2 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + 4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
+     4 * KV_TILE_KEYS(head_dim_k) * 8 + 4 + 4 * HEAD_PARTS_SCORE_FLOATS(DECODE_MAX_ROWS / 8, head_dim_k, head_dim_v))
 #define DECODE_REDUCE_THREADS 32
 
 struct DecodeParams {
@@ -231,9 +231,13 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define BACKWARD_BLOCK_Q 32      // query rows per delta / reduce threadgroup
 #define BACKWARD_BLOCK_K 32      // keys per block of the fused kernel
 #define BACKWARD_MAX_CHUNKS 8    // key-block chunks per (sequence, KV head): bounds the partials to 8 fp32 copies of dq
+// Resident simdgroups per core from which a core hides its latency (metal-benchmarks ILP graphs: ALU saturates near
+// 16-24 resident simdgroups per core): fewer hide it in proportion. The backward's chunk count (backward.cpp) and
+// benchmarks/cost_model.py (which reads this line) model issue time with it.
+#define SATURATION_SIMDGROUPS 16
 // Query rows per tile of the fused kernel: its Q and dO tiles (padded rows of D + 8 elements), the tile's dS^T
 // (BACKWARD_BLOCK_K x rows, in the input type) and two fp32 rows (LSE, delta) in at most 15 KiB, so four
-// threadgroups (16 simdgroups, where the ALU saturates) fit a core's 60 KiB (8 rows whatever that takes).
+// threadgroups (SATURATION_SIMDGROUPS simdgroups) fit a core's 60 KiB (8 rows whatever that takes).
 #define BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) \
   (2 * (rows) * ((head_dim) + 8) * (element_bytes) + (element_bytes) * BACKWARD_BLOCK_K * (rows) + 8 * (rows))
 #define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) <= 15360)

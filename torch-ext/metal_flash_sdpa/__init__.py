@@ -341,11 +341,6 @@ def _varlen_backward(ctx, dout, dlse):
             "run it under torch.no_grad() / torch.inference_mode(), or detach its inputs; for training pass "
             "contiguous k/v [total_k, Hkv, D] with cu_seqlens_k")
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, s_aux = ctx.saved_tensors
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
-        raise NotImplementedError(
-            f"the backward has no kernel for head_dim {q.shape[-1]} (q, k) and head_dim_v {v.shape[-1]} (v); its head "
-            f"dims (q, k and v alike): {', '.join(map(str, SUPPORTED_HEAD_DIMS))}. Wider heads and a V head dim that "
-            "differs are forward only: run under torch.no_grad() / torch.inference_mode()")
     none = (None,) * 10   # cu_seqlens, max_seqlen, scale, causal, window, softcap, alibi_slopes: no gradient
     if dout is None and dlse is None:
         return None, None, None, *none, None, None, None
