@@ -14,6 +14,18 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
     in include/mslsim/vector_constructors.h) count as `convert`, one per element, as the scalar cast float(x) in
     kernel code does; the constructor's other instructions (element moves) stay free, and conversions elsewhere
     in the shim (inside a simdgroup matrix load or multiply-accumulate, counted by the runtime) do not count;
+  - exception: Metal's element-wise math functions (min, max, clamp, abs, fma, floor, mix, sign, divide, ..., their
+    fast:: and precise:: spellings and Apple's __metal_* intrinsics of them, written in
+    include/mslsim/math_functions.h) are the kernel's arithmetic when the call comes from kernel code: an
+    instruction written there counts when the first location of its inlining chain (inlinedAt) outside that file
+    is kernel code, by its class, except that compares and conversions are free (the select of a compare-select
+    pair is its one compare_select, as is the min/max intrinsic LLVM folds the pair into; element conversions
+    are how the shim computes, e.g. bfloat through fp32; half's fma is an fma intrinsic on double, exact, which the
+    intrinsic rule below classes fp16 like every non-float one). Per element, as an Apple GPU executes them:
+    min/max/fmin/fmax 1 compare_select, clamp and saturate 2, abs 1 (fp class for floats: it is fabs;
+    compare_select for integers), fma 1 fp32 (fp16 for half), floor/ceil/round/rint/trunc/fabs/divide 1 fp,
+    fract 2 fp, mix 3 fp (x + (y - x) * a, as written in kernel code), sign 2 compare_select. The same functions
+    called by the shim itself (simd_max's reduction, counted by the runtime as a SIMD-group function) are free;
   - vector instructions count one per element (Apple GPU ALUs are scalar per lane);
   - loads and stores are not in the mix: the runtime traces them exactly, with their widths;
   - free in this model: phi, bitcast/trunc, vector element moves, unconditional branches, constant-offset
@@ -31,6 +43,7 @@ from .build import INCLUDE_DIR
 
 RUNTIME_HEADER = INCLUDE_DIR / "mslsim" / "runtime.h"
 VECTOR_CONSTRUCTORS = "/mslsim/vector_constructors.h"   # under INCLUDE_DIR
+MATH_FUNCTIONS = "/mslsim/math_functions.h"             # under INCLUDE_DIR
 
 
 def arithmetic_classes() -> list:
@@ -138,11 +151,29 @@ def _location_file(meta: dict, node: int, cache: dict) -> str:
     return name
 
 
-def _counts(name: str, file_name: str) -> bool:
-    """Whether an instruction of class `name` written in file_name is the kernel's (the docstring's rules)."""
+def _caller_file(meta: dict, node: int, cache: dict) -> str:
+    """File of the first location, out along the inlining chain (inlinedAt) from `node`, not in math_functions.h:
+    where the kernel (or the shim) called the math function. A chain that ends inside the file (an out-of-line
+    copy of a function, which -O2 does not leave for these one-liners) gives the file itself: not counted."""
+    while True:
+        file_name = _location_file(meta, node, cache)
+        inlined_at = meta.get(node, ("", {}))[1].get("inlinedAt")
+        if not file_name.endswith(MATH_FUNCTIONS) or inlined_at is None:
+            return file_name
+        node = int(inlined_at[1:])
+
+
+def _counted_class(name: str, body: str, file_name: str, caller):
+    """The class an instruction of class `name` written in file_name counts as, or None (the docstring's rules);
+    caller() is the file of the call into math_functions.h."""
     if name == "transcendental" or not file_name.startswith(str(INCLUDE_DIR)):
-        return True
-    return name == "convert" and file_name.endswith(VECTOR_CONSTRUCTORS)
+        return name
+    if file_name.endswith(VECTOR_CONSTRUCTORS):
+        return name if name == "convert" else None
+    if file_name.endswith(MATH_FUNCTIONS) and not caller().startswith(str(INCLUDE_DIR)):
+        free = body.startswith(("icmp ", "fcmp ")) or name == "convert"   # the docstring's rule for math functions
+        return None if free else name
+    return None
 
 
 _LABEL = re.compile(r"^([\w.$-]+|\d+):")
@@ -196,7 +227,8 @@ def instrument(ir: str) -> str:
             continue
         m = _DBG.search(inst)
         file_name = _location_file(meta, int(m.group(1)), cache) if m else function_file
-        if _counts(name, file_name):
-            block[_INDEX[name]] += count
+        counted = _counted_class(name, body, file_name, lambda: _caller_file(meta, int(m.group(1)), cache) if m else file_name)
+        if counted:
+            block[_INDEX[counted]] += count
     declaration = "declare void @mslsim_profile_block(ptr)"
     return "\n".join(out) + "\n" + "\n".join(globals_) + "\n" + declaration + "\n"

@@ -120,3 +120,48 @@ def test_matrix_conversions_inside_the_shim_are_free(lib):
     np.testing.assert_array_equal(c.reshape(8, 8), m @ m)
     assert stats.profile["matrix_multiply_accumulate"] == 32
     assert "convert" not in arithmetic(stats.profile)
+
+
+# (kernel, element dtype, elements, reference on float64 a, b, c, expected arithmetic for one thread)
+MATH_FUNCTIONS = [
+    ("max_float", np.float32, 1, lambda a, b, c: np.maximum(a, b), {"compare_select": 1}),
+    ("max_float4", np.float32, 4, lambda a, b, c: np.maximum(a, b), {"compare_select": 4}),
+    ("max_float4_scalar", np.float32, 4, lambda a, b, c: np.maximum(a, b[0]), {"compare_select": 4}),
+    ("fast_max_float4", np.float32, 4, lambda a, b, c: np.maximum(a, b), {"compare_select": 4}),
+    ("min_int4", np.int32, 4, lambda a, b, c: np.minimum(a, b), {"compare_select": 4}),
+    ("fmin_half", np.float16, 1, lambda a, b, c: np.minimum(a, b), {"compare_select": 1}),
+    ("fma_float", np.float32, 1, lambda a, b, c: a * b + c, {"fp32": 1}),
+    ("fma_float4", np.float32, 4, lambda a, b, c: a * b + c, {"fp32": 4}),
+    ("fma_half4", np.float16, 4, lambda a, b, c: a * b + c, {"fp16": 4}),
+    ("clamp_float", np.float32, 1, lambda a, b, c: np.minimum(np.maximum(a, b), c), {"compare_select": 2}),
+    ("clamp_float4", np.float32, 4, lambda a, b, c: np.minimum(np.maximum(a, b), c), {"compare_select": 8}),
+    ("abs_float4", np.float32, 4, lambda a, b, c: np.abs(a), {"fp32": 4}),
+    ("abs_int", np.int32, 1, lambda a, b, c: np.abs(a), {"compare_select": 1}),
+    ("saturate_float", np.float32, 1, lambda a, b, c: np.clip(a, 0, 1), {"compare_select": 2}),
+    ("floor_half", np.float16, 1, lambda a, b, c: np.floor(a), {"fp16": 1}),
+    ("mix_float", np.float32, 1, lambda a, b, c: a + (b - a) * c, {"fp32": 3}),
+    ("sign_float", np.float32, 1, lambda a, b, c: np.sign(a), {"compare_select": 2}),
+]
+
+
+@pytest.mark.parametrize("kernel, dtype, n, reference, expected", MATH_FUNCTIONS, ids=[m[0] for m in MATH_FUNCTIONS])
+def test_math_functions_count_as_the_kernels_arithmetic(lib, kernel, dtype, n, reference, expected):
+    """One call from kernel code costs what an Apple GPU executes per element (ir_mix's math_functions.h rule)."""
+    v = np.array([[-1.5, 0.25, 3.0, -0.0], [0.5, 2.0, -4.0, 0.75], [0.125, 1.0, 2.5, -2.0]])[:, :n]
+    if dtype == np.int32:
+        v = (v * 4).astype(np.int32)
+    v = v.astype(dtype)
+    out = np.zeros(n, dtype)
+    stats = lib.dispatch(kernel, 1, 1, {0: v, 1: out}, profile=True)
+    np.testing.assert_array_equal(out, reference(*v.astype(np.float64)).astype(dtype))
+    assert arithmetic(stats.profile) == expected
+
+
+def test_math_functions_inside_the_shim_are_free(lib):
+    v, profiles = np.arange(32, dtype=np.float32)[::-1].copy(), {}
+    for kernel in ("simd_max_lanes", "copy_lanes"):
+        out = np.zeros(32, np.float32)
+        profiles[kernel] = lib.dispatch(kernel, 1, 32, {0: v, 1: out}, profile=True).profile
+        np.testing.assert_array_equal(out, np.full(32, 31.0) if kernel == "simd_max_lanes" else v)
+    assert profiles["simd_max_lanes"]["simd_function"] == 32
+    assert arithmetic(profiles["simd_max_lanes"]) == arithmetic(profiles["copy_lanes"])

@@ -126,36 +126,12 @@ constexpr mem_flags operator|(mem_flags a, mem_flags b) { return (mem_flags)((in
 enum memory_order { memory_order_relaxed = 0 };
 
 namespace detail {
-// Apply f element-wise (vectors) or directly (scalars).
-template <class F, class T, class... Rest> inline T map(F f, T a, Rest... rest) {
-  if constexpr (mslsim::is_vector_v<T>) {
-    T r;
-    for (int i = 0; i < mslsim::vector_traits<T>::size; i++) r[i] = f(a[i], rest[i]...);
-    return r;
-  } else {
-    return f(a, rest...);
-  }
-}
 template <class E> constexpr bool is_float_element = std::is_same_v<E, float> || std::is_same_v<E, half> || std::is_same_v<E, bfloat>;
 template <class T> constexpr bool is_float = is_float_element<mslsim::element_t<T>>;
 template <class T> using if_float = std::enable_if_t<is_float<T>, T>;
 }  // namespace detail
 
-// Exact functions: evaluated in fp32 and rounded to the argument type.
-#define MSLSIM_UNARY(name, expr)                                               \
-  template <class T> inline detail::if_float<T> name(T x) {                    \
-    using E = mslsim::element_t<T>;                                            \
-    return detail::map([](E v) { float f = (float)v; return (E)(expr); }, x); \
-  }
-MSLSIM_UNARY(fabs, __builtin_fabsf(f))
-MSLSIM_UNARY(floor, __builtin_floorf(f))
-MSLSIM_UNARY(ceil, __builtin_ceilf(f))
-MSLSIM_UNARY(round, __builtin_roundf(f))
-MSLSIM_UNARY(rint, __builtin_rintf(f))
-MSLSIM_UNARY(trunc, __builtin_truncf(f))
-MSLSIM_UNARY(fract, f - __builtin_floorf(f))
-MSLSIM_UNARY(saturate, f < 0.f ? 0.f : (f > 1.f ? 1.f : f))
-#undef MSLSIM_UNARY
+#include "mslsim/math_functions.h"   // abs, min, max, clamp, fma, ...; ir_mix counts them as the kernel's
 
 namespace detail {
 // Fast-math error model of the GPU-numerics mode: the fp32 libm result moved by the full error bound Apple
@@ -214,37 +190,6 @@ MSLSIM_TRANSCENDENTAL(tan, __builtin_tanf(f), MSLSIM_ULPS(5.0f))
 #undef MSLSIM_TRANSCENDENTAL
 #undef MSLSIM_FAST_ERROR
 
-template <class T> inline T abs(T x) {
-  return detail::map([](mslsim::element_t<T> v) { return v < 0 ? (mslsim::element_t<T>)-v : v; }, x);
-}
-template <class T> inline T max(T a, T b) { return detail::map([](auto x, auto y) { return x > y ? x : y; }, a, b); }
-template <class T> inline T min(T a, T b) { return detail::map([](auto x, auto y) { return x < y ? x : y; }, a, b); }
-template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T max(T a, mslsim::element_t<T> b) { return max(a, T(b)); }
-template <class T, class = std::enable_if_t<mslsim::is_vector_v<T>>> inline T min(T a, mslsim::element_t<T> b) { return min(a, T(b)); }
-template <class T> inline detail::if_float<T> fmax(T a, T b) { return max(a, b); }
-template <class T> inline detail::if_float<T> fmin(T a, T b) { return min(a, b); }
-template <class T> inline T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-template <class T> inline detail::if_float<T> mix(T x, T y, T a) { return x + (y - x) * a; }
-template <class T> inline detail::if_float<T> sign(T x) {
-  return detail::map([](auto v) { return v > 0 ? (decltype(v))1 : v < 0 ? (decltype(v))-1 : (decltype(v))0; }, x);
-}
-// One rounding, as a fused multiply-add: exact in double for half; fp32 fmaf for float; bfloat via fp32
-// (double rounding possible, documented).
-template <class T> inline detail::if_float<T> fma(T a, T b, T c) {
-  return detail::map([](auto x, auto y, auto z) {
-    using E = decltype(x);
-    if constexpr (std::is_same_v<E, half>) return (E)((double)x * (double)y + (double)z);
-    else return (E)__builtin_fmaf((float)x, (float)y, (float)z);
-  }, a, b, c);
-}
-template <class T> inline detail::if_float<T> pow(T a, T b) {
-  return detail::map([](auto x, auto y) { return (decltype(x))__builtin_powf((float)x, (float)y); }, a, b);
-}
-template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
-// Fast-math division is within 2.5 ulp; GPU numerics compile `/` with -freciprocal-math (a * (1 / b)).
-template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
-template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
-
 // select(a, b, c): c ? b : a, element-wise for vectors.
 template <class T, class C> inline T select(T a, T b, C c) {
   if constexpr (mslsim::is_vector_v<T>) {
@@ -283,18 +228,6 @@ template <class T, class U> inline T as_type(U u) {
   static_assert(sizeof(T) == sizeof(U), "as_type: source and destination must have the same size");
   return __builtin_bit_cast(T, u);
 }
-
-// The other fast:: and precise:: functions share the implementation above.
-#define MSLSIM_FORWARD(ns, name) \
-  namespace ns { template <class... A> inline auto name(A... a) { return metal::name(a...); } }
-#define MSLSIM_FORWARD_ALL(ns)                                                                              \
-  MSLSIM_FORWARD(ns, max) MSLSIM_FORWARD(ns, min) MSLSIM_FORWARD(ns, fmax) MSLSIM_FORWARD(ns, fmin)       \
-  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide)    \
-  MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
-MSLSIM_FORWARD_ALL(fast)
-MSLSIM_FORWARD_ALL(precise)
-#undef MSLSIM_FORWARD_ALL
-#undef MSLSIM_FORWARD
 
 // os_log (<metal_logging>): accepted, messages dropped (the simulator has no log stream).
 struct os_log {
@@ -569,9 +502,9 @@ MSLSIM_SYNC void simdgroup_multiply(simdgroup_matrix<TD, 8, 8>& d, const simdgro
   simdgroup_multiply_accumulate(d, a, b, make_filled_simdgroup_matrix<TD, 8, 8>((TD)0), file, line);
 }
 // ============================================================================ Apple's compiler intrinsics
-// What <metal_stdlib> is built on. Third-party headers call some directly (MLX's bf16_math.h defines the
-// bfloat overloads of the math and SIMD functions with them); they map onto the functions above. The last
-// argument of a math intrinsic says fast or precise math.
+// What <metal_stdlib> is built on (the element-wise functions' are in math_functions.h). Third-party headers call
+// some directly (MLX's bf16_math.h defines the bfloat overloads of the math and SIMD functions with them); they map
+// onto the functions above. The last argument of a math intrinsic says fast or precise math.
 enum class mslsim_math_mode { fast, maybe_fast, precise };
 #define __METAL_FAST_MATH__ metal::mslsim_math_mode::fast
 #define __METAL_MAYBE_FAST_MATH__ metal::mslsim_math_mode::maybe_fast
@@ -587,28 +520,17 @@ enum class mslsim_math_mode { fast, maybe_fast, precise };
 MSLSIM_INTRINSIC_MODAL(exp) MSLSIM_INTRINSIC_MODAL(exp2) MSLSIM_INTRINSIC_MODAL(exp10) MSLSIM_INTRINSIC_MODAL(log)
 MSLSIM_INTRINSIC_MODAL(log2) MSLSIM_INTRINSIC_MODAL(log10) MSLSIM_INTRINSIC_MODAL(sqrt) MSLSIM_INTRINSIC_MODAL(rsqrt)
 MSLSIM_INTRINSIC_MODAL(tanh) MSLSIM_INTRINSIC_MODAL(sin) MSLSIM_INTRINSIC_MODAL(cos) MSLSIM_INTRINSIC_MODAL(tan)
-MSLSIM_INTRINSIC_1(fabs, __builtin_fabsf(f)) MSLSIM_INTRINSIC_1(floor, __builtin_floorf(f))
-MSLSIM_INTRINSIC_1(ceil, __builtin_ceilf(f)) MSLSIM_INTRINSIC_1(trunc, __builtin_truncf(f))
-MSLSIM_INTRINSIC_1(round, __builtin_roundf(f)) MSLSIM_INTRINSIC_1(rint, __builtin_rintf(f))
-MSLSIM_INTRINSIC_1(fract, f - __builtin_floorf(f)) MSLSIM_INTRINSIC_1(acos, __builtin_acosf(f))
-MSLSIM_INTRINSIC_1(acosh, __builtin_acoshf(f)) MSLSIM_INTRINSIC_1(asin, __builtin_asinf(f))
-MSLSIM_INTRINSIC_1(asinh, __builtin_asinhf(f)) MSLSIM_INTRINSIC_1(atan, __builtin_atanf(f))
-MSLSIM_INTRINSIC_1(atanh, __builtin_atanhf(f)) MSLSIM_INTRINSIC_1(cosh, __builtin_coshf(f))
-MSLSIM_INTRINSIC_1(sinh, __builtin_sinhf(f)) MSLSIM_INTRINSIC_1(cospi, __builtin_cosf(M_PI_F * f))
-MSLSIM_INTRINSIC_1(sinpi, __builtin_sinf(M_PI_F * f)) MSLSIM_INTRINSIC_1(tanpi, __builtin_tanf(M_PI_F * f))
-MSLSIM_INTRINSIC_2(atan2, __builtin_atan2f(f, g)) MSLSIM_INTRINSIC_2(fmax, __builtin_fmaxf(f, g))
-MSLSIM_INTRINSIC_2(fmin, __builtin_fminf(f, g)) MSLSIM_INTRINSIC_2(fmod, __builtin_fmodf(f, g))
-MSLSIM_INTRINSIC_2(pow, __builtin_powf(f, g)) MSLSIM_INTRINSIC_2(powr, __builtin_powf(f, g))
-MSLSIM_INTRINSIC_2(divide, f / g) MSLSIM_INTRINSIC_2(nextafter, __builtin_nextafterf(f, g))
+MSLSIM_INTRINSIC_1(acos, __builtin_acosf(f)) MSLSIM_INTRINSIC_1(acosh, __builtin_acoshf(f))
+MSLSIM_INTRINSIC_1(asin, __builtin_asinf(f)) MSLSIM_INTRINSIC_1(asinh, __builtin_asinhf(f))
+MSLSIM_INTRINSIC_1(atan, __builtin_atanf(f)) MSLSIM_INTRINSIC_1(atanh, __builtin_atanhf(f))
+MSLSIM_INTRINSIC_1(cosh, __builtin_coshf(f)) MSLSIM_INTRINSIC_1(sinh, __builtin_sinhf(f))
+MSLSIM_INTRINSIC_1(cospi, __builtin_cosf(M_PI_F * f)) MSLSIM_INTRINSIC_1(sinpi, __builtin_sinf(M_PI_F * f))
+MSLSIM_INTRINSIC_1(tanpi, __builtin_tanf(M_PI_F * f)) MSLSIM_INTRINSIC_2(atan2, __builtin_atan2f(f, g))
+MSLSIM_INTRINSIC_2(fmod, __builtin_fmodf(f, g)) MSLSIM_INTRINSIC_2(pow, __builtin_powf(f, g))
+MSLSIM_INTRINSIC_2(powr, __builtin_powf(f, g)) MSLSIM_INTRINSIC_2(nextafter, __builtin_nextafterf(f, g))
 #undef MSLSIM_INTRINSIC_2
 #undef MSLSIM_INTRINSIC_1
 #undef MSLSIM_INTRINSIC_MODAL
-template <class T, class... M> inline T __metal_fma(T x, T y, T z, M...) { return fma(x, y, z); }
-template <class T, class... M> inline T __metal_fmax3(T x, T y, T z, M...) { return __metal_fmax(__metal_fmax(x, y), z); }
-template <class T, class... M> inline T __metal_fmin3(T x, T y, T z, M...) { return __metal_fmin(__metal_fmin(x, y), z); }
-template <class T, class... M> inline T __metal_fmedian3(T x, T y, T z, M...) {
-  return __metal_fmax(__metal_fmin(x, y), __metal_fmin(__metal_fmax(x, y), z));
-}
 template <class T, class... M> inline T __metal_ldexp(T x, int k, M...) { return (T)__builtin_ldexpf((float)x, k); }
 template <class T> inline T __metal_frexp(T x, int* exponent) { return (T)__builtin_frexpf((float)x, exponent); }
 inline ushort __metal_get_simdgroup_size(ushort) { return MSLSIM_SIMD_WIDTH; }

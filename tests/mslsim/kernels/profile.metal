@@ -74,3 +74,40 @@ kernel void half_matrix(device const half* a [[buffer(0)]], device float* c [[bu
   simdgroup_multiply_accumulate(d, m, m, d);
   simdgroup_store(d, c);
 }
+
+// Metal's element-wise math functions cost the kernel what an Apple GPU executes per element (ir_mix's rule for
+// include/mslsim/math_functions.h): a, b, c at constant indices, so the function is the only arithmetic.
+#define MATH_KERNEL(name, T, expr)                                                               \
+  kernel void name(device const T* v [[buffer(0)]], device T* out [[buffer(1)]]) {              \
+    T a = v[0], b = v[1], c = v[2];                                                              \
+    (void)b, (void)c;                                                                            \
+    out[0] = expr;                                                                               \
+  }
+MATH_KERNEL(max_float, float, max(a, b))
+MATH_KERNEL(max_float4, float4, max(a, b))
+MATH_KERNEL(max_float4_scalar, float4, max(a, b.x))
+MATH_KERNEL(fast_max_float4, float4, fast::max(a, b))
+MATH_KERNEL(min_int4, int4, min(a, b))
+MATH_KERNEL(fmin_half, half, fmin(a, b))
+MATH_KERNEL(fma_float, float, fma(a, b, c))
+MATH_KERNEL(fma_float4, float4, fma(a, b, c))
+MATH_KERNEL(fma_half4, half4, fma(a, b, c))
+MATH_KERNEL(clamp_float, float, clamp(a, b, c))
+MATH_KERNEL(clamp_float4, float4, clamp(a, b, c))
+MATH_KERNEL(abs_float4, float4, abs(a))
+MATH_KERNEL(abs_int, int, abs(a))
+MATH_KERNEL(saturate_float, float, saturate(a))
+MATH_KERNEL(floor_half, half, floor(a))
+MATH_KERNEL(mix_float, float, mix(a, b, c))
+MATH_KERNEL(sign_float, float, sign(a))
+
+// simd_max reduces with metal::max inside the shim: the runtime counts the SIMD-group function, and those max calls
+// are not the kernel's arithmetic; copy_lanes has the same address arithmetic and nothing else.
+kernel void simd_max_lanes(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
+                           ushort lane [[thread_index_in_simdgroup]]) {
+  out[lane] = simd_max(v[lane]);
+}
+kernel void copy_lanes(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
+                       ushort lane [[thread_index_in_simdgroup]]) {
+  out[lane] = v[lane];
+}
