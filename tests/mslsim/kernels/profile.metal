@@ -102,12 +102,12 @@ MATH_KERNEL(mix_float, float, mix(a, b, c))
 MATH_KERNEL(sign_float, float, sign(a))
 
 // simd_max reduces with metal::max inside the shim: the runtime counts the SIMD-group function, and those max calls
-// are not the kernel's arithmetic; copy_lanes has the same address arithmetic and nothing else.
+// are not the kernel's arithmetic; simd_sum_lanes is the same kernel with simd_sum, whose additions are the shim's.
 kernel void simd_max_lanes(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
                            ushort lane [[thread_index_in_simdgroup]]) {
   out[lane] = simd_max(v[lane]);
 }
-kernel void copy_lanes(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
-                       ushort lane [[thread_index_in_simdgroup]]) {
-  out[lane] = v[lane];
+kernel void simd_sum_lanes(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
+                           ushort lane [[thread_index_in_simdgroup]]) {
+  out[lane] = simd_sum(v[lane]);
 }
