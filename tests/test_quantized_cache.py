@@ -55,10 +55,18 @@ def awkward_rows(rows, dim, dtype, seed=0):
     return x.to(dtype)
 
 
+@pytest.fixture(params=["exact", "gpu"])
+def numerics(request, monkeypatch):
+    """The simulator's exact twin, or its GPU-numerics twin (fast math as Apple's compiler builds by default: `/` may
+    be a reciprocal multiply), where a Mac's bit differences from MLX / torch would show."""
+    monkeypatch.setenv("MSLSIM_GPU_NUMERICS", "1" if request.param == "gpu" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
-def test_quantize_matches_mlx(fa, bits, group_size, dtype):
+def test_quantize_matches_mlx(fa, numerics, bits, group_size, dtype):
     x = awkward_rows(24, 256, dtype, seed=bits + group_size).view(2, 3, 4, 256)
     packed, scales, biases = fa.quantize_kv(x.to(DEVICE), bits, group_size)
     expected = mlx_quantize(x, bits, group_size)
@@ -409,7 +417,7 @@ def fp8_values(cache, descale, dtype):
 
 @pytest.mark.parametrize("view_uint8", [False, True], ids=["float8_e4m3fn", "uint8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fp8_write_matches_torch_cast(fa, dtype, view_uint8):
+def test_fp8_write_matches_torch_cast(fa, numerics, dtype, view_uint8):
     """Appended rows are x / descale cast to e4m3 exactly as torch casts (round to nearest even, saturating at 448),
     including values past the range and subnormals."""
     B, Hkv, D = 2, 2, 64
