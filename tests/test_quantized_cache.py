@@ -303,7 +303,8 @@ def test_decode_matrix_full(fa, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 64, 96, 192, 256])
 def test_decode_head_dims_and_dtypes(fa, dtype, D, bits):
-    """Head dims other than 64 / 128 take the tile path; group 32 and (where it divides D) 64."""
+    """Head dims other than 64 / 128 take the tile path, D 64 the vector path (4 rows), in every dtype; group 32 and
+    (where it divides D) 64."""
     run_matrix_case(fa, bits, 32 if bits[0] == 8 or D % 64 else 64, True, "causal", (8, 2), dtype=dtype, D=D)
 
 
