@@ -54,7 +54,9 @@ def test_contraction_and_fast_math_bounds(features):
 
 def test_precise_divide_is_ieee_under_fast_math(features):
     """`/` may be a reciprocal multiply under GPU numerics (as Apple's fast math); precise::divide stays correctly
-    rounded in both twins (what the KV quantization relies on to match mlx.core.quantize on a Mac)."""
+    rounded in both twins (what the KV quantization relies on to match mlx.core.quantize on a Mac: before it,
+    quantize_kv in the GPU twin differed from the exact twin in 53 of 65,536 4-bit words of N(0, 1) rows;
+    test_quantize_matches_mlx[gpu] covers that)."""
     rng = np.random.default_rng(1)
     n = 4096
     a, c = (rng.uniform(-10, 10, n).astype(np.float32) for _ in range(2))
@@ -65,8 +67,8 @@ def test_precise_divide_is_ieee_under_fast_math(features):
         features.dispatch("division_probe", n // 64, 64, {0: a, 1: b, 2: c, 3: out}, gpu_numerics=gpu)
         np.testing.assert_array_equal(out[:, 2], ieee(a))
         np.testing.assert_array_equal(out[:, 3], ieee(c))
-        fast_matches = (out[:, 0] == ieee(a)).mean()
-        assert fast_matches == 1.0 if not gpu else 0.5 < fast_matches < 1.0   # fast `/` is off by an ulp sometimes
+        if not gpu:   # the exact twin's `/` is IEEE too (the GPU twin's may be a reciprocal multiply)
+            np.testing.assert_array_equal(out[:, 0], ieee(a))
 
 
 # A sample of the parity suites: (test function, arguments), run in both modes through the torch ops.
