@@ -17,7 +17,7 @@ METAL_FUNC void write_row(const device T* src, device uchar* cache, device T* sc
         quantize_row<T>(src, reinterpret_cast<device uint*>(cache), scales, biases, head_dim, format.bits,
                         format.group_size, ushort(tid));
     } else if (kv_quantized && format.kind == KV_FP8_E4M3) {
-        for (int d = int(tid); d < head_dim; d += KV_WRITE_THREADS) cache[d] = float_to_e4m3(float(src[d]) / descale);
+        for (int d = int(tid); d < head_dim; d += KV_WRITE_THREADS) cache[d] = float_to_e4m3(precise::divide(float(src[d]), descale));
     } else {
         device T* dst = reinterpret_cast<device T*>(cache);
         for (int d = int(tid); d < head_dim; d += KV_WRITE_THREADS) dst[d] = src[d];

@@ -55,10 +55,18 @@ def awkward_rows(rows, dim, dtype, seed=0):
     return x.to(dtype)
 
 
+@pytest.fixture(params=["exact", "gpu"])
+def numerics(request, monkeypatch):
+    """The simulator's exact twin, or its GPU-numerics twin (fast math as Apple's compiler builds by default: `/` may
+    be a reciprocal multiply), where a Mac's bit differences from MLX / torch would show."""
+    monkeypatch.setenv("MSLSIM_GPU_NUMERICS", "1" if request.param == "gpu" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("bits", BITS)
-def test_quantize_matches_mlx(fa, bits, group_size, dtype):
+def test_quantize_matches_mlx(fa, numerics, bits, group_size, dtype):
     x = awkward_rows(24, 256, dtype, seed=bits + group_size).view(2, 3, 4, 256)
     packed, scales, biases = fa.quantize_kv(x.to(DEVICE), bits, group_size)
     expected = mlx_quantize(x, bits, group_size)
@@ -295,7 +303,8 @@ def test_decode_matrix_full(fa, case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [32, 64, 96, 192, 256])
 def test_decode_head_dims_and_dtypes(fa, dtype, D, bits):
-    """Head dims other than 64 / 128 take the tile path; group 32 and (where it divides D) 64."""
+    """Head dims other than 64 / 128 take the tile path, D 64 the vector path (4 rows), in every dtype; group 32 and
+    (where it divides D) 64."""
     run_matrix_case(fa, bits, 32 if bits[0] == 8 or D % 64 else 64, True, "causal", (8, 2), dtype=dtype, D=D)
 
 
@@ -409,7 +418,7 @@ def fp8_values(cache, descale, dtype):
 
 @pytest.mark.parametrize("view_uint8", [False, True], ids=["float8_e4m3fn", "uint8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fp8_write_matches_torch_cast(fa, dtype, view_uint8):
+def test_fp8_write_matches_torch_cast(fa, numerics, dtype, view_uint8):
     """Appended rows are x / descale cast to e4m3 exactly as torch casts (round to nearest even, saturating at 448),
     including values past the range and subnormals."""
     B, Hkv, D = 2, 2, 64

@@ -32,17 +32,18 @@ struct AffineGroup {
     float scale, bias;
 };
 
-// mlx.core.quantize's affine rule (mode "affine"), in fp32 with IEEE division: the step covers [min, max] in
+// mlx.core.quantize's affine rule (mode "affine"), in fp32 with IEEE division (precise::divide: fast math's `/` can be
+// an ulp off, and a code or scale would then differ from MLX's, whose kernels build with -fno-fast-math): the step covers [min, max] in
 // 2^bits - 1 bins, its sign is chosen so the edge of larger magnitude sits on a whole number of steps q0, and when
 // q0 != 0 the step is refined to edge / q0 with the bias at that edge, so that edge is represented exactly
 // (otherwise, as for a group of zeros, bias 0). A constant group gets the 1e-7 step floor.
 METAL_FUNC AffineGroup affine_group(float lo, float hi, float bins) {
     const bool low_edge = fabs(lo) > fabs(hi);
-    const float step = max((hi - lo) / bins, 1e-7f);
+    const float step = max(precise::divide(hi - lo, bins), 1e-7f);
     const float scale = low_edge ? step : -step;
     const float edge = low_edge ? lo : hi;
-    const float q0 = rint(edge / scale);
-    return q0 != 0.0f ? AffineGroup{edge / q0, edge} : AffineGroup{scale, 0.0f};
+    const float q0 = rint(precise::divide(edge, scale));
+    return q0 != 0.0f ? AffineGroup{precise::divide(edge, q0), edge} : AffineGroup{scale, 0.0f};
 }
 
 // One row of head_dim elements (a multiple of 32) quantized by one simdgroup: lane l holds element 32 i + l of
@@ -64,7 +65,7 @@ METAL_FUNC void quantize_row(const device T* src, device uint* words, device T* 
         }
         const AffineGroup a = affine_group(simd_min(lo), simd_max(hi), bins);
         for (int s = 0; s < group_size / 32; ++s) {
-            const uint code = uint(clamp(rint((x[s] - a.bias) / a.scale), 0.0f, bins));
+            const uint code = uint(clamp(rint(precise::divide(x[s] - a.bias, a.scale)), 0.0f, bins));
             uint word = code << ((lane % per_word) * bits);
             for (ushort m = 1; m < ushort(per_word); m <<= 1) word |= simd_shuffle_xor(word, m);
             if (lane % per_word == 0) words[(g0 + s * 32 + lane) / per_word] = word;

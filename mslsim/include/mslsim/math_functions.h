@@ -70,6 +70,11 @@ template <class T> inline detail::if_float<T> pow(T a, T b) {
 template <class T> inline detail::if_float<T> powr(T a, T b) { return pow(a, b); }
 // Fast-math division is within 2.5 ulp; GPU numerics compile `/` with -freciprocal-math (a * (1 / b)).
 template <class T> inline detail::if_float<T> divide(T a, T b) { return a / b; }
+// precise::divide is correctly rounded in either twin (Metal: IEEE division even under fast math).
+template <class T> inline detail::if_float<T> ieee_divide(T a, T b) {
+#pragma float_control(precise, on)
+  return a / b;
+}
 template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
 
 // The other fast:: and precise:: functions share the implementation above.
@@ -77,10 +82,12 @@ template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return 
   namespace ns { template <class... A> inline auto name(A... a) { return metal::name(a...); } }
 #define MSLSIM_FORWARD_ALL(ns)                                                                              \
   MSLSIM_FORWARD(ns, max) MSLSIM_FORWARD(ns, min) MSLSIM_FORWARD(ns, fmax) MSLSIM_FORWARD(ns, fmin)       \
-  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, clamp) MSLSIM_FORWARD(ns, divide)    \
+  MSLSIM_FORWARD(ns, pow) MSLSIM_FORWARD(ns, powr) MSLSIM_FORWARD(ns, clamp)                               \
   MSLSIM_FORWARD(ns, saturate) MSLSIM_FORWARD(ns, fma)
 MSLSIM_FORWARD_ALL(fast)
 MSLSIM_FORWARD_ALL(precise)
+namespace fast { template <class T> inline auto divide(T a, T b) { return metal::divide(a, b); } }
+namespace precise { template <class T> inline auto divide(T a, T b) { return metal::ieee_divide(a, b); } }
 #undef MSLSIM_FORWARD_ALL
 #undef MSLSIM_FORWARD
 

@@ -158,6 +158,18 @@ kernel void numerics_probe(device const float* a [[buffer(0)]], device const flo
     o[5] = precise::log(b[i]);
 }
 
+// Division: `/` is fast math (GPU numerics: one reciprocal for a divisor used twice), precise::divide is IEEE.
+kernel void division_probe(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                           device const float* c [[buffer(2)]], device float* out [[buffer(3)]],
+                           uint i [[thread_position_in_grid]]) {
+    device float* o = out + i * 4;
+    const float x = a[i], y = b[i], z = c[i];
+    o[0] = x / y;
+    o[1] = z / y;
+    o[2] = precise::divide(x, y);
+    o[3] = precise::divide(z, y);
+}
+
 // Atomics on floats, compare-exchange, ballots, rotations, and a buffer that exists only when a function
 // constant says so; `tile` is a program-scope constant computed from a function constant, per launch.
 constant bool bias_bound [[function_constant(10)]];
