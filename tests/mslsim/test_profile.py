@@ -141,6 +141,10 @@ MATH_FUNCTIONS = [
     ("floor_half", np.float16, 1, lambda a, b, c: np.floor(a), {"fp16": 1}),
     ("mix_float", np.float32, 1, lambda a, b, c: a + (b - a) * c, {"fp32": 3}),
     ("sign_float", np.float32, 1, lambda a, b, c: np.sign(a), {"compare_select": 2}),
+    ("divide_float", np.float32, 1, lambda a, b, c: a / b, {"fp32": 1}),
+    ("fast_divide_float4", np.float32, 4, lambda a, b, c: a / b, {"fp32": 4}),
+    ("precise_divide_float", np.float32, 1, lambda a, b, c: a / b, {"fp32": 1}),
+    ("precise_divide_half4", np.float16, 4, lambda a, b, c: a / b, {"fp16": 4}),
 ]
 
 

@@ -100,6 +100,10 @@ MATH_KERNEL(saturate_float, float, saturate(a))
 MATH_KERNEL(floor_half, half, floor(a))
 MATH_KERNEL(mix_float, float, mix(a, b, c))
 MATH_KERNEL(sign_float, float, sign(a))
+MATH_KERNEL(divide_float, float, divide(a, b))
+MATH_KERNEL(fast_divide_float4, float4, fast::divide(a, b))
+MATH_KERNEL(precise_divide_float, float, precise::divide(a, b))   // ieee_divide's fdiv: one fp, as `/`
+MATH_KERNEL(precise_divide_half4, half4, precise::divide(a, b))
 
 // simd_max reduces with metal::max inside the shim: the runtime counts the SIMD-group function, and those max calls
 // are not the kernel's arithmetic; simd_sum_lanes is the same kernel with simd_sum, whose additions are the shim's.
