@@ -24,9 +24,14 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
     intrinsic rule below classes fp16 like every non-float one). Per element, as an Apple GPU executes them:
     min/max/fmin/fmax 1 compare_select, clamp and saturate 2, abs 1 (fp class for floats: it is fabs;
     compare_select for integers), fma 1 fp32 (fp16 for half), floor/ceil/round/rint/trunc/fabs/divide 1 fp,
-    fract 2 fp, mix 3 fp (x + (y - x) * a, as written in kernel code), sign 2 compare_select. The same functions
-    called by the shim itself (simd_max's reduction, counted by the runtime as a SIMD-group function) are free;
+    fract 2 fp, mix 2 fp (x + (y - x) * a, as written in kernel code: a sub and an FMA), sign 2 compare_select.
+    The same functions called by the shim itself (simd_max's reduction, counted by the runtime as a SIMD-group
+    function) are free;
   - vector instructions count one per element (Apple GPU ALUs are scalar per lane);
+  - a contracted multiply-add is one FMA: an fadd/fsub (flag contract or fast) reading a counted fmul (contract
+    or fast) of its own basic block that has no other use counts 0, the fmul's 1 standing for the FMA (what the
+    backend fuses: the GPU twin is built with -ffp-contract=fast; per block, as instruction selection fuses, so a
+    product hoisted out of a loop leaves the loop's add counted; half pairs too, though x86 fuses only fp32);
   - loads and stores are not in the mix: the runtime traces them exactly, with their widths;
   - free in this model: phi, bitcast/trunc, vector element moves, unconditional branches, constant-offset
     address arithmetic. A getelementptr with a variable index counts one 64-bit add per such index;
@@ -177,6 +182,36 @@ def _counted_class(name: str, body: str, file_name: str, caller):
 
 
 _LABEL = re.compile(r"^([\w.$-]+|\d+):")
+_DEFINITION = re.compile(r"(%[\w.$-]+) = ")
+_VALUE = re.compile(r"%[\w.$-]+")
+# `fmul`/`fadd`/`fsub` that may contract (flag contract, or fast: all flags); group 2 holds its operands
+_CONTRACTABLE = re.compile(r"(fmul|fadd|fsub) (?:(?:nnan|ninf|nsz|arcp|afn|reassoc) )*(?:contract|fast) [^%]*(.*)")
+
+
+def _operands(body: str) -> list:
+    """The local values an instruction reads (its text without the trailing `, !dbg !n` attachments)."""
+    return _VALUE.findall(body.split(", !", 1)[0])
+
+
+def _use_counts(lines: list) -> dict:
+    """Uses of every local value in one function's body lines (an instruction reading it twice: two uses)."""
+    uses = {}
+    for line in lines:
+        inst = line.strip()
+        if not inst or inst.startswith(";") or _LABEL.match(line):
+            continue
+        m = _DEFINITION.match(inst)
+        for value in _operands(inst[m.end():] if m else inst):
+            uses[value] = uses.get(value, 0) + 1
+    return uses
+
+
+def _fused_with(body: str, block_products: set, uses: dict) -> bool:
+    """A contractable fadd/fsub reading a counted contractable fmul of its own block that has no other use: the
+    backend fuses the pair into one FMA, which the fmul's count stands for (the docstring's contraction rule)."""
+    m = _CONTRACTABLE.match(body)
+    return bool(m) and m.group(1) != "fmul" and any(
+        value in block_products and uses.get(value) == 1 for value in _operands(m.group(2)))
 
 
 def instrument(ir: str) -> str:
@@ -185,6 +220,7 @@ def instrument(ir: str) -> str:
     lines = ir.split("\n")
     out, globals_ = [], []
     in_function, function_file, block, insert_at = False, "", None, None
+    uses, products = {}, set()   # the function's use counts; the block's counted contractable fmuls
 
     def close_block():
         if block is not None and any(block):
@@ -193,11 +229,13 @@ def instrument(ir: str) -> str:
                             + ", ".join(f"i32 {c}" for c in block) + "]")
             out.insert(insert_at, f"  call void @mslsim_profile_block(ptr {name})")
 
-    for line in lines:
+    for index, line in enumerate(lines):
         if line.startswith("define "):
             in_function = True
             m = _DBG.search(line)
             function_file = _location_file(meta, int(m.group(1)), cache) if m else ""
+            end = lines.index("}", index)
+            uses, products = _use_counts(lines[index + 1:end]), set()
             out.append(line)
             block, insert_at = [0] * len(CLASSES), len(out)
             continue
@@ -212,7 +250,7 @@ def instrument(ir: str) -> str:
         if _LABEL.match(line):
             close_block()
             out.append(line)
-            block, insert_at = [0] * len(CLASSES), len(out)
+            block, insert_at, products = [0] * len(CLASSES), len(out), set()
             continue
         out.append(line)
         inst = line.strip()
@@ -228,7 +266,11 @@ def instrument(ir: str) -> str:
         m = _DBG.search(inst)
         file_name = _location_file(meta, int(m.group(1)), cache) if m else function_file
         counted = _counted_class(name, body, file_name, lambda: _caller_file(meta, int(m.group(1)), cache) if m else file_name)
+        if counted and _fused_with(body, products, uses):
+            continue
         if counted:
             block[_INDEX[counted]] += count
+            if body.startswith("fmul ") and _CONTRACTABLE.match(body):
+                products.add(inst.split(" = ", 1)[0])
     declaration = "declare void @mslsim_profile_block(ptr)"
     return "\n".join(out) + "\n" + "\n".join(globals_) + "\n" + declaration + "\n"

@@ -139,7 +139,7 @@ MATH_FUNCTIONS = [
     ("abs_int", np.int32, 1, lambda a, b, c: np.abs(a), {"compare_select": 1}),
     ("saturate_float", np.float32, 1, lambda a, b, c: np.clip(a, 0, 1), {"compare_select": 2}),
     ("floor_half", np.float16, 1, lambda a, b, c: np.floor(a), {"fp16": 1}),
-    ("mix_float", np.float32, 1, lambda a, b, c: a + (b - a) * c, {"fp32": 3}),
+    ("mix_float", np.float32, 1, lambda a, b, c: a + (b - a) * c, {"fp32": 2}),   # a sub and a contracted FMA
     ("sign_float", np.float32, 1, lambda a, b, c: np.sign(a), {"compare_select": 2}),
     ("divide_float", np.float32, 1, lambda a, b, c: a / b, {"fp32": 1}),
     ("fast_divide_float4", np.float32, 4, lambda a, b, c: a / b, {"fp32": 4}),
@@ -170,3 +170,90 @@ def test_math_functions_inside_the_shim_are_free(lib):
         assert profiles[kernel]["simd_function"] == 32
     # the reduction's 31 max calls a lane would be 31 x 32 compare_selects if they were counted
     assert arithmetic(profiles["simd_max_lanes"]) == arithmetic(profiles["simd_sum_lanes"])
+
+
+# Contraction: a (contract) multiply with one use, an add or subtract in its block, is one FMA (ir_mix's rule).
+E = 2.0 ** -12
+A, C = 1 + E, -(1 + 2 * E)   # A * A + C: 0 with the product rounded (ties to even), 2^-24 fused
+
+
+def fused(a, b, c):
+    """One rounding of a * b + c (float32 operands: the product and the sum are exact in float64 here)."""
+    return (np.float64(a) * np.float64(b) + np.float64(c)).astype(np.float32)
+
+
+def unfused(a, b, c):
+    return (np.float32(a) * np.float32(b)).astype(np.float32) + np.float32(c)
+
+
+def run_twins(lib, kernel, buffers, outputs):
+    """(exact twin's outputs, profiled GPU twin's outputs, its arithmetic) of one thread."""
+    results = []
+    for profile in (False, True):
+        outs = {i: np.zeros_like(o) for i, o in outputs.items()}
+        stats = lib.dispatch(kernel, 1, 1, {**buffers, **outs}, profile=profile)
+        results.append(outs)
+    return results[0], results[1], arithmetic(stats.profile)
+
+
+def test_contracted_multiply_add_is_one_fma(lib):
+    v = np.array([A, A, C, -C, A, A, A, A, -C], np.float32)
+    exact, gpu, counts = run_twins(lib, "fma_pairs", {0: v}, {1: np.zeros(3, np.float32)})
+    np.testing.assert_array_equal(gpu[1], [2.0 ** -24, -2.0 ** -24, 2.0 ** -24])   # fused, as the count says
+    np.testing.assert_array_equal(exact[1], [0, 0, 0])                              # the exact twin does not fuse
+    assert counts == {"fp32": 3}                                                    # three FMAs (was 6)
+
+
+def test_contracted_vector_multiply_add_counts_per_element(lib):
+    v = np.array([[A] * 4, [A] * 4, [C, C, 0.5, -1.0]], np.float32)
+    h = np.array([[1 + 2 ** -6] * 4, [1 + 2 ** -6] * 4, [-(1 + 2 ** -5)] * 4], np.float16)
+    exact, gpu, counts = run_twins(lib, "fma_vectors", {0: v, 1: h}, {2: np.zeros(4, np.float32),
+                                                                      3: np.zeros(4, np.float16)})
+    np.testing.assert_array_equal(gpu[2], fused(*v))
+    np.testing.assert_array_equal(exact[2], unfused(*v))
+    assert gpu[2][0] != exact[2][0]
+    # half: 2^-12 fused; x86 has no half FMA, so even the GPU twin computes it unfused (0), yet an Apple GPU fuses
+    # it (FFMA16) and it counts as such
+    np.testing.assert_array_equal(exact[3], [0, 0, 0, 0])
+    assert counts == {"fp32": 4, "fp16": 4}                                         # 4 FMAs of each (was 8)
+
+
+def test_accumulating_loop_is_one_fma_an_iteration(lib):
+    rng = np.random.default_rng(3)
+    n = 64
+    a = rng.uniform(0.5, 1, n).astype(np.float32)
+    # 12 bits and alternating signs: |acc| stays small, and every fused sum is exact in float64 (< 2^3, lsb 2^-36)
+    b = (rng.integers(2048, 4096, n) / 4096 * np.where(np.arange(n) % 2, -1, 1)).astype(np.float32)
+    references = {}
+    for name, step in (("fused", fused), ("unfused", unfused)):
+        acc = np.float32(0)
+        for i in range(n):
+            acc = step(a[i], b[i], acc)
+        references[name] = acc
+    assert references["fused"] != references["unfused"]
+    exact, gpu, counts = run_twins(lib, "fma_loop", {0: a, 1: b, 3: struct.pack("<I", n)},
+                                   {2: np.zeros(1, np.float32)})
+    assert gpu[2][0] == references["fused"] and exact[2][0] == references["unfused"]
+    assert counts["fp32"] == n                                                       # (was 2 n)
+
+
+def test_a_product_used_twice_is_not_fused(lib):
+    v = np.array([A, A, C, C], np.float32)
+    exact, gpu, counts = run_twins(lib, "shared_product", {0: v}, {1: np.zeros(2, np.float32)})
+    np.testing.assert_array_equal(gpu[1], [0, 0])   # unfused in the GPU twin as well
+    np.testing.assert_array_equal(exact[1], [0, 0])
+    assert counts == {"fp32": 3}                     # a multiply and two adds
+
+
+def test_a_product_hoisted_out_of_its_loop_is_not_fused(lib):
+    """The add's multiply is in another block (executed once, not every iteration): the backend cannot fuse them,
+    and the add counts every iteration."""
+    n = 16
+    v = np.array([A, A, C], np.float32)
+    exact, gpu, counts = run_twins(lib, "invariant_product_loop", {0: v, 2: struct.pack("<I", n)},
+                                   {1: np.zeros(1, np.float32)})
+    acc = v[2]
+    for _ in range(n):
+        acc = unfused(v[0], v[1], acc)
+    assert gpu[1][0] == acc and exact[1][0] == acc
+    assert counts["fp32"] == 1 + n

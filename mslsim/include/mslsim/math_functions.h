@@ -5,8 +5,9 @@
 // outside this file is the kernel's), compares and element conversions excepted, so a call costs per element what
 // an Apple GPU executes: min/max/fmin/fmax one compare_select (the select, or the min/max LLVM folds it into),
 // clamp and saturate two, abs one (fabs: fp; integers: compare_select), fma one fp (half's in double, counted
-// fp16), floor/ceil/round/rint/trunc/fabs/divide one fp, fract two, mix three (sub, mul, add), sign two
-// compare_select. A use inside the shim (simd_max's reduction, counted by the runtime) stays free.
+// fp16), floor/ceil/round/rint/trunc/fabs/divide one fp, fract two, mix two (a sub, and an FMA: the mul and add
+// contract), sign two compare_select. A use inside the shim (simd_max's reduction, counted by the runtime) stays
+// free.
 #pragma once
 #pragma clang system_header
 

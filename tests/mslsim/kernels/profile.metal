@@ -115,3 +115,37 @@ kernel void simd_sum_lanes(device const float* v [[buffer(0)]], device float* ou
                            ushort lane [[thread_index_in_simdgroup]]) {
   out[lane] = simd_sum(v[lane]);
 }
+
+// Contraction: the GPU twin is compiled with -ffp-contract=fast, and a multiply whose only use is an add or
+// subtract in its block fuses with it into one FMA (ir_mix's rule: the add counts 0, the multiply 1). The exact
+// twin does not contract: its results are the unfused ones.
+kernel void fma_loop(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                     device float* out [[buffer(2)]], constant uint& n [[buffer(3)]]) {
+  float acc = 0.0f;
+  for (uint i = 0; i < n; i++) acc = a[i] * b[i] + acc;   // one FMA an iteration
+  out[0] = acc;
+}
+kernel void fma_pairs(device const float* v [[buffer(0)]], device float* out [[buffer(1)]]) {
+  out[0] = v[0] * v[1] + v[2];                            // FMA
+  out[1] = v[3] - v[4] * v[5];                            // FMA (negated product)
+  out[2] = v[6] * v[7] - v[8];                            // FMA (negated addend)
+}
+kernel void fma_vectors(device const float4* v [[buffer(0)]], device const half4* h [[buffer(1)]],
+                        device float4* out [[buffer(2)]], device half4* out_h [[buffer(3)]]) {
+  out[0] = v[0] * v[1] + v[2];                            // 4 FMAs
+  out_h[0] = h[0] * h[1] + h[2];                          // 4 FMAs
+}
+kernel void shared_product(device const float* v [[buffer(0)]], device float* out [[buffer(1)]]) {
+  float p = v[0] * v[1];                                  // two uses: a multiply and two adds
+  out[0] = p + v[2];
+  out[1] = p + v[3];
+}
+// A loop-invariant product is hoisted out of the loop (LICM), where it has one use: the add in the loop, which has
+// no multiply in its block to fuse with and runs unfused every iteration (not unrolled, so the use stays single).
+kernel void invariant_product_loop(device const float* v [[buffer(0)]], device float* out [[buffer(1)]],
+                                   constant uint& n [[buffer(2)]]) {
+  float x = v[0], y = v[1], acc = v[2];
+#pragma clang loop unroll(disable)
+  for (uint i = 0; i < n; i++) acc = x * y + acc;
+  out[0] = acc;
+}
