@@ -42,6 +42,7 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 from .build import INCLUDE_DIR
@@ -182,7 +183,7 @@ def _counted_class(name: str, body: str, file_name: str, caller):
 
 
 _LABEL = re.compile(r"^([\w.$-]+|\d+):")
-_DEFINITION = re.compile(r"(%[\w.$-]+) = ")
+_DEFINITION = re.compile(r"^\s*(%[\w.$-]+) = ", re.M)
 _VALUE = re.compile(r"%[\w.$-]+")
 # `fmul`/`fadd`/`fsub` that may contract (flag contract, or fast: all flags); group 2 holds its operands
 _CONTRACTABLE = re.compile(r"(fmul|fadd|fsub) (?:(?:nnan|ninf|nsz|arcp|afn|reassoc) )*(?:contract|fast) [^%]*(.*)")
@@ -193,16 +194,12 @@ def _operands(body: str) -> list:
     return _VALUE.findall(body.split(", !", 1)[0])
 
 
-def _use_counts(lines: list) -> dict:
-    """Uses of every local value in one function's body lines (an instruction reading it twice: two uses)."""
-    uses = {}
-    for line in lines:
-        inst = line.strip()
-        if not inst or inst.startswith(";") or _LABEL.match(line):
-            continue
-        m = _DEFINITION.match(inst)
-        for value in _operands(inst[m.end():] if m else inst):
-            uses[value] = uses.get(value, 0) + 1
+def _use_counts(lines: list) -> Counter:
+    """Uses of every local value in one function's body lines (an instruction reading it twice: two uses): its
+    occurrences but the definition (a block label's also count the `; preds = ...` comments: unused here)."""
+    text = "\n".join(lines)
+    uses = Counter(_VALUE.findall(text))
+    uses.subtract(_DEFINITION.findall(text))
     return uses
 
 
