@@ -79,8 +79,10 @@ GPUS = {
     # calibration only: the machines the published MLX figures come from
     "m3_ultra": dict(cores=80, clock_ghz=1.398, dram_gbps=819.2, source="two M3 Max dies (Apple spec: 80 cores, 819 GB/s)"),
 }
-THREADGROUP_MEMORY_PER_CORE = (60 * 1024, "metal-benchmarks 'On-Chip Memory': ~60 KB threadgroup memory per core (M1/M2)")
-MAX_THREADS_PER_CORE = (1024, "estimate: register-limited residency at ~100 registers/thread (208 KB file)")
+THREADGROUP_MEMORY_PER_CORE = (header_constant("CORE_THREADGROUP_MEMORY"), "metal-benchmarks 'On-Chip Memory': ~60 KB "
+                               "threadgroup memory per core (M1/M2; params.h CORE_THREADGROUP_MEMORY, as the decode split)")
+MAX_THREADS_PER_CORE = (header_constant("CORE_MAX_THREADS"), "estimate: register-limited residency at ~100 "
+                        "registers/thread (208 KB file; params.h CORE_MAX_THREADS, as the decode split)")
 REGISTER_FILE_PER_CORE = (208 * 1024, "metal-benchmarks 'On-Chip Memory': ~208 KB register file per core (M1/M2; M3+ "
                           "allocate registers dynamically, so only indicative there)")
 MAX_REGISTERS_PER_THREAD = (128, "applegpu ISA notes (Dougall Johnson): r0-r127 32-bit registers per thread; more "

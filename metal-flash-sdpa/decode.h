@@ -21,16 +21,14 @@ constexpr int64_t kDecodeMaxPartitions = 64;
 constexpr int64_t kDecodeScratchBytes = int64_t(64) << 20;
 
 // The split-K heuristic (num_splits = 0) fills the GPU's threadgroup slots: cores x threadgroups resident per core,
-// bounded by threadgroup memory and threads per core (metal-benchmarks' figures for Apple GPUs, as
+// bounded by threadgroup memory and threads per core (params.h: CORE_THREADGROUP_MEMORY, CORE_MAX_THREADS, as
 // benchmarks/cost_model.py uses them). A partition costs its keys plus this fixed work (q, key offsets, partials,
 // the reduce), in keys.
-constexpr int64_t kThreadgroupMemoryPerCore = 60 * 1024;
-constexpr int64_t kThreadsPerCore = 1024;
 // Threadgroups the GPU holds at once: cores x those resident per core (at least one) for this threadgroup memory and
 // thread count (the decode split and the backward's chunk count size their grids by it).
 inline int64_t threadgroup_slots(int64_t gpu_cores, int64_t threadgroup_bytes, int64_t threads) {
   const int64_t resident =
-      std::max<int64_t>(1, std::min(kThreadgroupMemoryPerCore / threadgroup_bytes, kThreadsPerCore / threads));
+      std::max<int64_t>(1, std::min<int64_t>(CORE_THREADGROUP_MEMORY / threadgroup_bytes, CORE_MAX_THREADS / threads));
   return std::max<int64_t>(gpu_cores, 1) * resident;
 }
 constexpr int64_t kDecodePartitionOverheadKeys = 64;

@@ -41,6 +41,14 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
     return {start, end - start};
 }
 
+// The query rows of a threadgroup's KV head: row r is query head kv_head * group + r / seqlen_q, new token
+// r % seqlen_q.
+struct QueryRows {
+    int count, group, seqlen_q, kv_head;
+    METAL_FUNC int head(int r) const { return kv_head * group + r / seqlen_q; }
+    METAL_FUNC int token(int r) const { return r % seqlen_q; }
+};
+
 // What attend_tile loads into the tile: K, then V in its place.
 template <typename T>
 struct TileLoads {
@@ -143,8 +151,8 @@ METAL_FUNC void load_q_direct(thread DirectQ<T, D>& dq, const device T* q_row, b
     }
 }
 
-// The blocks of a quantization group (K and V share the group size: the kernel's `direct` condition), and whether the
-// groups whose scales and biases the lane reads exist.
+// The blocks of a quantization group (direct path: K and V share the group size, the kernel's `direct` condition), and
+// whether the groups whose scales and biases the lane reads exist (direct and vector paths).
 struct DirectGroups {
     int blocks = 1;
     bool k_exists = false, v_exists = false;
@@ -289,8 +297,8 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
 // 8x8 MMA does 8 rows of work whatever R is, so here each slice's 8 keys are computed with per-lane fp32 FMAs on the
 // exact affine values code * scale + bias in fp32 (the direct path's values), in one lane layout for K and V:
 // - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the slice (KPL = D / 32) and
-//   head-dim elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load; Q's 8 elements of each row live in fp32
-//   registers, in the order the codes unpack (vector_element);
+//   head-dim elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (vector_values); Q's 8 elements of each row
+//   live in fp32 registers;
 // - S: the LR lanes of a key group add their KPL x R partial dot products by a reduce-scatter (shuffles by LR / 2 .. 1)
 //   after which lane 4 key + (row << (2 - log2 R)) holds the score of (key, row) (vector_score_lane); the lanes of one
 //   row differ in lane bits 2, 3 and 4, which the online softmax reduces over;
@@ -300,82 +308,65 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
 // the MMAs alone cost the equivalent of ~10 (8 rows at 102.5 of 128 FMA lanes).
 constant constexpr int VECTOR_MAX_ROWS = 4;
 
-// Position j of 8 unpacked codes -> its element in the 8: 8-bit bytes in order; 4-bit low nibbles (elements 0, 2, 4,
-// 6) then high nibbles (1, 3, 5, 7).
-METAL_FUNC int vector_element(int bits, int j) { return bits == 8 ? j : j < 4 ? 2 * j : 2 * (j - 4) + 1; }
-
-// The 8 codes from element 8 c of the affine row at `offset` (cache words; negative: no key, zeros), as fp32.
-template <int BITS, typename T>
-METAL_FUNC void unpack8(thread float* x, CacheTile<T> src, int64_t offset, int c) {
-    uint2 w = uint2(0u);
-    if (offset >= 0) {
-        const device uchar* at = src.head + offset * 4 + c * BITS;   // 8 codes are BITS bytes
-        if (BITS == 8) w = *reinterpret_cast<const device uint2*>(at);
-        else w.x = *reinterpret_cast<const device uint*>(at);
-    }
-    const float4 lo = float4(as_type<uchar4>(BITS == 8 ? w.x : w.x & 0x0F0F0F0Fu));
-    const float4 hi = float4(as_type<uchar4>(BITS == 8 ? w.y : (w.x >> 4) & 0x0F0F0F0Fu));
-    UNROLL_RUN
-    for (int j = 0; j < 4; ++j) {
-        x[j] = lo[j];
-        x[4 + j] = hi[j];
-    }
-}
-
 // Per lane: Q's elements of each row, O's partial elements, and the online softmax of the lane's score row.
 struct VectorRows {
-    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale, in K's unpacked order
-    float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only, in V's unpacked order
+    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale
+    float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only
     float max_log2 = MASKED, denominator = 0.0f;
-    int log_rows;                  // R = 1 << log_rows
+    int log_rows;                  // R = 1 << log_rows (the dispatch; R's kernels know it at compile time)
     ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for slice key 0
-    bool k_group_read, v_group_read;     // whether the group whose (scale, bias) this lane reads exists
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
     bool row_valid;
     float slope;
 };
 
-METAL_FUNC int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 : 2; }
+constexpr int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 : 2; }
 METAL_FUNC ushort vector_score_lane(int key, int row, int log_rows) { return ushort(4 * key + (row << (2 - log_rows))); }
-template <int R>
-constexpr int vector_log() { return R == 4 ? 2 : R == 2 ? 1 : 0; }
-
-// The threadgroup's rows (row r: query head kv_head * group + r / seqlen_q, new token r % seqlen_q).
-struct VectorRowMap {
-    int rows, group, seqlen_q, kv_head, shift;
-    METAL_FUNC int head(int r) const { return kv_head * group + r / seqlen_q; }
-    METAL_FUNC int token(int r) const { return r % seqlen_q; }
-};
 
 template <typename T, int D>
 METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant const int64_t* q_strides,
-                              const device float* alibi_slopes, int alibi_seq_stride, VectorRowMap map, int seq,
-                              CacheFormat k_format, CacheFormat v_format, float scale, ushort lane) {
-    const int c = lane % (D / 8), k_bits = k_format.bits;
-    st.log_rows = vector_log_rows(map.rows);
+                              const device float* alibi_slopes, int alibi_seq_stride, QueryRows rows, int shift,
+                              int seq, CacheFormat k_format, CacheFormat v_format, float scale, ushort lane) {
+    const int c = lane % (D / 8);
+    st.log_rows = vector_log_rows(rows.count);
     // Group indices once (runtime group sizes: divisions stay out of the tile loop).
     st.k_group_lane = ushort(8 * (8 * c / k_format.group_size));
     st.v_group_lane = ushort(8 * (8 * c / v_format.group_size));
-    st.k_group_read = int(lane) / 8 < D / k_format.group_size;
-    st.v_group_read = int(lane) / 8 < D / v_format.group_size;
     UNROLL_RUN
     for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
-        const bool valid = r < map.rows;
-        const device T* q_row = q + element_offset(q_strides, seq, map.token(valid ? r : 0), map.head(valid ? r : 0));
+        const bool valid = r < rows.count;
+        const device T* q_row = q + element_offset(q_strides, seq, rows.token(valid ? r : 0), rows.head(valid ? r : 0));
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) {
-            st.q[r][j] = valid ? float(q_row[8 * c + vector_element(k_bits, j)]) * scale : 0.0f;
+            st.q[r][j] = valid ? float(q_row[8 * c + j]) * scale : 0.0f;
             st.o[r][j] = 0.0f;
         }
     }
     const int row = (lane & 3) >> (2 - st.log_rows);
-    st.row_valid = row < map.rows;
-    st.q_pos = map.token(row) + map.shift;
-    st.slope = has_alibi && st.row_valid ? alibi_slopes[seq * alibi_seq_stride + map.head(row)] * LOG2E : 0.0f;
+    st.row_valid = row < rows.count;
+    st.q_pos = rows.token(row) + shift;
+    st.slope = has_alibi && st.row_valid ? alibi_slopes[seq * alibi_seq_stride + rows.head(row)] * LOG2E : 0.0f;
+}
+
+// The exact affine values (code * scale + bias, fp32) of elements [8 c, 8 c + 8) of slice key `key`: its (scale,
+// bias) from lane group_lane + key (`mine`: the pair this lane read), its row offset from lane `key` (`row`: slice key
+// lane % 8's; negative: no key, zeros).
+template <int BITS, typename T>
+METAL_FUNC void vector_values(thread float* x, CacheTile<T> src, float2 mine, ushort group_lane, int64_t row, int key,
+                              int c) {
+    const float2 a = simd_shuffle(mine, ushort(group_lane + key));   // (0, 0) where there is no key
+    const int64_t offset = shuffle_offset(row, key);
+    if (offset >= 0) {
+        load_codes<BITS, 8, float>(x, src.head + offset * 4 + c * BITS);   // 8 codes are BITS bytes
+    } else {
+        UNROLL_RUN
+        for (int j = 0; j < 8; ++j) x[j] = 0.0f;
+    }
+    UNROLL_RUN
+    for (int j = 0; j < 8; ++j) x[j] = x[j] * a.x + a.y;   // (a multiply-add, as written)
 }
 
 // The scores of the lane's keys, partial over its 8 elements (part[i * R + r]: key KPL h + i, row r).
-// (k_row: the row offset of slice key lane % 8; every lane reads the offsets of its keys from the lanes holding them.)
 template <typename T, int D, int R, int BITS>
 METAL_FUNC void vector_partial_scores(thread float* part, thread const VectorRows& st, CacheTile<T> k, float2 k_mine,
                                       int64_t k_row, ushort lane) {
@@ -383,17 +374,13 @@ METAL_FUNC void vector_partial_scores(thread float* part, thread const VectorRow
     const int h = lane / LR, c = lane % LR;
     UNROLL_RUN
     for (int i = 0; i < KPL; ++i) {
-        const int key = KPL * h + i;
-        const float2 a = simd_shuffle(k_mine, ushort(st.k_group_lane + key));   // (scale, bias)
         float x[8];
-        unpack8<BITS>(x, k, shuffle_offset(k_row, key), c);
+        vector_values<BITS>(x, k, k_mine, st.k_group_lane, k_row, KPL * h + i, c);
         UNROLL_RUN
-        for (int r = 0; r < R; ++r) part[i * R + r] = 0.0f;
-        UNROLL_RUN
-        for (int j = 0; j < 8; ++j) {
-            const float value = x[j] * a.x + a.y;   // (a multiply-add, as written: the profile counts kernel arithmetic)
+        for (int r = 0; r < R; ++r) {
+            part[i * R + r] = 0.0f;
             UNROLL_RUN
-            for (int r = 0; r < R; ++r) part[i * R + r] += st.q[r][j] * value;
+            for (int j = 0; j < 8; ++j) part[i * R + r] += st.q[r][j] * x[j];
         }
     }
 }
@@ -407,17 +394,13 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     UNROLL_RUN
     for (int i = 0; i < KPL; ++i) {
         const int key = KPL * h + i;
-        const float2 a = simd_shuffle(v_mine, ushort(st.v_group_lane + key));
-        float p[R];
-        UNROLL_RUN
-        for (int r = 0; r < R; ++r) p[r] = simd_shuffle(prob, vector_score_lane(key, r, vector_log<R>()));
         float x[8];
-        unpack8<BITS>(x, v, shuffle_offset(v_row, key), c);
+        vector_values<BITS>(x, v, v_mine, st.v_group_lane, v_row, key, c);
         UNROLL_RUN
-        for (int j = 0; j < 8; ++j) {
-            const float value = x[j] * a.x + a.y;
+        for (int r = 0; r < R; ++r) {
+            const float p = simd_shuffle(prob, vector_score_lane(key, r, vector_log_rows(R)));
             UNROLL_RUN
-            for (int r = 0; r < R; ++r) st.o[r][j] += p[r] * value;
+            for (int j = 0; j < 8; ++j) st.o[r][j] += p * x[j];
         }
     }
 }
@@ -448,13 +431,13 @@ struct ReduceScatter<N, 0> {
 
 // One slice's 8 keys (tile rows first .. first + 7) on the vector path, R rows.
 template <typename T, int D, int R>
-METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, int first, int key0,
-                              int key_end, uint valid, ScoreRules rules, ushort lane) {
+METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, DirectGroups groups, int first,
+                              int key0, int key_end, uint valid, ScoreRules rules, ushort lane) {
     constexpr int LR = D / 8, KPL = D / 32;
     const int mine = first + lane % 8, group = lane / 8;   // the (scale, bias) this lane reads (direct path's rule)
     const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // (-1 in both: no key)
-    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, st.k_group_read);
-    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, st.v_group_read);
+    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, groups.v_exists);
     float part[KPL * R];
     if (k.bits == 4) vector_partial_scores<T, D, R, 4>(part, st, k, k_mine, k_row, lane);
     else vector_partial_scores<T, D, R, 8>(part, st, k, k_mine, k_row, lane);
@@ -477,7 +460,7 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
     if (moved) {
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
-            const float f = simd_shuffle(rescale, vector_score_lane(0, r, vector_log<R>()));
+            const float f = simd_shuffle(rescale, vector_score_lane(0, r, vector_log_rows(R)));
             UNROLL_RUN
             for (int j = 0; j < 8; ++j) st.o[r][j] *= f;
         }
@@ -487,18 +470,18 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
 }
 
 template <typename T, int D>
-METAL_FUNC void attend_vector_rows(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, int first, int key0,
-                                   int key_end, uint valid, ScoreRules rules, ushort lane) {
-    if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, first, key0, key_end, valid, rules, lane);
-    else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, first, key0, key_end, valid, rules, lane);
-    else attend_vector<T, D, 4>(st, k, v, first, key0, key_end, valid, rules, lane);
+METAL_FUNC void attend_vector_rows(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, DirectGroups groups,
+                                   int first, int key0, int key_end, uint valid, ScoreRules rules, ushort lane) {
+    if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
+    else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
+    else attend_vector<T, D, 4>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
 }
 
 // The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O summed
 // (shuffles), put in head-dim order through the simdgroup's `region` of scratch (VECTOR_MAX_ROWS x D floats).
 template <int D>
 METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread VectorRows& st,
-                                    threadgroup float* region, int v_bits, FragmentCoord fc, ushort lane) {
+                                    threadgroup float* region, FragmentCoord fc, ushort lane) {
     constexpr int LR = D / 8;
     UNROLL_RUN
     for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
@@ -506,7 +489,7 @@ METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSof
         for (int j = 0; j < 8; ++j) {
             UNROLL_RUN
             for (int bit = LR; bit < 32; bit *= 2) st.o[r][j] += simd_shuffle_xor(st.o[r][j], ushort(bit));
-            if (int(lane) < LR) region[r * D + 8 * lane + vector_element(v_bits, j)] = st.o[r][j];
+            if (int(lane) < LR) region[r * D + 8 * lane + j] = st.o[r][j];
         }
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -619,7 +602,8 @@ template <typename T, int DK, int DV>
     const int seq = int(tgid.z), partition = int(tgid.x);
     const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;
     const int group = p.shape.num_heads / p.shape.num_kv_heads;
-    const int rows = group * p.seqlen_q;
+    const QueryRows query_rows{group * p.seqlen_q, group, p.seqlen_q, kv_head};
+    const int rows = query_rows.count;
     const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p, lane);
     const int shift = keys.count - p.seqlen_q;   // bottom-right: new token i sits at key i + shift
 
@@ -636,8 +620,7 @@ template <typename T, int DK, int DV>
     const FragmentCoord fc = fragment_coord(lane);
     const int row = row_chunk * DECODE_MAX_ROWS + (slices > 1 ? 0 : head_part.row_group * 8) + fc.row;
     const bool row_valid = row < rows;
-    const int head = kv_head * group + (row_valid ? row / p.seqlen_q : 0);
-    const int token = row_valid ? row % p.seqlen_q : 0;
+    const int head = query_rows.head(row_valid ? row : 0), token = query_rows.token(row_valid ? row : 0);
     const int64_t partial_row = ((int64_t(seq) * p.shape.num_heads + head) * p.seqlen_q + token) * p.num_partitions + partition;
 
     if (lo >= hi) {   // nothing of this partition is visible: no math, no K/V reads
@@ -681,13 +664,12 @@ template <typename T, int DK, int DV>
     DirectGroups groups;
     float value_bias[kv_affine_blocks<DVP>()] = {};   // per group (direct path) or block (tile path, affine V)
     float q_block_sum[kv_affine_blocks<DKP>()];        // tile path, affine K
+    if (vector || direct) groups = direct_groups<DVP>(k_format, v_format, lane);
     if (vector) {
-        const VectorRowMap map{rows, group, p.seqlen_q, kv_head, shift};
-        load_q_vector<T, VD>(vrows, q, p.shape.q_strides, alibi_slopes, p.mask.alibi_seq_stride, map, seq, k_format,
-                             v_format, p.mask.scale, lane);
+        load_q_vector<T, VD>(vrows, q, p.shape.q_strides, alibi_slopes, p.mask.alibi_seq_stride, query_rows, shift, seq,
+                             k_format, v_format, p.mask.scale, lane);
     } else if (direct) {
         load_q_direct<T, DVP>(q_direct, q_row, row_valid, fc);
-        groups = direct_groups<DVP>(k_format, v_format, lane);
     } else {
         load_q<T, DKP>(q_frag, q_row + part * DKP, row_valid && slice == 0, p.mask.scale, fc);
         if (slices > 1) share_q<DKP>(q_frag, scratch, slice, lane);
@@ -713,7 +695,7 @@ template <typename T, int DK, int DV>
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
         if (vector) {   // (as the direct path's)
-            attend_vector_rows<T, VD>(vrows, k_tile, v_tile, slice * 8, key0, hi, tile_valid, rules, lane);
+            attend_vector_rows<T, VD>(vrows, k_tile, v_tile, groups, slice * 8, key0, hi, tile_valid, rules, lane);
             if (tid == 0) WORK_COUNT("vector_tiles", 1);
             continue;
         }
@@ -735,7 +717,7 @@ template <typename T, int DK, int DV>
             attend_tile<T, DK, DV, BK, BK, LD>(o_frag, value_bias, state, q_frag, q_block_sum, 0, key0, hi, tile_valid,
                                                token + shift, row_valid, slope, rules, fc, loads, head_part, lane);
     }
-    if (vector) vector_to_fragments<DVP>(o_frag, state, vrows, scratch + slice * VECTOR_MAX_ROWS * DVP, v_format.bits, fc, lane);
+    if (vector) vector_to_fragments<DVP>(o_frag, state, vrows, scratch + slice * VECTOR_MAX_ROWS * DVP, fc, lane);
     else if (direct) add_value_bias_groups<DVP>(o_frag, value_bias, groups);
     else if (kv_quantized && v_format.kind == KV_AFFINE) add_value_bias<DVP, kv_affine_blocks<DVP>()>(o_frag, value_bias);
     if (slices > 1) merge_key_slices<DVP>(state, o_frag, scratch, slices, slice, lane);

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,20 +379,24 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     key = _sha(portable_key("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
                                        text])).encode())[:20]
 
-    def produce(tmp: Path) -> Path:
+    def twin(tmp: Path, cpp: Path, name: str, numerics: list) -> str:
         from .ir_mix import instrument
+        ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
+                        f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
+        code = trace_memory_intrinsics(ir.read_text())
+        if name == "gpu":
+            code = instrument(code)
+        ir.write_text(code if name == "exact" else internalize(code))
+        return str(compile_to(tmp / f"{name}.o", [cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir)],
+                              f"compiling {source} ({name} IR)"))
+
+    def produce(tmp: Path) -> Path:
         cpp = tmp / f"{source.stem}.cpp"
         cpp.write_text(text)
-        twins = []
-        for name, numerics in (("exact", EXACT_NUMERICS_FLAGS), ("gpu", GPU_NUMERICS_FLAGS)):
-            ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
-                            f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
-            code = trace_memory_intrinsics(ir.read_text())
-            if name == "gpu":
-                code = instrument(code)
-            ir.write_text(code if name == "exact" else internalize(code))
-            twins.append(str(compile_to(tmp / f"{name}.o", [cxx, *CODEGEN_FLAGS, "-c", "-x", "ir", str(ir)],
-                                        f"compiling {source} ({name} IR)")))
+        # The twins compile in parallel (independent clang processes): a big shader is not one serial chain.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            twins = list(pool.map(lambda t: twin(tmp, cpp, *t), (("exact", EXACT_NUMERICS_FLAGS),
+                                                                ("gpu", GPU_NUMERICS_FLAGS))))
         return compile_to(tmp / "both.o", [cxx, "-r", "-nostdlib", *twins], f"combining {source}")
 
     return cached_build(source.stem, key, ".o", produce)

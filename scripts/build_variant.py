@@ -115,9 +115,12 @@ def build(quiet: bool = True) -> Path:
     if not quiet:
         print(f"build_variant: compiling {len(cpp)} C++ and {len(metal)} Metal sources", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        jobs = [pool.submit(compile_cpp, cxx, s, flags, headers_key) for s in cpp]
-        jobs += [pool.submit(mslsim_build.metal_object, s, (), [REPO / "metal-flash-sdpa"]) for s in metal]
-        objects = [j.result() for j in jobs]
+        # Longest first (the shaders, biggest source first; each compiles its two twins in parallel), so the
+        # long pole starts at once and the C++ fills the gaps.
+        metal_jobs = {s: pool.submit(mslsim_build.metal_object, s, (), [REPO / "metal-flash-sdpa"])
+                      for s in sorted(metal, key=lambda s: -s.stat().st_size)}
+        cpp_jobs = [pool.submit(compile_cpp, cxx, s, flags, headers_key) for s in cpp]
+        objects = [j.result() for j in cpp_jobs] + [metal_jobs[s].result() for s in metal]
     objects.append(mslsim_build.runtime_object(cxx))
 
     from torch.utils import cpp_extension

@@ -383,9 +383,10 @@ def test_bytes_read_are_the_visible_packed_keys(fa, counters, k_bits, v_bits, gr
     assert k_ratio == pytest.approx({(8, 64): 0.53, (4, 64): 0.28, (8, 32): 0.56}[(k_bits, group_size)], abs=0.005)
 
 
-def test_quantization_error_report(fa, capsys):
+def test_quantization_error_report(fa, record_property):
     """The quantization error against the unquantized fp16 result (reported, README "Quantized KV caches"; not a
-    parity claim): printed per format; asserted only to shrink with more bits."""
+    parity claim): printed per format at the end of the run (conftest: reported figures); asserted only to shrink
+    with more bits."""
     H, Hkv, D, dtype, seqlens = 8, 2, 128, torch.float16, [512, 200]
     plain = PagedCache(seqlens, Hkv, D, 16, dtype, seed=11)
     q = torch.randn(len(seqlens), 1, H, D, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -398,9 +399,8 @@ def test_quantization_error_report(fa, capsys):
         cache = QuantCache(seqlens, Hkv, D, 16, dtype, bits, bits, group, seed=11)
         out, _, _ = decode_on_quantized(fa, cache, q)
         errors[bits, group] = (out.reshape(-1, H, D).double() - exact).abs().max().item()
-    with capsys.disabled():
-        print("\nquantized KV cache, max |out - fp64 attention on the fp16 cache| (fp16, D 128, N(0, 1) K/V):",
-              ", ".join(f"{b}-bit g{g}: {e:.2e}" for (b, g), e in errors.items()))
+    record_property("report", "quantized KV cache, max |out - fp64 attention on the fp16 cache| (fp16, D 128, N(0, 1) "
+                    "K/V): " + ", ".join(f"{b}-bit g{g}: {e:.2e}" for (b, g), e in errors.items()))
     assert max(errors[8, g] for g in GROUPS) < min(errors[4, g] for g in GROUPS)
 
 

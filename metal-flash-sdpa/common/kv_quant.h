@@ -349,10 +349,10 @@ METAL_FUNC void affine_pv_tile(thread Fragments<D / 8>& o, thread float* value_b
 // is unrolled: the arrays stay in registers.
 #define UNROLL_RUN _Pragma("clang loop unroll(full)")
 
-// Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`. A byte is a code as it is (uchar4);
-// a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high nibble).
-template <int BITS, int N>
-METAL_FUNC void load_codes(thread uint* codes, const device uchar* at) {
+// Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
+// the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
+template <int BITS, int N, typename C = uint>
+METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8
     uint2 w = uint2(0u);
     if (BYTES == 2) w.x = *reinterpret_cast<const device ushort*>(at);
@@ -361,16 +361,15 @@ METAL_FUNC void load_codes(thread uint* codes, const device uchar* at) {
     UNROLL_RUN
     for (int i = 0; i < (BYTES + 3) / 4; ++i) {
         if (BITS == 8) {
-            const uint4 c = uint4(as_type<uchar4>(w[i]));
+            const uchar4 c = as_type<uchar4>(w[i]);
             UNROLL_RUN
-            for (int j = 0; j < 4; ++j) codes[4 * i + j] = c[j];
+            for (int j = 0; j < 4; ++j) codes[4 * i + j] = C(c[j]);
         } else {
-            const uint4 low = uint4(as_type<uchar4>(w[i] & 0x0F0F0F0Fu));
-            const uint4 high = uint4(as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu));
+            const uchar4 low = as_type<uchar4>(w[i] & 0x0F0F0F0Fu), high = as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu);
             UNROLL_RUN
             for (int j = 0; j < min(4, N / 2); ++j) {
-                codes[8 * i + 2 * j] = low[j];
-                codes[8 * i + 2 * j + 1] = high[j];
+                codes[8 * i + 2 * j] = C(low[j]);
+                codes[8 * i + 2 * j + 1] = C(high[j]);
             }
         }
     }

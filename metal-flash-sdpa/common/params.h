@@ -235,6 +235,11 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 // 16-24 resident simdgroups per core): fewer hide it in proportion. The backward's chunk count (backward.cpp) and
 // benchmarks/cost_model.py (which reads this line) model issue time with it.
 #define SATURATION_SIMDGROUPS 16
+// A core's threadgroup memory (metal-benchmarks 'On-Chip Memory': ~60 KB, M1/M2) and resident threads (an estimate:
+// register-limited residency at ~100 registers a thread). The decode split and the backward's chunk count size their
+// grids by the residency they give (decode.h: threadgroup_slots); benchmarks/cost_model.py reads these lines.
+#define CORE_THREADGROUP_MEMORY 61440
+#define CORE_MAX_THREADS 1024
 // Query rows per tile of the fused kernel: its Q and dO tiles (padded rows of D + 8 elements), the tile's dS^T
 // (BACKWARD_BLOCK_K x rows, in the input type) and two fp32 rows (LSE, delta) in at most 15 KiB, so four
 // threadgroups (SATURATION_SIMDGROUPS simdgroups) fit a core's 60 KiB (8 rows whatever that takes).
