@@ -351,6 +351,10 @@ METAL_FUNC void affine_pv_tile(thread Fragments<D / 8>& o, thread float* value_b
 
 // Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
 // the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
+// A word's 4 bytes as 4 codes of type C (one vector conversion, as the GPU converts: an instruction per element).
+METAL_FUNC void widen(thread uint4& codes, uchar4 bytes) { codes = uint4(bytes); }
+METAL_FUNC void widen(thread float4& codes, uchar4 bytes) { codes = float4(bytes); }
+
 template <int BITS, int N, typename C = uint>
 METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8
@@ -361,15 +365,18 @@ METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     UNROLL_RUN
     for (int i = 0; i < (BYTES + 3) / 4; ++i) {
         if (BITS == 8) {
-            const uchar4 c = as_type<uchar4>(w[i]);
+            vec<C, 4> c;
+            widen(c, as_type<uchar4>(w[i]));
             UNROLL_RUN
-            for (int j = 0; j < 4; ++j) codes[4 * i + j] = C(c[j]);
+            for (int j = 0; j < 4; ++j) codes[4 * i + j] = c[j];
         } else {
-            const uchar4 low = as_type<uchar4>(w[i] & 0x0F0F0F0Fu), high = as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu);
+            vec<C, 4> low, high;
+            widen(low, as_type<uchar4>(w[i] & 0x0F0F0F0Fu));
+            widen(high, as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu));
             UNROLL_RUN
             for (int j = 0; j < min(4, N / 2); ++j) {
-                codes[8 * i + 2 * j] = C(low[j]);
-                codes[8 * i + 2 * j + 1] = C(high[j]);
+                codes[8 * i + 2 * j] = low[j];
+                codes[8 * i + 2 * j + 1] = high[j];
             }
         }
     }
