@@ -111,7 +111,7 @@ def test_split_heuristic_fills_the_gpu(cores):
     one sequence at B=1 spreads over every core in one wave instead of a fixed 256-key split (which left 256
     threadgroups for 240 slots at 8k keys: a second, near-empty wave); a batch that fills the GPU by itself is
     split little; more cores never get fewer partitions."""
-    resident, tile, overhead = 6, 32, 64   # fp16 D=128: ~9 KiB of threadgroup memory of ~60 KiB per core (decode.h)
+    resident, tile, overhead = 6, 32, 64   # fp16 D=128: ~9 KiB of threadgroup memory of ~60 KiB per core (params.h)
     slots = cores * resident
     for Hkv, keys in [(8, 8192), (8, 32768), (2, 131072)]:
         partitions, size, _ = DECODE_SPLIT(1, 4 * Hkv, Hkv, 1, 128, 2, keys, -1, 0, cores)

@@ -8,7 +8,8 @@ import pytest
 
 from tests.helpers import SIMULATED
 
-pytestmark = pytest.mark.skipif(not SIMULATED, reason="profiles exist only in the simulator build")
+pytestmark = [pytest.mark.skipif(not SIMULATED, reason="profiles exist only in the simulator build"),
+              pytest.mark.xdist_group("runtime_shaders")]   # compiles the MLX anchors on first use: one worker
 
 
 @pytest.fixture(scope="module")

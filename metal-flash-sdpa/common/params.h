@@ -241,11 +241,12 @@ static_assert(sizeof(KvWriteParams) == 128, "KvWriteParams layout is shared by h
 #define CORE_THREADGROUP_MEMORY 61440
 #define CORE_MAX_THREADS 1024
 // Query rows per tile of the fused kernel: its Q and dO tiles (padded rows of D + 8 elements), the tile's dS^T
-// (BACKWARD_BLOCK_K x rows, in the input type) and two fp32 rows (LSE, delta) in at most 15 KiB, so four
-// threadgroups (SATURATION_SIMDGROUPS simdgroups) fit a core's 60 KiB (8 rows whatever that takes).
+// (BACKWARD_BLOCK_K x rows, in the input type) and two fp32 rows (LSE, delta) in at most a quarter of a core's
+// threadgroup memory (15 KiB), so four threadgroups (SATURATION_SIMDGROUPS simdgroups) fit a core (8 rows whatever
+// that takes).
 #define BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) \
   (2 * (rows) * ((head_dim) + 8) * (element_bytes) + (element_bytes) * BACKWARD_BLOCK_K * (rows) + 8 * (rows))
-#define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) <= 15360)
+#define BACKWARD_TILE_FITS(rows, element_bytes, head_dim) (BACKWARD_THREADGROUP_BYTES(rows, element_bytes, head_dim) <= CORE_THREADGROUP_MEMORY / 4)
 #define BACKWARD_TILE_QUERIES(element_bytes, head_dim) \
   (BACKWARD_TILE_FITS(32, element_bytes, head_dim) ? 32 : BACKWARD_TILE_FITS(16, element_bytes, head_dim) ? 16 : 8)
 

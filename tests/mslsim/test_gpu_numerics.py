@@ -12,6 +12,8 @@ import mslsim
 import tests.reference
 from tests import test_decode, test_prefill
 
+pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
+
 KERNELS = Path(__file__).parent / "kernels"
 PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
 
@@ -87,7 +89,7 @@ PARITY_SAMPLE = [
 @pytest.mark.parametrize("case, kwargs", PARITY_SAMPLE,
                          ids=[f"{f.__module__.split('.')[-1]}.{f.__name__}[{','.join(map(str, kw.values()))}]"
                               for f, kw in PARITY_SAMPLE])
-def test_parity_sample_passes_with_gpu_numerics(fa, monkeypatch, case, kwargs):
+def test_parity_sample_passes_with_gpu_numerics(fa, monkeypatch, record_property, case, kwargs):
     checks = []   # (kernel error, allowed error) of every reference comparison the case makes
 
     def recording(*args, **kw):
@@ -103,5 +105,6 @@ def test_parity_sample_passes_with_gpu_numerics(fa, monkeypatch, case, kwargs):
         checks.clear()
         case(fa, **kwargs)
         margins[mode] = max(err / allowed for err, allowed in checks)
-    print(f"\n{case.__name__}{kwargs}: error / allowed = {margins['0']:.3f} exact, {margins['1']:.3f} GPU numerics")
+    record_property("report", f"{case.__name__}{kwargs}: error / allowed = {margins['0']:.3f} exact, "
+                              f"{margins['1']:.3f} GPU numerics")
     assert margins["1"] <= 1.0
