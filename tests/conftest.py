@@ -26,8 +26,8 @@ def counters(fa):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Figures tests report rather than assert (record_property("report", text)), printed once at the end of the run;
-    a property travels with the test's report, so this works with the suite's worker processes too."""
+    """Figures tests report rather than assert (record_property("report", text)), printed once at the end of the run
+    (a property travels with the test's report, so this also works under pytest-xdist workers)."""
     reports = terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", [])
     lines = [value for report in reports for name, value in getattr(report, "user_properties", []) if name == "report"]
     if lines:

@@ -8,8 +8,7 @@ import pytest
 
 from tests.helpers import SIMULATED
 
-pytestmark = [pytest.mark.skipif(not SIMULATED, reason="profiles exist only in the simulator build"),
-              pytest.mark.xdist_group("runtime_shaders")]   # compiles the MLX anchors on first use: one worker
+pytestmark = pytest.mark.skipif(not SIMULATED, reason="profiles exist only in the simulator build")
 
 
 @pytest.fixture(scope="module")

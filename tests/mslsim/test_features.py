@@ -9,8 +9,6 @@ import torch
 import mslsim
 from tests.mslsim.numerics import mma_reference, round_to_bfloat16
 
-pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
-
 KERNELS = Path(__file__).parent / "kernels"
 PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
 

@@ -12,8 +12,6 @@ import mslsim
 import tests.reference
 from tests import test_decode, test_prefill
 
-pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
-
 KERNELS = Path(__file__).parent / "kernels"
 PROJECT_SHADERS = Path(__file__).resolve().parents[2] / "metal-flash-sdpa"
 

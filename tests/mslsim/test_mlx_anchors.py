@@ -8,8 +8,6 @@ import torch
 from tests.mslsim.anchors import mlx
 from tests.reference import attention_reference
 
-pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
-
 
 @pytest.fixture(scope="module")
 def lib():

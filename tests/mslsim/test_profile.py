@@ -8,8 +8,6 @@ import pytest
 import mslsim
 from mslsim import ir_mix
 
-pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
-
 KERNELS = Path(__file__).parent / "kernels"
 
 

@@ -4,11 +4,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import mslsim
-
-pytestmark = pytest.mark.xdist_group("runtime_shaders")   # compiles shaders on first use: one worker (scripts/test.sh)
 
 KERNELS = Path(__file__).parent / "kernels"
 
