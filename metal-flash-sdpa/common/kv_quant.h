@@ -33,8 +33,8 @@ struct AffineGroup {
 };
 
 // mlx.core.quantize's affine rule (mode "affine"), in fp32 with IEEE division (precise::divide: fast math's `/` can be
-// an ulp off, and a code or scale would then differ from MLX's, whose kernels build with -fno-fast-math): the step covers [min, max] in
-// 2^bits - 1 bins, its sign is chosen so the edge of larger magnitude sits on a whole number of steps q0, and when
+// an ulp off, and a code or scale would then differ from MLX's, whose kernels build with -fno-fast-math): the step
+// covers [min, max] in 2^bits - 1 bins, its sign is chosen so the edge of larger magnitude sits on a whole number of steps q0, and when
 // q0 != 0 the step is refined to edge / q0 with the bias at that edge, so that edge is represented exactly
 // (otherwise, as for a group of zeros, bias 0). A constant group gets the 1e-7 step floor.
 METAL_FUNC AffineGroup affine_group(float lo, float hi, float bins) {
@@ -349,12 +349,12 @@ METAL_FUNC void affine_pv_tile(thread Fragments<D / 8>& o, thread float* value_b
 // is unrolled: the arrays stay in registers.
 #define UNROLL_RUN _Pragma("clang loop unroll(full)")
 
-// Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
-// the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
 // A word's 4 bytes as 4 codes of type C (one vector conversion, as the GPU converts: an instruction per element).
 METAL_FUNC void widen(thread uint4& codes, uchar4 bytes) { codes = uint4(bytes); }
 METAL_FUNC void widen(thread float4& codes, uchar4 bytes) { codes = float4(bytes); }
 
+// Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
+// the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
 template <int BITS, int N, typename C = uint>
 METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8

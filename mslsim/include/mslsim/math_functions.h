@@ -76,7 +76,6 @@ template <class T> inline detail::if_float<T> ieee_divide(T a, T b) {
 #pragma float_control(precise, on)
   return a / b;
 }
-template <class T> inline detail::if_float<T> precise_divide(T a, T b) { return a / b; }
 
 // The other fast:: and precise:: functions share the implementation above.
 #define MSLSIM_FORWARD(ns, name) \
