@@ -45,8 +45,9 @@ METAL_FUNC SequenceKeys sequence_keys(const device int* seqlens_k, const device 
 // r % seqlen_q.
 struct QueryRows {
     int count, group, seqlen_q, kv_head;
-    METAL_FUNC int head(int r) const { return kv_head * group + r / seqlen_q; }
-    METAL_FUNC int token(int r) const { return r % seqlen_q; }
+    // (one new token, a decode step's usual case, needs no division)
+    METAL_FUNC int head(int r) const { return kv_head * group + (seqlen_q == 1 ? r : r / seqlen_q); }
+    METAL_FUNC int token(int r) const { return seqlen_q == 1 ? 0 : r % seqlen_q; }
 };
 
 // What attend_tile loads into the tile: K, then V in its place.
@@ -184,8 +185,8 @@ METAL_FUNC void attend_direct(thread Fragments<D / 8>& o, thread float* value_bi
     constexpr int BLOCKS = D / KV_AFFINE_BLOCK, GROUPS = BLOCKS / GROUP_BLOCKS;
     const int mine = first + lane % 8, group = lane / 8;
     const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // key l % 8 (-1 in both: no key)
-    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
-    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, groups.v_exists);
+    const float2 k_mine = affine_group_at(k, k_row >= 0, k.scale_offset[mine], group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, k_row >= 0, v.scale_offset[mine], group, groups.v_exists);
     uint codes[2][BLOCKS][4];
     UNROLL_FRAGMENTS
     for (int e = 0; e < 2; ++e)
@@ -294,88 +295,174 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
 
 // ---------------------------------------------------------------------------------------------- vector path
 // Affine K and V as on the direct path, but at most VECTOR_MAX_ROWS query rows (R = 1, 2 or 4, the rows padded up): an
-// 8x8 MMA does 8 rows of work whatever R is, so here each slice's 8 keys are computed with per-lane fp32 FMAs on the
-// exact affine values code * scale + bias in fp32 (the direct path's values), in one lane layout for K and V:
-// - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the slice (KPL = D / 32) and
-//   head-dim elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (vector_values); Q's 8 elements of each row
-//   live in fp32 registers;
-// - S: the LR lanes of a key group add their KPL x R partial dot products by a reduce-scatter (shuffles by LR / 2 .. 1)
-//   after which lane 4 key + (row << (2 - log2 R)) holds the score of (key, row) (vector_score_lane); the lanes of one
-//   row differ in lane bits 2, 3 and 4, which the online softmax reduces over;
-// - O += P V: each lane takes P of its keys from the score lanes and accumulates its 8 elements of each row; the key
-//   groups' partial O are summed once, after the last tile (vector_to_fragments).
-// At R = 4, D = 128 a lane issues ~9 instructions per K/V element (4 FMAs a row, unpacking, the reduce-scatter), where
-// the MMAs alone cost the equivalent of ~10 (8 rows at 102.5 of 128 FMA lanes).
+// 8x8 MMA does 8 rows of work whatever R is, so here keys are computed with per-lane fp32 FMAs, on the direct path's
+// exact affine values. Each simdgroup walks tiles of its own, VECTOR_TILE_KEYS keys each, with no threadgroup memory and
+// no barrier until the slices merge: lane j maps the tile's key j to its cache offsets (vector_keys), and the keys are
+// taken 8 at a time in one lane layout for K and V (VectorLayout):
+// - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the 8 (KPL = D / 32) and head-dim
+//   elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (vector_codes); Q's 8 elements of each row live in fp32
+//   registers;
+// - S: the lane's KPL x R dot products of Q with the raw codes are summed over the lanes of a key by a reduce-scatter,
+//   first over the 4 lanes of a 32-element block (one quantization group), where the affine map is applied once per
+//   value: S = scale (Q . codes) + bias sum(Q) (the direct path's fold), then over the blocks;
+// - O += P V: each lane takes P of its keys from the score lanes and accumulates (P scale) codes into its 8 elements
+//   of each row and P bias into one sum per row (its elements share a group); the key groups' partial O are summed
+//   once, after the last tile (vector_to_fragments).
 constant constexpr int VECTOR_MAX_ROWS = 4;
+constant constexpr int VECTOR_TILE_KEYS = 32;   // a simdgroup's tile: one key per lane
 
-// Per lane: Q's elements of each row, O's partial elements, and the online softmax of the lane's score row.
+constexpr int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 : 2; }
+
+// The lane layout. The reduce-scatter's steps halve each lane's values, step k exchanging with the lane that differs
+// in step_bit(k): the lanes of a block first (bits 2, 1), then the blocks (LR / 2 .. 4). A lane stores its values XOR-
+// permuted by the value it will end with (value n = key-in-lane * R + row in slot n ^ lane_value), so at every step it
+// keeps the lower half of its slots and sends the upper half: no selects.
+template <int D>
+struct VectorLayout {
+    static constexpr int LR = D / 8, KPL = D / 32, LOG_KPL = KPL == 4 ? 2 : 1, STEPS = LR == 16 ? 4 : 3;
+    static constexpr ushort step_bit(int k) { return ushort(k == 0 ? 2 : k == 1 ? 1 : LR >> (k - 1)); }
+    // Lane bit b (0..2) of the 8 keys: the key-in-lane bits (the first LOG_KPL steps), then the key groups'.
+    static constexpr ushort key_bit(int b) { return ushort(b < LOG_KPL ? step_bit(b) : LR << (b - LOG_KPL)); }
+    // The value (key-in-lane * R + row) lane `lane` holds once the reduce-scatter is done.
+    static int lane_value(ushort lane, int log_rows) {
+        const int bits = LOG_KPL + log_rows;
+        int value = 0;
+        UNROLL_RUN
+        for (int k = 0; k < STEPS; ++k)
+            if (k < bits && (lane & step_bit(k)) != 0) value |= 1 << (bits - 1 - k);
+        return value;
+    }
+    // The lane holding the score of (key KPL h + i, row `row`), less the key group's first lane LR h.
+    static constexpr int score_lane_in_group(int i, int row, int log_rows) {
+        const int bits = LOG_KPL + log_rows, value = (i << log_rows) + row;
+        int lane = 0;
+        for (int k = 0; k < STEPS; ++k)
+            if (k < bits && ((value >> (bits - 1 - k)) & 1) != 0) lane |= step_bit(k);
+        return lane;
+    }
+    static ushort score_lane(int key, int row, int log_rows) {
+        return ushort(LR * (key / KPL) + score_lane_in_group(key % KPL, row, log_rows));
+    }
+};
+
+// Per lane: Q's elements of each row and their block sums, O's partial elements and P bias sums, and the online
+// softmax of the lane's score row. Q's rows are stored in the lane's permuted order (VectorLayout), O's in order.
 struct VectorRows {
-    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale
+    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale; slot r: row r ^ (lane_value % R)
+    float q_sum[VECTOR_MAX_ROWS];  // the sum of slot r's row over the lane's 32-element block
     float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only
+    float value_bias[VECTOR_MAX_ROWS];   // sum of P bias over the lane's keys, per row
     float max_log2 = MASKED, denominator = 0.0f;
     int log_rows;                  // R = 1 << log_rows (the dispatch; R's kernels know it at compile time)
+    int lane_value;                // VectorLayout::lane_value
     ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for slice key 0
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
     bool row_valid;
     float slope;
 };
 
-constexpr int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 : 2; }
-METAL_FUNC ushort vector_score_lane(int key, int row, int log_rows) { return ushort(4 * key + (row << (2 - log_rows))); }
-
 template <typename T, int D>
 METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant const int64_t* q_strides,
                               const device float* alibi_slopes, int alibi_seq_stride, QueryRows rows, int shift,
                               int seq, CacheFormat k_format, CacheFormat v_format, float scale, ushort lane) {
-    const int c = lane % (D / 8);
+    using Layout = VectorLayout<D>;
+    const int c = lane % Layout::LR;
     st.log_rows = vector_log_rows(rows.count);
+    st.lane_value = Layout::lane_value(lane, st.log_rows);
+    const int row_mask = (1 << st.log_rows) - 1, permutation = st.lane_value & row_mask;
     // Group indices once (runtime group sizes: divisions stay out of the tile loop).
     st.k_group_lane = ushort(8 * (8 * c / k_format.group_size));
     st.v_group_lane = ushort(8 * (8 * c / v_format.group_size));
+    float slot_sum[VECTOR_MAX_ROWS];   // the lane's part of each slot's row sum
     UNROLL_RUN
-    for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
-        const bool valid = r < rows.count;
+    for (int slot = 0; slot < VECTOR_MAX_ROWS; ++slot) {
+        const int r = slot ^ permutation;
+        const bool valid = slot <= row_mask && r < rows.count;
         const device T* q_row = q + element_offset(q_strides, seq, rows.token(valid ? r : 0), rows.head(valid ? r : 0));
+        float sum = 0.0f;
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) {
-            st.q[r][j] = valid ? float(q_row[8 * c + j]) * scale : 0.0f;
-            st.o[r][j] = 0.0f;
+            st.q[slot][j] = valid ? float(q_row[8 * c + j]) * scale : 0.0f;
+            sum += st.q[slot][j];
+            st.o[slot][j] = 0.0f;
         }
+        slot_sum[slot] = sum;
+        st.value_bias[slot] = 0.0f;
     }
-    const int row = (lane & 3) >> (2 - st.log_rows);
+    float in_order[VECTOR_MAX_ROWS];
+    UNROLL_RUN
+    for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
+        in_order[r] = r <= row_mask ? slot_sum[r ^ permutation] : 0.0f;   // (a block's lanes may permute differently)
+        in_order[r] += simd_shuffle_xor(in_order[r], 1);   // over the block's 4 lanes
+        in_order[r] += simd_shuffle_xor(in_order[r], 2);
+    }
+    UNROLL_RUN
+    for (int slot = 0; slot < VECTOR_MAX_ROWS; ++slot)
+        st.q_sum[slot] = slot <= row_mask ? in_order[slot ^ permutation] : 0.0f;
+    const int row = st.lane_value & row_mask;
     st.row_valid = row < rows.count;
     st.q_pos = rows.token(row) + shift;
     st.slope = has_alibi && st.row_valid ? alibi_slopes[seq * alibi_seq_stride + rows.head(row)] * LOG2E : 0.0f;
 }
 
-// The exact affine values (code * scale + bias, fp32) of elements [8 c, 8 c + 8) of slice key `key`: its (scale,
-// bias) from lane group_lane + key (`mine`: the pair this lane read), its row offset from lane `key` (`row`: slice key
-// lane % 8's; negative: no key, zeros).
-template <int BITS, typename T>
-METAL_FUNC void vector_values(thread float* x, CacheTile<T> src, float2 mine, ushort group_lane, int64_t row, int key,
-                              int c) {
-    const float2 a = simd_shuffle(mine, ushort(group_lane + key));   // (0, 0) where there is no key
-    const int64_t offset = shuffle_offset(row, key);
-    if (offset >= 0) {
-        load_codes<BITS, 8, float>(x, src.head + offset * 4 + c * BITS);   // 8 codes are BITS bytes
+// A simdgroup's tile of VECTOR_TILE_KEYS keys from key0: lane j holds key j's byte offsets in the caches and its
+// element offsets in their scales / biases (negative: no key); `valid` (uniform) has bit j set when key j exists.
+struct VectorKeys {
+    int64_t k_bytes, v_bytes, k_scale, v_scale;
+    uint valid;
+};
+
+METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0, int lo, int hi, CacheFormat k_format,
+                                  CacheFormat v_format, ushort lane) {
+    const PagedKey key = paged_key<VECTOR_TILE_KEYS>(cache, keys.kv_start, key0, lo, hi, keys.count, lane);
+    return {key.offset(cache.k_block_stride, cache.k_slot_stride) * 4, key.offset(cache.v_block_stride, cache.v_slot_stride) * 4,
+            key.offset(k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]),
+            key.offset(v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]),
+            simd_or(key.exists ? 1u << lane : 0u)};
+}
+
+// The lane's 8 raw codes of the row `bytes` after `lane_codes` (the cache's codes [8 c, 8 c + 8) of its first row: 8
+// codes are BITS bytes; negative: no key, zeros), as fp32 (exact).
+template <int BITS>
+METAL_FUNC void vector_codes(thread float* x, const device uchar* lane_codes, int64_t bytes) {
+    if (bytes >= 0) {
+        load_codes<BITS, 8, float>(x, lane_codes + bytes);
     } else {
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) x[j] = 0.0f;
     }
-    UNROLL_RUN
-    for (int j = 0; j < 8; ++j) x[j] = x[j] * a.x + a.y;   // (a multiply-add, as written)
 }
 
-// The scores of the lane's keys, partial over its 8 elements (part[i * R + r]: key KPL h + i, row r).
+// Reduce-scatter steps K .. END - 1 of N values (VectorLayout): each step adds the partner's upper half to the lower
+// half; once one value is left, the steps are plain sums. (A template, so every loop has a constant trip count and the
+// values stay in registers.)
+template <int D, int N, int K, int END>
+struct ReduceScatter {
+    METAL_FUNC static void run(thread float* part) {
+        constexpr ushort BIT = VectorLayout<D>::step_bit(K);
+        UNROLL_RUN
+        for (int i = 0; i < (N > 1 ? N / 2 : 1); ++i) part[i] += simd_shuffle_xor(part[N > 1 ? i + N / 2 : 0], BIT);
+        ReduceScatter<D, (N > 1 ? N / 2 : 1), K + 1, END>::run(part);
+    }
+};
+template <int D, int N, int END>
+struct ReduceScatter<D, N, END, END> {
+    METAL_FUNC static void run(thread float*) {}
+};
+
+// The lane's score (the raw q.k of key KPL h + lane_value / R, row lane_value % R, over the whole head dim).
 template <typename T, int D, int R, int BITS>
-METAL_FUNC void vector_partial_scores(thread float* part, thread const VectorRows& st, CacheTile<T> k, float2 k_mine,
-                                      int64_t k_row, ushort lane) {
-    constexpr int LR = D / 8, KPL = D / 32;
-    const int h = lane / LR, c = lane % LR;
+METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float2 k_mine, VectorKeys tile, int first,
+                              ushort lane) {
+    using Layout = VectorLayout<D>;
+    constexpr int LOG_R = vector_log_rows(R), N = Layout::KPL * R, FOLDED = N >= 4 ? N / 4 : 1;
+    const int h = lane / Layout::LR, c = lane % Layout::LR, key_permutation = st.lane_value >> LOG_R;
+    const device uchar* lane_codes = k.head + c * BITS;
+    float part[N];   // slot i R + r: key-in-lane i ^ key_permutation, row r ^ (lane_value % R)
     UNROLL_RUN
-    for (int i = 0; i < KPL; ++i) {
+    for (int i = 0; i < Layout::KPL; ++i) {
         float x[8];
-        vector_values<BITS>(x, k, k_mine, st.k_group_lane, k_row, KPL * h + i, c);
+        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + Layout::KPL * h + (i ^ key_permutation)));
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
             part[i * R + r] = 0.0f;
@@ -383,110 +470,105 @@ METAL_FUNC void vector_partial_scores(thread float* part, thread const VectorRow
             for (int j = 0; j < 8; ++j) part[i * R + r] += st.q[r][j] * x[j];
         }
     }
+    ReduceScatter<D, N, 0, 2>::run(part);   // over the block: one key, one group left
+    const float2 a = simd_shuffle(k_mine, ushort(st.k_group_lane + Layout::KPL * h + key_permutation));
+    UNROLL_RUN
+    for (int s = 0; s < FOLDED; ++s) part[s] = a.x * part[s] + a.y * st.q_sum[s];
+    ReduceScatter<D, FOLDED, 2, Layout::STEPS>::run(part);
+    return part[0];
 }
 
 // O += P V over the lane's keys (prob: the score lane's probability).
 template <typename T, int D, int R, int BITS>
-METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T> v, float2 v_mine, int64_t v_row,
-                                  ushort lane) {
-    constexpr int LR = D / 8, KPL = D / 32;
-    const int h = lane / LR, c = lane % LR;
+METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T> v, float2 v_mine, VectorKeys tile,
+                                  int first, ushort lane) {
+    using Layout = VectorLayout<D>;
+    const int h = lane / Layout::LR, c = lane % Layout::LR, group_lane = Layout::LR * h;
+    const device uchar* lane_codes = v.head + c * BITS;
     UNROLL_RUN
-    for (int i = 0; i < KPL; ++i) {
-        const int key = KPL * h + i;
+    for (int i = 0; i < Layout::KPL; ++i) {
+        const int key = Layout::KPL * h + i;
         float x[8];
-        vector_values<BITS>(x, v, v_mine, st.v_group_lane, v_row, key, c);
+        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
+        const float2 a = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0) where there is no key
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
-            const float p = simd_shuffle(prob, vector_score_lane(key, r, vector_log_rows(R)));
+            const int in_group = Layout::score_lane_in_group(i, r, vector_log_rows(R));   // a constant once unrolled
+            const float p = simd_shuffle(prob, ushort(group_lane + in_group));
+            const float scaled = p * a.x;
+            st.value_bias[r] += p * a.y;
             UNROLL_RUN
-            for (int j = 0; j < 8; ++j) st.o[r][j] += p * x[j];
+            for (int j = 0; j < 8; ++j) st.o[r][j] += scaled * x[j];
         }
     }
 }
 
-// Reduce-scatter of N values over the lanes that differ in bits BIT, BIT / 2, .. 1: each step keeps half the values
-// (the upper half in lanes whose bit is set) and adds the partner's copy of them; once one value is left, the steps
-// are plain sums. (A template, so every loop has a constant trip count and the values stay in registers.)
-template <int N, int BIT>
-struct ReduceScatter {
-    METAL_FUNC static void run(thread float* part, ushort lane) {
-        const bool upper = (lane & BIT) != 0;
-        if (N > 1) {
-            UNROLL_RUN
-            for (int i = 0; i < N / 2; ++i) {
-                const float send = upper ? part[i] : part[i + N / 2], kept = upper ? part[i + N / 2] : part[i];
-                part[i] = kept + simd_shuffle_xor(send, ushort(BIT));
-            }
-        } else {
-            part[0] += simd_shuffle_xor(part[0], ushort(BIT));
-        }
-        ReduceScatter<(N > 1 ? N / 2 : 1), BIT / 2>::run(part, lane);
-    }
-};
-template <int N>
-struct ReduceScatter<N, 0> {
-    METAL_FUNC static void run(thread float*, ushort) {}
-};
-
-// One slice's 8 keys (tile rows first .. first + 7) on the vector path, R rows.
+// Tile keys first .. first + 7 on the vector path, R rows.
 template <typename T, int D, int R>
-METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, DirectGroups groups, int first,
-                              int key0, int key_end, uint valid, ScoreRules rules, ushort lane) {
-    constexpr int LR = D / 8, KPL = D / 32;
+METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
+                              DirectGroups groups, int first, int key0, int key_end, ScoreRules rules, ushort lane) {
+    using Layout = VectorLayout<D>;
+    static_assert(direct_head_dim<D>(), "the layout's head dims: 2 or 4 keys a lane");
+    constexpr int LOG_R = vector_log_rows(R);
     const int mine = first + lane % 8, group = lane / 8;   // the (scale, bias) this lane reads (direct path's rule)
-    const int64_t k_row = k.offset[mine], v_row = v.offset[mine];   // (-1 in both: no key)
-    const float2 k_mine = affine_group_at(k, k_row >= 0, mine, group, groups.k_exists);
-    const float2 v_mine = affine_group_at(v, k_row >= 0, mine, group, groups.v_exists);
-    float part[KPL * R];
-    if (k.bits == 4) vector_partial_scores<T, D, R, 4>(part, st, k, k_mine, k_row, lane);
-    else vector_partial_scores<T, D, R, 8>(part, st, k, k_mine, k_row, lane);
-    ReduceScatter<KPL * R, LR / 2>::run(part, lane);
-    // The online softmax of the lane's (key, row): the lanes of a row differ in bits 2, 3, 4.
-    const float score = masked_score(part[0], key0 + first + lane / 4, key0, key_end, valid, st.q_pos, st.row_valid,
-                                     true, st.slope, rules);
-    float tile_max = max(score, simd_shuffle_xor(score, 4));
-    tile_max = max(tile_max, simd_shuffle_xor(tile_max, 8));
-    tile_max = max(tile_max, simd_shuffle_xor(tile_max, 16));
+    const bool exists = ((tile.valid >> mine) & 1u) != 0;
+    const float2 k_mine = affine_group_at(k, exists, shuffle_offset(tile.k_scale, mine), group, groups.k_exists);
+    const float2 v_mine = affine_group_at(v, exists, shuffle_offset(tile.v_scale, mine), group, groups.v_exists);
+    const float raw = k.bits == 4 ? vector_score<T, D, R, 4>(st, k, k_mine, tile, first, lane)
+                                  : vector_score<T, D, R, 8>(st, k, k_mine, tile, first, lane);
+    // The online softmax of the lane's (key, row): the lanes of a row differ in the key bits.
+    const int key = Layout::KPL * (lane / Layout::LR) + (st.lane_value >> LOG_R);
+    const float score = masked_score(raw, key0 + first + key, key0, key_end, tile.valid, st.q_pos, st.row_valid, true,
+                                     st.slope, rules);
+    float tile_max = score;
+    UNROLL_RUN
+    for (int b = 0; b < 3; ++b) tile_max = max(tile_max, simd_shuffle_xor(tile_max, Layout::key_bit(b)));
     const float new_max = max(st.max_log2, tile_max);
     const float rescale = fast::exp2(st.max_log2 - new_max);
     const float prob = score == MASKED ? 0.0f : fast::exp2(score - new_max);
-    float sum = prob + simd_shuffle_xor(prob, 4);
-    sum += simd_shuffle_xor(sum, 8);
-    sum += simd_shuffle_xor(sum, 16);
+    float sum = prob;
+    UNROLL_RUN
+    for (int b = 0; b < 3; ++b) sum += simd_shuffle_xor(sum, Layout::key_bit(b));
     st.denominator = st.denominator * rescale + sum;
     const bool moved = simd_any(new_max != st.max_log2);   // O is rescaled only when some row's max moved
     st.max_log2 = new_max;
     if (moved) {
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
-            const float f = simd_shuffle(rescale, vector_score_lane(0, r, vector_log_rows(R)));
+            const float f = simd_shuffle(rescale, Layout::score_lane(0, r, LOG_R));
+            st.value_bias[r] *= f;
             UNROLL_RUN
             for (int j = 0; j < 8; ++j) st.o[r][j] *= f;
         }
     }
-    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, v_row, lane);
-    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, v_row, lane);
+    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, tile, first, lane);
+    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, tile, first, lane);
 }
 
+// A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, 8 keys at a time (a group of 8 with no key is skipped).
 template <typename T, int D>
-METAL_FUNC void attend_vector_rows(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, DirectGroups groups,
-                                   int first, int key0, int key_end, uint valid, ScoreRules rules, ushort lane) {
-    if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
-    else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
-    else attend_vector<T, D, 4>(st, k, v, groups, first, key0, key_end, valid, rules, lane);
+METAL_FUNC void attend_vector_tile(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
+                                   DirectGroups groups, int key0, int key_end, ScoreRules rules, ushort lane) {
+    for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
+        if (((tile.valid >> first) & 0xFFu) == 0) continue;
+        if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
+        else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
+        else attend_vector<T, D, 4>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
+    }
 }
 
-// The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O summed
-// (shuffles), put in head-dim order through the simdgroup's `region` of scratch (VECTOR_MAX_ROWS x D floats).
+// The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O (with their
+// P bias) summed (shuffles), put in head-dim order through the simdgroup's `region` of scratch (VECTOR_MAX_ROWS x D
+// floats).
 template <int D>
 METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread VectorRows& st,
                                     threadgroup float* region, FragmentCoord fc, ushort lane) {
-    constexpr int LR = D / 8;
+    constexpr int LR = VectorLayout<D>::LR;
     UNROLL_RUN
     for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) {
+            st.o[r][j] += st.value_bias[r];
             UNROLL_RUN
             for (int bit = LR; bit < 32; bit *= 2) st.o[r][j] += simd_shuffle_xor(st.o[r][j], ushort(bit));
             if (int(lane) < LR) region[r * D + 8 * lane + j] = st.o[r][j];
@@ -500,7 +582,7 @@ METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSof
         for (int e = 0; e < 2; ++e)
             o.frag[d].thread_elements()[e] = mine ? region[fc.row * D + d * 8 + fc.col + e] : 0.0f;
     }
-    const ushort from = vector_score_lane(0, min(fc.row, VECTOR_MAX_ROWS - 1), st.log_rows);
+    const ushort from = VectorLayout<D>::score_lane(0, min(fc.row, VECTOR_MAX_ROWS - 1), st.log_rows);
     const float max_log2 = simd_shuffle(st.max_log2, from), denominator = simd_shuffle(st.denominator, from);
     state.max_log2 = mine ? max_log2 : MASKED;
     state.denominator = mine ? denominator : 0.0f;
@@ -683,22 +765,24 @@ template <typename T, int DK, int DV>
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
     const PagedLayout cache = paged_layout(p, block_table, seq);
 
-    for (int key0 = lo / BK * BK; key0 < hi; key0 += BK) {
+    // The vector path: each simdgroup (key slice) its own tiles, every slices-th from the band's first.
+    for (int key0 = (lo / VECTOR_TILE_KEYS + slice) * VECTOR_TILE_KEYS; vector && key0 < hi;
+         key0 += slices * VECTOR_TILE_KEYS) {
+        const VectorKeys vector_tile = vector_keys(cache, keys, key0, lo, hi, k_format, v_format, lane);
+        attend_vector_tile<T, VD>(vrows, k_tile, v_tile, vector_tile, groups, key0, hi, rules, lane);
+        if (lane == 0) WORK_COUNT("vector_tiles", 1);
+    }
+    for (int key0 = lo / BK * BK; !vector && key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);
         if (sg == 0) {   // simdgroup 0 maps the tile's keys (one per lane) to cache slots
             const PagedKey key = map_paged_keys<BK>(cache, keys.kv_start, key0, lo, hi, keys.count, k_offset, v_offset,
                                                     &tile_valid, lane);
             if (kv_quantized && int(lane) < BK) {
-                k_scale_offset[lane] = key.entry * k_format.scale_strides[STRIDE_BATCH] + key.slot * k_format.scale_strides[STRIDE_TOKEN];
-                v_scale_offset[lane] = key.entry * v_format.scale_strides[STRIDE_BATCH] + key.slot * v_format.scale_strides[STRIDE_TOKEN];
+                k_scale_offset[lane] = key.offset(k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]);
+                v_scale_offset[lane] = key.offset(v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]);
             }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (vector) {   // (as the direct path's)
-            attend_vector_rows<T, VD>(vrows, k_tile, v_tile, groups, slice * 8, key0, hi, tile_valid, rules, lane);
-            if (tid == 0) WORK_COUNT("vector_tiles", 1);
-            continue;
-        }
         if (direct) {   // the next tile's first barrier keeps the offsets until every slice has read them
             if (tid == 0) WORK_COUNT("direct_tiles", 1);
             attend_direct_groups<T, DVP>(o_frag, value_bias, state, q_direct, k_tile, v_tile, groups, slice * 8, key0,

@@ -406,10 +406,11 @@ METAL_FUNC void row_codes(thread uint (*codes)[N], CacheTile<T> src, int64_t off
     else load_runs<8, N, RUNS, STRIDE>(codes, row, first);
 }
 
-// The (scale, bias) of group `group` of tile row `row` ((0, 0) when the row has no key or the group does not exist).
+// The (scale, bias) of group `group` of a key whose scales and biases start at `scale_offset` ((0, 0) when there is no
+// key or the group does not exist).
 template <typename T>
-METAL_FUNC float2 affine_group_at(CacheTile<T> src, bool key, int row, int group, bool exists) {
+METAL_FUNC float2 affine_group_at(CacheTile<T> src, bool key, int64_t scale_offset, int group, bool exists) {
     if (!exists || !key) return float2(0.0f);
-    const int64_t at = src.scale_offset[row] + group;
+    const int64_t at = scale_offset + group;
     return float2(float(src.scales[at]), float(src.biases[at]));
 }

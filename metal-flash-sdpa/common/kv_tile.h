@@ -77,20 +77,23 @@ METAL_FUNC PagedLayout paged_layout(constant Params& p, const device int* block_
             p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
 }
 
-// Where the mapping lane's key lives: its block_table entry (as read, maybe invalid) and slot in the block.
+// Where the mapping lane's key lives: its block_table entry (as read, maybe invalid) and slot in the block, and
+// whether it is a wanted key of the cache.
 struct PagedKey {
     int entry, slot;
+    bool exists;
+    // Its element offset in a cache with {block, slot} strides (-1: no key).
+    METAL_FUNC int64_t offset(int64_t block_stride, int64_t slot_stride) const {
+        return exists ? entry * block_stride + slot * slot_stride : -1;
+    }
 };
 
-// Maps the keys of the tile at key0 to cache slots, one lane of the calling simdgroup per key (BK <= 32): key j of
-// the sequence sits at cache position kv_start + j. Keys [lo, hi) are wanted; the table is read only for keys below
-// `count` (the sequence's keys, at most the row's capacity), so no lane reads past its row. Writes each key's
-// element offset in the K and V caches to threadgroup memory (-1: none) and *tile_valid (bit r: key key0 + r
-// exists). Consecutive keys share blocks: only the lane starting a block (or lane 0) reads the table.
+// The key of lane `lane` (< BK <= 32) of the calling simdgroup in the tile at key0: key j of the sequence sits at cache
+// position kv_start + j. Keys [lo, hi) are wanted; the table is read only for keys below `count` (the sequence's keys,
+// at most the row's capacity), so no lane reads past its row. Consecutive keys share blocks: only the lane starting a
+// block (or lane 0) reads the table.
 template <int BK>
-METAL_FUNC PagedKey map_paged_keys(PagedLayout cache, int kv_start, int key0, int lo, int hi, int count,
-                                   threadgroup int64_t* k_offset, threadgroup int64_t* v_offset,
-                                   threadgroup uint* tile_valid, ushort lane) {
+METAL_FUNC PagedKey paged_key(PagedLayout cache, int kv_start, int key0, int lo, int hi, int count, ushort lane) {
     static_assert(BK <= 32, "one lane per tile key");
     const int key = key0 + int(lane);
     const int position = kv_start + key;
@@ -100,12 +103,21 @@ METAL_FUNC PagedKey map_paged_keys(PagedLayout cache, int kv_start, int key0, in
     const bool reads = int(lane) < BK && key < count && first_lane == int(lane);
     const int own_entry = reads ? cache.table_row[block] : -1;
     const int entry = simd_shuffle(own_entry, ushort(first_lane));
-    const bool exists = wanted && entry >= 0 && entry < cache.num_blocks;
+    return {entry, slot, wanted && entry >= 0 && entry < cache.num_blocks};
+}
+
+// paged_key for a threadgroup's tile: writes each key's element offset in the K and V caches to threadgroup memory
+// (-1: none) and *tile_valid (bit r: key key0 + r exists).
+template <int BK>
+METAL_FUNC PagedKey map_paged_keys(PagedLayout cache, int kv_start, int key0, int lo, int hi, int count,
+                                   threadgroup int64_t* k_offset, threadgroup int64_t* v_offset,
+                                   threadgroup uint* tile_valid, ushort lane) {
+    const PagedKey key = paged_key<BK>(cache, kv_start, key0, lo, hi, count, lane);
     if (int(lane) < BK) {
-        k_offset[lane] = exists ? entry * cache.k_block_stride + slot * cache.k_slot_stride : -1;
-        v_offset[lane] = exists ? entry * cache.v_block_stride + slot * cache.v_slot_stride : -1;
+        k_offset[lane] = key.offset(cache.k_block_stride, cache.k_slot_stride);
+        v_offset[lane] = key.offset(cache.v_block_stride, cache.v_slot_stride);
     }
-    const uint valid = simd_or(exists ? 1u << lane : 0u);
+    const uint valid = simd_or(key.exists ? 1u << lane : 0u);
     if (lane == 0) *tile_valid = valid;
-    return {entry, slot};
+    return key;
 }
