@@ -222,9 +222,10 @@ def test_quantized_bad_input_changes_nothing(fa, case, op):
 
 # ------------------------------------------------------------------------------------------ decode on the caches
 def decode_on_quantized(fa, cache, q, causal=True, window=(-1, -1), softcap=0.0, sinks=None, alibi=None,
-                        num_splits=0, new_kv=None):
+                        num_splits=0, new_kv=None, leftpad=None):
     """flash_attn_with_kvcache on a QuantCache (appending new_kv first, quantized on the way in) against the float64
-    reference on the exact affine values of the cache; returns (out, the reference inputs)."""
+    reference on the exact affine values of the cache (from cache_leftpad `leftpad`, contiguous caches); returns (out,
+    the reference inputs)."""
     B, Sq, H, D = q.shape
     seqlens = cache.seqlens.to(DEVICE)
     kw = dict(causal=causal, window_size=window, softcap=softcap, num_splits=num_splits, return_softmax_lse=True,
@@ -232,11 +233,16 @@ def decode_on_quantized(fa, cache, q, causal=True, window=(-1, -1), softcap=0.0,
               alibi_slopes=None if alibi is None else alibi.to(DEVICE), **cache.kwargs())
     if cache.paged:
         kw["block_table"] = cache.table
+    if leftpad is not None:
+        kw["cache_leftpad"] = torch.tensor(leftpad, dtype=torch.int32, device=DEVICE)
     if new_kv is not None:
         kw.update(k=new_kv[0].to(DEVICE), v=new_kv[1].to(DEVICE))
     out, lse = fa.flash_attn_with_kvcache(q.to(DEVICE), cache.k[0], cache.v[0], **kw)
     lengths = [int(n) + (0 if new_kv is None else new_kv[0].shape[1]) for n in cache.seqlens]
     keys, values = gather(cache, cache.affine(), lengths)
+    if leftpad is not None:
+        keys, values = ([t[first:] for t, first in zip(ts, leftpad)] for ts in (keys, values))
+        lengths = [n - first for n, first in zip(lengths, leftpad)]
     cu_q = torch.arange(B + 1, dtype=torch.int32) * Sq
     cu_k = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
     rkw = dict(causal=causal, window=window, softcap=softcap, sinks=sinks, alibi_slopes=alibi)
@@ -306,6 +312,21 @@ def test_decode_head_dims_and_dtypes(fa, dtype, D, bits):
     """Head dims other than 64 / 128 take the tile path, D 64 the vector path (4 rows), in every dtype; group 32 and
     (where it divides D) 64."""
     run_matrix_case(fa, bits, 32 if bits[0] == 8 or D % 64 else 64, True, "causal", (8, 2), dtype=dtype, D=D)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("D", [64, 128])
+def test_vector_path_partial_tiles(fa, counters, D, group):
+    """The vector path's per-simdgroup tiles of 32 keys: on a paged cache of 5-slot blocks (a tile's keys span up to 8
+    blocks) and on a contiguous cache with cache_leftpad (the keys start mid-tile), with a window that leaves 8-key
+    groups of a tile empty and sequences ending mid-group; R = group rows (1, 2, 4)."""
+    Hkv, seqlens, leftpad = 2, [203, 77, 9], [37, 0, 3]
+    q = torch.randn(len(seqlens), 1, group * Hkv, D, generator=torch.Generator().manual_seed(D + group)).to(torch.float16)
+    for paged in (True, False):
+        cache = QuantCache(seqlens, Hkv, D, 5 if paged else 240, torch.float16, 4, 8, 32, paged=paged, seed=D + group)
+        counters(reset=True)
+        decode_on_quantized(fa, cache, q, window=(70, 0), leftpad=None if paged else leftpad)
+        assert counters()["vector_tiles"] > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
