@@ -296,15 +296,15 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
 // ---------------------------------------------------------------------------------------------- vector path
 // Affine K and V as on the direct path, but at most VECTOR_MAX_ROWS query rows (R = 1, 2 or 4, the rows padded up): an
 // 8x8 MMA does 8 rows of work whatever R is, so here keys are computed with per-lane fp32 FMAs, on the direct path's
-// exact affine values. Each simdgroup walks tiles of its own, VECTOR_TILE_KEYS keys each, with no threadgroup memory and
-// no barrier until the slices merge: lane j maps the tile's key j to its cache offsets (vector_keys), and the keys are
-// taken 8 at a time in one lane layout for K and V (VectorLayout):
+// exact affine values. Each simdgroup walks tiles of its own, VECTOR_TILE_KEYS keys each, with no threadgroup memory
+// and no barrier until the slices merge: lane j maps the tile's key j to its cache offsets (vector_keys), and the keys
+// are taken 8 at a time in one lane layout for K and V (VectorLayout):
 // - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the 8 (KPL = D / 32) and head-dim
 //   elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (vector_codes); Q's 8 elements of each row live in fp32
 //   registers;
 // - S: the lane's KPL x R dot products of Q with the raw codes are summed over the lanes of a key by a reduce-scatter,
-//   first over the 4 lanes of a 32-element block (one quantization group), where the affine map is applied once per
-//   value: S = scale (Q . codes) + bias sum(Q) (the direct path's fold), then over the blocks;
+//   first over the 4 lanes of a 32-element block (inside one quantization group), where the affine map is applied
+//   once per value: S = scale (Q . codes) + bias sum(Q) (the direct path's fold), then over the blocks;
 // - O += P V: each lane takes P of its keys from the score lanes and accumulates (P scale) codes into its 8 elements
 //   of each row and P bias into one sum per row (its elements share a group); the key groups' partial O are summed
 //   once, after the last tile (vector_to_fragments).
@@ -317,6 +317,7 @@ constexpr int vector_log_rows(int rows) { return rows <= 1 ? 0 : rows <= 2 ? 1 :
 // in step_bit(k): the lanes of a block first (bits 2, 1), then the blocks (LR / 2 .. 4). A lane stores its values XOR-
 // permuted by the value it will end with (value n = key-in-lane * R + row in slot n ^ lane_value), so at every step it
 // keeps the lower half of its slots and sends the upper half: no selects.
+// D is 64 or 128 (attend_vector asserts it; vector_to_fragments is instantiated for every head dim, runs for those).
 template <int D>
 struct VectorLayout {
     static constexpr int LR = D / 8, KPL = D / 32, LOG_KPL = KPL == 4 ? 2 : 1, STEPS = LR == 16 ? 4 : 3;
@@ -324,7 +325,7 @@ struct VectorLayout {
     // Lane bit b (0..2) of the 8 keys: the key-in-lane bits (the first LOG_KPL steps), then the key groups'.
     static constexpr ushort key_bit(int b) { return ushort(b < LOG_KPL ? step_bit(b) : LR << (b - LOG_KPL)); }
     // The value (key-in-lane * R + row) lane `lane` holds once the reduce-scatter is done.
-    static int lane_value(ushort lane, int log_rows) {
+    METAL_FUNC static int lane_value(ushort lane, int log_rows) {
         const int bits = LOG_KPL + log_rows;
         int value = 0;
         UNROLL_RUN
@@ -340,7 +341,7 @@ struct VectorLayout {
             if (k < bits && ((value >> (bits - 1 - k)) & 1) != 0) lane |= step_bit(k);
         return lane;
     }
-    static ushort score_lane(int key, int row, int log_rows) {
+    METAL_FUNC static ushort score_lane(int key, int row, int log_rows) {
         return ushort(LR * (key / KPL) + score_lane_in_group(key % KPL, row, log_rows));
     }
 };
@@ -355,7 +356,8 @@ struct VectorRows {
     float max_log2 = MASKED, denominator = 0.0f;
     int log_rows;                  // R = 1 << log_rows (the dispatch; R's kernels know it at compile time)
     int lane_value;                // VectorLayout::lane_value
-    ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for slice key 0
+    ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for an 8-key group's
+                                         // first key
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
     bool row_valid;
     float slope;
@@ -412,12 +414,10 @@ struct VectorKeys {
     uint valid;
 };
 
-METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0, int lo, int hi, CacheFormat k_format,
-                                  CacheFormat v_format, ushort lane) {
+METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0, int lo, int hi,
+                                  SlotStrides k_scales, SlotStrides v_scales, ushort lane) {
     const PagedKey key = paged_key<VECTOR_TILE_KEYS>(cache, keys.kv_start, key0, lo, hi, keys.count, lane);
-    return {key.offset(cache.k_block_stride, cache.k_slot_stride) * 4, key.offset(cache.v_block_stride, cache.v_slot_stride) * 4,
-            key.offset(k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]),
-            key.offset(v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]),
+    return {key.offset(cache.k) * 4, key.offset(cache.v) * 4, key.offset(k_scales), key.offset(v_scales),
             simd_or(key.exists ? 1u << lane : 0u)};
 }
 
@@ -462,7 +462,8 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
         float x[8];
-        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + Layout::KPL * h + (i ^ key_permutation)));
+        const int key = Layout::KPL * h + (i ^ key_permutation);
+        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
             part[i * R + r] = 0.0f;
@@ -471,9 +472,9 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
         }
     }
     ReduceScatter<D, N, 0, 2>::run(part);   // over the block: one key, one group left
-    const float2 a = simd_shuffle(k_mine, ushort(st.k_group_lane + Layout::KPL * h + key_permutation));
+    const float2 scale_bias = simd_shuffle(k_mine, ushort(st.k_group_lane + Layout::KPL * h + key_permutation));
     UNROLL_RUN
-    for (int s = 0; s < FOLDED; ++s) part[s] = a.x * part[s] + a.y * st.q_sum[s];
+    for (int s = 0; s < FOLDED; ++s) part[s] = scale_bias.x * part[s] + scale_bias.y * st.q_sum[s];
     ReduceScatter<D, FOLDED, 2, Layout::STEPS>::run(part);
     return part[0];
 }
@@ -490,13 +491,13 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
         const int key = Layout::KPL * h + i;
         float x[8];
         vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
-        const float2 a = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0) where there is no key
+        const float2 scale_bias = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0): no key
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
             const int in_group = Layout::score_lane_in_group(i, r, vector_log_rows(R));   // a constant once unrolled
             const float p = simd_shuffle(prob, ushort(group_lane + in_group));
-            const float scaled = p * a.x;
-            st.value_bias[r] += p * a.y;
+            const float scaled = p * scale_bias.x;
+            st.value_bias[r] += p * scale_bias.y;
             UNROLL_RUN
             for (int j = 0; j < 8; ++j) st.o[r][j] += scaled * x[j];
         }
@@ -764,11 +765,17 @@ template <typename T, int DK, int DV>
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
     const PagedLayout cache = paged_layout(p, block_table, seq);
+    const SlotStrides k_scale_strides = slot_strides(p.num_blocks, cache.block_size.divisor,   // (affine caches)
+                                                     k_format.scale_strides[STRIDE_BATCH],
+                                                     k_format.scale_strides[STRIDE_TOKEN]);
+    const SlotStrides v_scale_strides = slot_strides(p.num_blocks, cache.block_size.divisor,
+                                                     v_format.scale_strides[STRIDE_BATCH],
+                                                     v_format.scale_strides[STRIDE_TOKEN]);
 
     // The vector path: each simdgroup (key slice) its own tiles, every slices-th from the band's first.
     for (int key0 = (lo / VECTOR_TILE_KEYS + slice) * VECTOR_TILE_KEYS; vector && key0 < hi;
          key0 += slices * VECTOR_TILE_KEYS) {
-        const VectorKeys vector_tile = vector_keys(cache, keys, key0, lo, hi, k_format, v_format, lane);
+        const VectorKeys vector_tile = vector_keys(cache, keys, key0, lo, hi, k_scale_strides, v_scale_strides, lane);
         attend_vector_tile<T, VD>(vrows, k_tile, v_tile, vector_tile, groups, key0, hi, rules, lane);
         if (lane == 0) WORK_COUNT("vector_tiles", 1);
     }
@@ -778,8 +785,8 @@ template <typename T, int DK, int DV>
             const PagedKey key = map_paged_keys<BK>(cache, keys.kv_start, key0, lo, hi, keys.count, k_offset, v_offset,
                                                     &tile_valid, lane);
             if (kv_quantized && int(lane) < BK) {
-                k_scale_offset[lane] = key.offset(k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]);
-                v_scale_offset[lane] = key.offset(v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]);
+                k_scale_offset[lane] = key.offset(k_scale_strides);
+                v_scale_offset[lane] = key.offset(v_scale_strides);
             }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -314,19 +314,29 @@ def test_decode_head_dims_and_dtypes(fa, dtype, D, bits):
     run_matrix_case(fa, bits, 32 if bits[0] == 8 or D % 64 else 64, True, "causal", (8, 2), dtype=dtype, D=D)
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
-@pytest.mark.parametrize("D", [64, 128])
-def test_vector_path_partial_tiles(fa, counters, D, group):
-    """The vector path's per-simdgroup tiles of 32 keys: on a paged cache of 5-slot blocks (a tile's keys span up to 8
-    blocks) and on a contiguous cache with cache_leftpad (the keys start mid-tile), with a window that leaves 8-key
-    groups of a tile empty and sequences ending mid-group; R = group rows (1, 2, 4)."""
-    Hkv, seqlens, leftpad = 2, [203, 77, 9], [37, 0, 3]
+# (D, query heads per KV head = rows R, (k_bits, v_bits), group size): each D, R, bit mix and group size at least once.
+VECTOR_TILE_CASES = [(64, 1, (4, 8), 32), (64, 2, (8, 4), 64), (64, 4, (8, 8), 32), (128, 1, (8, 4), 128),
+                     (128, 2, (4, 4), 64), (128, 4, (4, 8), 128)]
+
+
+@pytest.mark.parametrize("D, group, bits, group_size", VECTOR_TILE_CASES, ids=lambda x: str(x))
+def test_vector_path_tiles(fa, counters, D, group, bits, group_size):
+    """The vector path's per-simdgroup tiles of 32 keys, on a paged cache of 5-slot blocks (a tile's keys span up to 8
+    blocks) and on a contiguous cache with cache_leftpad (keys starting mid-tile): with a window that leaves 8-key groups
+    of a tile empty, and with one partition of 441 keys, so each of the 4 key slices takes several tiles (the running
+    rescale carried from tile to tile); the tile counter equals the 32-key tiles that overlap each band."""
+    Hkv, seqlens, leftpad = 2, [441, 77, 9], [37, 0, 3]
     q = torch.randn(len(seqlens), 1, group * Hkv, D, generator=torch.Generator().manual_seed(D + group)).to(torch.float16)
     for paged in (True, False):
-        cache = QuantCache(seqlens, Hkv, D, 5 if paged else 240, torch.float16, 4, 8, 32, paged=paged, seed=D + group)
-        counters(reset=True)
-        decode_on_quantized(fa, cache, q, window=(70, 0), leftpad=None if paged else leftpad)
-        assert counters()["vector_tiles"] > 0
+        cache = QuantCache(seqlens, Hkv, D, 5 if paged else 480, torch.float16, *bits, group_size, paged=paged,
+                           seed=D + group)
+        first = [0] * len(seqlens) if paged else leftpad
+        for window, splits in (((70, 0), 0), ((-1, -1), 1)):
+            counters(reset=True)
+            decode_on_quantized(fa, cache, q, window=window, num_splits=splits, leftpad=None if paged else leftpad)
+            bands = [(max(0, n - f - 1 - window[0]) if window[0] >= 0 else 0, n - f) for n, f in zip(seqlens, first)]
+            tiles = sum(-(-hi // 32) - lo // 32 for lo, hi in bands) * Hkv
+            assert counters()["vector_tiles"] == tiles, (paged, window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -105,7 +105,8 @@ METAL_FUNC uchar float_to_e4m3(float x) {
 
 // ------------------------------------------------------------------------------------------ tile dequantization
 // One cache (K or V) as a decode threadgroup reads it: at its KV head, with the tile's row offsets (cache elements)
-// and, for affine caches, the row offsets of the scales and biases.
+// and, for affine caches, the row offsets of the scales and biases (the tile and direct paths: the vector path's
+// simdgroups map their keys themselves, decode.metal's vector_keys).
 template <typename T>
 struct CacheTile {
     const device uchar* head;              // the cache at this KV head

@@ -58,13 +58,26 @@ struct TableRows {
     int64_t operator()(uint row) const { return offset[row]; }
 };
 
+// The {block, slot} strides of a paged tensor (a cache, or its scales) and whether entry * block + slot * slot fits 32
+// bits for every entry < num_blocks and slot < block_size: then a key's offset is a 32-bit product (a 64-bit multiply
+// costs several 32-bit ones on Apple GPUs). Checked once per threadgroup.
+struct SlotStrides {
+    int64_t block, slot;
+    bool fits_32;
+};
+
+METAL_FUNC SlotStrides slot_strides(int num_blocks, int block_size, int64_t block, int64_t slot) {
+    const int64_t largest = int64_t(max(num_blocks, 1) - 1) * block + int64_t(max(block_size, 1) - 1) * slot;
+    return {block, slot, largest <= int64_t(0x7FFFFFFF)};
+}
+
 // A paged cache [num_blocks, block_size, Hkv, D] (strides {block, slot, head}) as a threadgroup reads it: the
 // sequence's block_table row and the layout, in registers (read from the constant params once, not per tile).
 struct PagedLayout {
     const device int* table_row;
     FastDivisor block_size;
     int num_blocks;   // entries outside [0, num_blocks) hide their keys
-    int64_t k_block_stride, k_slot_stride, v_block_stride, v_slot_stride;
+    SlotStrides k, v;
 };
 
 // The layout of sequence seq's cache from the params of a paged kernel (DecodeParams, PrefillParams: block_size,
@@ -73,8 +86,10 @@ template <typename Params>
 METAL_FUNC PagedLayout paged_layout(constant Params& p, const device int* block_table, int seq) {
     const FastDivisor block_size{p.block_size.multiplier, p.block_size.shift, p.block_size.divisor, 0};
     return {block_table + int64_t(seq) * p.blocks_per_seq, block_size, p.num_blocks,
-            p.shape.k_strides[STRIDE_BATCH], p.shape.k_strides[STRIDE_TOKEN],
-            p.shape.v_strides[STRIDE_BATCH], p.shape.v_strides[STRIDE_TOKEN]};
+            slot_strides(p.num_blocks, block_size.divisor, p.shape.k_strides[STRIDE_BATCH],
+                         p.shape.k_strides[STRIDE_TOKEN]),
+            slot_strides(p.num_blocks, block_size.divisor, p.shape.v_strides[STRIDE_BATCH],
+                         p.shape.v_strides[STRIDE_TOKEN])};
 }
 
 // Where the mapping lane's key lives: its block_table entry (as read, maybe invalid) and slot in the block, and
@@ -82,9 +97,11 @@ METAL_FUNC PagedLayout paged_layout(constant Params& p, const device int* block_
 struct PagedKey {
     int entry, slot;
     bool exists;
-    // Its element offset in a cache with {block, slot} strides (-1: no key).
-    METAL_FUNC int64_t offset(int64_t block_stride, int64_t slot_stride) const {
-        return exists ? entry * block_stride + slot * slot_stride : -1;
+    // Its element offset in a paged tensor (-1: no key).
+    METAL_FUNC int64_t offset(SlotStrides strides) const {
+        if (!exists) return -1;
+        if (strides.fits_32) return int64_t(entry * int(strides.block) + slot * int(strides.slot));
+        return entry * strides.block + slot * strides.slot;
     }
 };
 
@@ -114,8 +131,8 @@ METAL_FUNC PagedKey map_paged_keys(PagedLayout cache, int kv_start, int key0, in
                                    threadgroup uint* tile_valid, ushort lane) {
     const PagedKey key = paged_key<BK>(cache, kv_start, key0, lo, hi, count, lane);
     if (int(lane) < BK) {
-        k_offset[lane] = key.offset(cache.k_block_stride, cache.k_slot_stride);
-        v_offset[lane] = key.offset(cache.v_block_stride, cache.v_slot_stride);
+        k_offset[lane] = key.offset(cache.k);
+        v_offset[lane] = key.offset(cache.v);
     }
     const uint valid = simd_or(key.exists ? 1u << lane : 0u);
     if (lane == 0) *tile_valid = valid;
