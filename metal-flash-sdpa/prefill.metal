@@ -127,7 +127,7 @@ template <typename T, int DK, int DV>
     // Paged: the caches at this KV head (tile rows come from the table); else the sequence's first key.
     const device T* k_head = k + element_offset(p.shape.k_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
     const device T* v_head = v + element_offset(p.shape.v_strides, paged_kv ? 0 : seq, span.k_start, kv_head);
-    const PagedLayout cache = paged_layout(p, block_table, seq);
+    const PagedLayout cache = paged_kv ? paged_layout(p, block_table, seq) : PagedLayout{};   // (read when paged)
     const float slope = has_alibi ? alibi_slopes[seq * p.mask.alibi_seq_stride + head] * LOG2E : 0.0f;
 
     const FragmentCoord fc = fragment_coord(lane);
