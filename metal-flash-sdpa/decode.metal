@@ -346,14 +346,19 @@ struct VectorLayout {
     }
 };
 
+// The weight of an odd element's code as vector_codes returns it: 1/16 for 4-bit codes (exact: a power of 2).
+constexpr float odd_weight(int bits) { return bits == 4 ? 1.0f / 16.0f : 1.0f; }
+
 // Per lane: Q's elements of each row and their block sums, O's partial elements and P bias sums, and the online
 // softmax of the lane's score row. Q's rows are stored in the lane's permuted order (VectorLayout), O's in order.
 struct VectorRows {
-    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale; slot r: row r ^ (lane_value % R)
+    float q[VECTOR_MAX_ROWS][8];   // times the softmax scale (odd elements also by odd_weight(K)); slot r: row
+                                   // r ^ (lane_value % R)
     float q_sum[VECTOR_MAX_ROWS];  // the sum of slot r's row over the lane's 32-element block
-    float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only
+    float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only (odd elements / odd_weight(V))
+    float v_odd_weight;            // odd_weight(V)
     float value_bias[VECTOR_MAX_ROWS];   // sum of P bias over the lane's keys, per row
-    float max_log2 = MASKED, denominator = 0.0f;
+    float max_log2 = MASKED, denominator = 0.0f;   // the row's running max; the lane's part of its denominator
     int log_rows;                  // R = 1 << log_rows (the dispatch; R's kernels know it at compile time)
     int lane_value;                // VectorLayout::lane_value
     ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for an 8-key group's
@@ -375,6 +380,8 @@ METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant
     // Group indices once (runtime group sizes: divisions stay out of the tile loop).
     st.k_group_lane = ushort(8 * (8 * c / k_format.group_size));
     st.v_group_lane = ushort(8 * (8 * c / v_format.group_size));
+    const float k_odd_weight = odd_weight(k_format.bits);
+    st.v_odd_weight = odd_weight(v_format.bits);
     float slot_sum[VECTOR_MAX_ROWS];   // the lane's part of each slot's row sum
     UNROLL_RUN
     for (int slot = 0; slot < VECTOR_MAX_ROWS; ++slot) {
@@ -384,8 +391,9 @@ METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant
         float sum = 0.0f;
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) {
-            st.q[slot][j] = valid ? float(q_row[8 * c + j]) * scale : 0.0f;
-            sum += st.q[slot][j];
+            const float x = valid ? float(q_row[8 * c + j]) * scale : 0.0f;
+            sum += x;
+            st.q[slot][j] = j % 2 == 1 ? x * k_odd_weight : x;
             st.o[slot][j] = 0.0f;
         }
         slot_sum[slot] = sum;
@@ -422,11 +430,12 @@ METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0
 }
 
 // The lane's 8 raw codes of the row `bytes` after `lane_codes` (the cache's codes [8 c, 8 c + 8) of its first row: 8
-// codes are BITS bytes; negative: no key, zeros), as fp32 (exact).
+// codes are BITS bytes; negative: no key, zeros), as fp32 (exact); 4-bit odd elements are 16 x their code, so Q's odd
+// elements are weighed 1/16 (load_q_vector) and O's unweighed once, at the end (vector_to_fragments).
 template <int BITS>
 METAL_FUNC void vector_codes(thread float* x, const device uchar* lane_codes, int64_t bytes) {
     if (bytes >= 0) {
-        load_codes<BITS, 8, float>(x, lane_codes + bytes);
+        load_codes<BITS, 8, float, true>(x, lane_codes + bytes);   // 4-bit odd elements: 16 x the code
     } else {
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) x[j] = 0.0f;
@@ -504,32 +513,60 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     }
 }
 
-// Tile keys first .. first + 7 on the vector path, R rows.
+// The lane's masked base-2 score (its key of tile keys first .. first + 7, its row) on the vector path, R rows.
 template <typename T, int D, int R>
-METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
-                              DirectGroups groups, int first, int key0, int key_end, ScoreRules rules, ushort lane) {
+METAL_FUNC float vector_group_score(thread const VectorRows& st, CacheTile<T> k, VectorKeys tile, DirectGroups groups,
+                                    int first, int key0, int key_end, ScoreRules rules, ushort lane) {
     using Layout = VectorLayout<D>;
     static_assert(direct_head_dim<D>(), "the layout's head dims: 2 or 4 keys a lane");
-    constexpr int LOG_R = vector_log_rows(R);
     const int mine = first + lane % 8, group = lane / 8;   // the (scale, bias) this lane reads (direct path's rule)
     const bool exists = ((tile.valid >> mine) & 1u) != 0;
     const float2 k_mine = affine_group_at(k, exists, shuffle_offset(tile.k_scale, mine), group, groups.k_exists);
-    const float2 v_mine = affine_group_at(v, exists, shuffle_offset(tile.v_scale, mine), group, groups.v_exists);
     const float raw = k.bits == 4 ? vector_score<T, D, R, 4>(st, k, k_mine, tile, first, lane)
                                   : vector_score<T, D, R, 8>(st, k, k_mine, tile, first, lane);
-    // The online softmax of the lane's (key, row): the lanes of a row differ in the key bits.
-    const int key = Layout::KPL * (lane / Layout::LR) + (st.lane_value >> LOG_R);
-    const float score = masked_score(raw, key0 + first + key, key0, key_end, tile.valid, st.q_pos, st.row_valid, true,
-                                     st.slope, rules);
-    float tile_max = score;
+    const int key = Layout::KPL * (lane / Layout::LR) + (st.lane_value >> vector_log_rows(R));
+    return masked_score(raw, key0 + first + key, key0, key_end, tile.valid, st.q_pos, st.row_valid, true, st.slope,
+                        rules);
+}
+
+// O += P V over tile keys first .. first + 7 (prob: the score lane's probability).
+template <typename T, int D, int R>
+METAL_FUNC void vector_group_values(thread VectorRows& st, float prob, CacheTile<T> v, VectorKeys tile,
+                                    DirectGroups groups, int first, ushort lane) {
+    const int mine = first + lane % 8, group = lane / 8;
+    const bool exists = ((tile.valid >> mine) & 1u) != 0;
+    const float2 v_mine = affine_group_at(v, exists, shuffle_offset(tile.v_scale, mine), group, groups.v_exists);
+    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, tile, first, lane);
+    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, tile, first, lane);
+}
+
+// A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, R rows: the scores of its 8-key groups (a group with no key is
+// skipped), one online-softmax step for the whole tile, then O += P V group by group. The lane's denominator is its
+// part of its row's (the lanes of a row differ in the key bits), summed once, in vector_to_fragments.
+template <typename T, int D, int R>
+METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
+                              DirectGroups groups, int key0, int key_end, ScoreRules rules, ushort lane) {
+    using Layout = VectorLayout<D>;
+    constexpr int GROUPS = VECTOR_TILE_KEYS / 8, LOG_R = vector_log_rows(R);
+    float score[GROUPS];
+    float tile_max = MASKED;
+    UNROLL_RUN
+    for (int g = 0; g < GROUPS; ++g) {
+        score[g] = MASKED;
+        if (((tile.valid >> (8 * g)) & 0xFFu) != 0)
+            score[g] = vector_group_score<T, D, R>(st, k, tile, groups, 8 * g, key0, key_end, rules, lane);
+        tile_max = max(tile_max, score[g]);
+    }
     UNROLL_RUN
     for (int b = 0; b < 3; ++b) tile_max = max(tile_max, simd_shuffle_xor(tile_max, Layout::key_bit(b)));
     const float new_max = max(st.max_log2, tile_max);
     const float rescale = fast::exp2(st.max_log2 - new_max);
-    const float prob = score == MASKED ? 0.0f : fast::exp2(score - new_max);
-    float sum = prob;
+    float prob[GROUPS], sum = 0.0f;
     UNROLL_RUN
-    for (int b = 0; b < 3; ++b) sum += simd_shuffle_xor(sum, Layout::key_bit(b));
+    for (int g = 0; g < GROUPS; ++g) {
+        prob[g] = score[g] == MASKED ? 0.0f : fast::exp2(score[g] - new_max);
+        sum += prob[g];
+    }
     st.denominator = st.denominator * rescale + sum;
     const bool moved = simd_any(new_max != st.max_log2);   // O is rescaled only when some row's max moved
     st.max_log2 = new_max;
@@ -542,20 +579,19 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
             for (int j = 0; j < 8; ++j) st.o[r][j] *= f;
         }
     }
-    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, tile, first, lane);
-    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, tile, first, lane);
+    UNROLL_RUN
+    for (int g = 0; g < GROUPS; ++g) {
+        if (((tile.valid >> (8 * g)) & 0xFFu) != 0)
+            vector_group_values<T, D, R>(st, prob[g], v, tile, groups, 8 * g, lane);
+    }
 }
 
-// A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, 8 keys at a time (a group of 8 with no key is skipped).
 template <typename T, int D>
 METAL_FUNC void attend_vector_tile(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
                                    DirectGroups groups, int key0, int key_end, ScoreRules rules, ushort lane) {
-    for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
-        if (((tile.valid >> first) & 0xFFu) == 0) continue;
-        if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
-        else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
-        else attend_vector<T, D, 4>(st, k, v, tile, groups, first, key0, key_end, rules, lane);
-    }
+    if (st.log_rows == 0) attend_vector<T, D, 1>(st, k, v, tile, groups, key0, key_end, rules, lane);
+    else if (st.log_rows == 1) attend_vector<T, D, 2>(st, k, v, tile, groups, key0, key_end, rules, lane);
+    else attend_vector<T, D, 4>(st, k, v, tile, groups, key0, key_end, rules, lane);
 }
 
 // The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O (with their
@@ -569,6 +605,7 @@ METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSof
     for (int r = 0; r < VECTOR_MAX_ROWS; ++r) {
         UNROLL_RUN
         for (int j = 0; j < 8; ++j) {
+            if (j % 2 == 1) st.o[r][j] *= st.v_odd_weight;
             st.o[r][j] += st.value_bias[r];
             UNROLL_RUN
             for (int bit = LR; bit < 32; bit *= 2) st.o[r][j] += simd_shuffle_xor(st.o[r][j], ushort(bit));
@@ -583,8 +620,11 @@ METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSof
         for (int e = 0; e < 2; ++e)
             o.frag[d].thread_elements()[e] = mine ? region[fc.row * D + d * 8 + fc.col + e] : 0.0f;
     }
+    float row_denominator = st.denominator;   // the lane's part, over the row's lanes
+    UNROLL_RUN
+    for (int b = 0; b < 3; ++b) row_denominator += simd_shuffle_xor(row_denominator, VectorLayout<D>::key_bit(b));
     const ushort from = VectorLayout<D>::score_lane(0, min(fc.row, VECTOR_MAX_ROWS - 1), st.log_rows);
-    const float max_log2 = simd_shuffle(st.max_log2, from), denominator = simd_shuffle(st.denominator, from);
+    const float max_log2 = simd_shuffle(st.max_log2, from), denominator = simd_shuffle(row_denominator, from);
     state.max_log2 = mine ? max_log2 : MASKED;
     state.denominator = mine ? denominator : 0.0f;
 }

@@ -356,7 +356,8 @@ METAL_FUNC void widen(thread float4& codes, uchar4 bytes) { codes = float4(bytes
 
 // Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
 // the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
-template <int BITS, int N, typename C = uint>
+// HIGH_X16: a high nibble is left in place, 16 x its code (a shift less a word; the caller weighs odd elements 1/16).
+template <int BITS, int N, typename C = uint, bool HIGH_X16 = false>
 METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8
     uint2 w = uint2(0u);
@@ -373,7 +374,7 @@ METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
         } else {
             vec<C, 4> low, high;
             widen(low, as_type<uchar4>(w[i] & 0x0F0F0F0Fu));
-            widen(high, as_type<uchar4>((w[i] >> 4) & 0x0F0F0F0Fu));
+            widen(high, as_type<uchar4>(HIGH_X16 ? w[i] & 0xF0F0F0F0u : (w[i] >> 4) & 0x0F0F0F0Fu));
             UNROLL_RUN
             for (int j = 0; j < min(4, N / 2); ++j) {
                 codes[8 * i + 2 * j] = low[j];
