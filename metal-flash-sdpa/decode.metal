@@ -365,6 +365,7 @@ struct VectorRows {
                                          // first key
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
     bool row_valid;
+    bool band_seen_by_all;         // every row sees every key of the band (one new token, or no causal / window mask)
     float slope;
 };
 
@@ -431,10 +432,11 @@ METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0
 
 // The lane's 8 raw codes of the row `bytes` after `lane_codes` (the cache's codes [8 c, 8 c + 8) of its first row: 8
 // codes are BITS bytes; negative: no key, zeros), as fp32 (exact); 4-bit odd elements are 16 x their code, so Q's odd
-// elements are weighed 1/16 (load_q_vector) and O's unweighed once, at the end (vector_to_fragments).
-template <int BITS>
+// elements are weighed 1/16 (load_q_vector) and O's unweighed once, at the end (vector_to_fragments). EDGE false:
+// every key exists (no check).
+template <int BITS, bool EDGE>
 METAL_FUNC void vector_codes(thread float* x, const device uchar* lane_codes, int64_t bytes) {
-    if (bytes >= 0) {
+    if (!EDGE || bytes >= 0) {
         load_codes<BITS, 8, float, true>(x, lane_codes + bytes);   // 4-bit odd elements: 16 x the code
     } else {
         UNROLL_RUN
@@ -460,7 +462,7 @@ struct ReduceScatter<D, N, END, END> {
 };
 
 // The lane's score (the raw q.k of key KPL h + lane_value / R, row lane_value % R, over the whole head dim).
-template <typename T, int D, int R, int BITS>
+template <typename T, int D, int R, int BITS, bool EDGE>
 METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float2 k_mine, VectorKeys tile, int first,
                               ushort lane) {
     using Layout = VectorLayout<D>;
@@ -472,7 +474,7 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
     for (int i = 0; i < Layout::KPL; ++i) {
         float x[8];
         const int key = Layout::KPL * h + (i ^ key_permutation);
-        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
+        vector_codes<BITS, EDGE>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
             part[i * R + r] = 0.0f;
@@ -489,7 +491,7 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
 }
 
 // O += P V over the lane's keys (prob: the score lane's probability).
-template <typename T, int D, int R, int BITS>
+template <typename T, int D, int R, int BITS, bool EDGE>
 METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T> v, float2 v_mine, VectorKeys tile,
                                   int first, ushort lane) {
     using Layout = VectorLayout<D>;
@@ -499,7 +501,7 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     for (int i = 0; i < Layout::KPL; ++i) {
         const int key = Layout::KPL * h + i;
         float x[8];
-        vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
+        vector_codes<BITS, EDGE>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
         const float2 scale_bias = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0): no key
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
@@ -513,50 +515,64 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     }
 }
 
-// The lane's masked base-2 score (its key of tile keys first .. first + 7, its row) on the vector path, R rows.
-template <typename T, int D, int R>
+// The lane's masked base-2 score (its key of tile keys first .. first + 7, its row) on the vector path, R rows. EDGE
+// false: the 8 keys exist and every row sees them (no mask test).
+template <typename T, int D, int R, bool EDGE>
 METAL_FUNC float vector_group_score(thread const VectorRows& st, CacheTile<T> k, VectorKeys tile, DirectGroups groups,
                                     int first, int key0, int key_end, ScoreRules rules, ushort lane) {
     using Layout = VectorLayout<D>;
     static_assert(direct_head_dim<D>(), "the layout's head dims: 2 or 4 keys a lane");
     const int mine = first + lane % 8, group = lane / 8;   // the (scale, bias) this lane reads (direct path's rule)
-    const bool exists = ((tile.valid >> mine) & 1u) != 0;
+    const bool exists = !EDGE || ((tile.valid >> mine) & 1u) != 0;
     const float2 k_mine = affine_group_at(k, exists, shuffle_offset(tile.k_scale, mine), group, groups.k_exists);
-    const float raw = k.bits == 4 ? vector_score<T, D, R, 4>(st, k, k_mine, tile, first, lane)
-                                  : vector_score<T, D, R, 8>(st, k, k_mine, tile, first, lane);
+    const float raw = k.bits == 4 ? vector_score<T, D, R, 4, EDGE>(st, k, k_mine, tile, first, lane)
+                                  : vector_score<T, D, R, 8, EDGE>(st, k, k_mine, tile, first, lane);
     const int key = Layout::KPL * (lane / Layout::LR) + (st.lane_value >> vector_log_rows(R));
-    return masked_score(raw, key0 + first + key, key0, key_end, tile.valid, st.q_pos, st.row_valid, true, st.slope,
+    return masked_score(raw, key0 + first + key, key0, key_end, tile.valid, st.q_pos, st.row_valid, EDGE, st.slope,
                         rules);
 }
 
-// O += P V over tile keys first .. first + 7 (prob: the score lane's probability).
-template <typename T, int D, int R>
+// O += P V over tile keys first .. first + 7 (prob: the score lane's probability; EDGE as vector_group_score).
+template <typename T, int D, int R, bool EDGE>
 METAL_FUNC void vector_group_values(thread VectorRows& st, float prob, CacheTile<T> v, VectorKeys tile,
                                     DirectGroups groups, int first, ushort lane) {
     const int mine = first + lane % 8, group = lane / 8;
-    const bool exists = ((tile.valid >> mine) & 1u) != 0;
+    const bool exists = !EDGE || ((tile.valid >> mine) & 1u) != 0;
     const float2 v_mine = affine_group_at(v, exists, shuffle_offset(tile.v_scale, mine), group, groups.v_exists);
-    if (v.bits == 4) vector_accumulate<T, D, R, 4>(st, prob, v, v_mine, tile, first, lane);
-    else vector_accumulate<T, D, R, 8>(st, prob, v, v_mine, tile, first, lane);
+    if (v.bits == 4) vector_accumulate<T, D, R, 4, EDGE>(st, prob, v, v_mine, tile, first, lane);
+    else vector_accumulate<T, D, R, 8, EDGE>(st, prob, v, v_mine, tile, first, lane);
 }
 
+#define NO_UNROLL _Pragma("clang loop unroll(disable)")
+
 // A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, R rows: the scores of its 8-key groups (a group with no key is
-// skipped), one online-softmax step for the whole tile, then O += P V group by group. The lane's denominator is its
-// part of its row's (the lanes of a row differ in the key bits), summed once, in vector_to_fragments.
+// skipped; one whose 8 keys exist, when every row sees the whole band, is computed without mask tests), one online-
+// softmax step for the whole tile, then O += P V group by group. The groups' loops are not unrolled (one copy of a
+// group's code): their scores and probabilities shift through registers. The lane's denominator is its part of its
+// row's (the lanes of a row differ in the key bits), summed once, in vector_to_fragments.
 template <typename T, int D, int R>
 METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
                               DirectGroups groups, int key0, int key_end, ScoreRules rules, ushort lane) {
     using Layout = VectorLayout<D>;
     constexpr int GROUPS = VECTOR_TILE_KEYS / 8, LOG_R = vector_log_rows(R);
-    float score[GROUPS];
+    float score[GROUPS];   // group g's in score[g] once the loop is done
+    UNROLL_RUN
+    for (int g = 0; g < GROUPS; ++g) score[g] = MASKED;
+    NO_UNROLL
+    for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
+        const uint keys = (tile.valid >> first) & 0xFFu;
+        float group_score = MASKED;
+        if (keys == 0xFFu && st.band_seen_by_all)
+            group_score = vector_group_score<T, D, R, false>(st, k, tile, groups, first, key0, key_end, rules, lane);
+        else if (keys != 0u)
+            group_score = vector_group_score<T, D, R, true>(st, k, tile, groups, first, key0, key_end, rules, lane);
+        UNROLL_RUN
+        for (int g = 0; g + 1 < GROUPS; ++g) score[g] = score[g + 1];
+        score[GROUPS - 1] = group_score;
+    }
     float tile_max = MASKED;
     UNROLL_RUN
-    for (int g = 0; g < GROUPS; ++g) {
-        score[g] = MASKED;
-        if (((tile.valid >> (8 * g)) & 0xFFu) != 0)
-            score[g] = vector_group_score<T, D, R>(st, k, tile, groups, 8 * g, key0, key_end, rules, lane);
-        tile_max = max(tile_max, score[g]);
-    }
+    for (int g = 0; g < GROUPS; ++g) tile_max = max(tile_max, score[g]);
     UNROLL_RUN
     for (int b = 0; b < 3; ++b) tile_max = max(tile_max, simd_shuffle_xor(tile_max, Layout::key_bit(b)));
     const float new_max = max(st.max_log2, tile_max);
@@ -579,10 +595,15 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
             for (int j = 0; j < 8; ++j) st.o[r][j] *= f;
         }
     }
-    UNROLL_RUN
-    for (int g = 0; g < GROUPS; ++g) {
-        if (((tile.valid >> (8 * g)) & 0xFFu) != 0)
-            vector_group_values<T, D, R>(st, prob[g], v, tile, groups, 8 * g, lane);
+    NO_UNROLL
+    for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
+        const uint keys = (tile.valid >> first) & 0xFFu;
+        if (keys == 0xFFu && st.band_seen_by_all)
+            vector_group_values<T, D, R, false>(st, prob[0], v, tile, groups, first, lane);
+        else if (keys != 0u)
+            vector_group_values<T, D, R, true>(st, prob[0], v, tile, groups, first, lane);
+        UNROLL_RUN
+        for (int g = 0; g + 1 < GROUPS; ++g) prob[g] = prob[g + 1];
     }
 }
 
@@ -791,6 +812,7 @@ template <typename T, int DK, int DV>
     if (vector) {
         load_q_vector<T, VD>(vrows, q, p.shape.q_strides, alibi_slopes, p.mask.alibi_seq_stride, query_rows, shift, seq,
                              k_format, v_format, p.mask.scale, lane);
+        vrows.band_seen_by_all = p.seqlen_q == 1 || !(rules.causal || rules.window);   // (the band is the one row's)
     } else if (direct) {
         load_q_direct<T, DVP>(q_direct, q_row, row_valid, fc);
     } else {
@@ -805,12 +827,11 @@ template <typename T, int DK, int DV>
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
     const PagedLayout cache = paged_layout(p, block_table, seq);
-    const SlotStrides k_scale_strides = slot_strides(p.num_blocks, cache.block_size.divisor,   // (affine caches)
-                                                     k_format.scale_strides[STRIDE_BATCH],
-                                                     k_format.scale_strides[STRIDE_TOKEN]);
-    const SlotStrides v_scale_strides = slot_strides(p.num_blocks, cache.block_size.divisor,
-                                                     v_format.scale_strides[STRIDE_BATCH],
-                                                     v_format.scale_strides[STRIDE_TOKEN]);
+    const int block_size = cache.block_size.divisor;   // the scales' slot strides (affine caches only)
+    const SlotStrides k_scale_strides = !kv_quantized ? SlotStrides{} : slot_strides(p.num_blocks, block_size,
+        k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]);
+    const SlotStrides v_scale_strides = !kv_quantized ? SlotStrides{} : slot_strides(p.num_blocks, block_size,
+        v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]);
 
     // The vector path: each simdgroup (key slice) its own tiles, every slices-th from the band's first.
     for (int key0 = (lo / VECTOR_TILE_KEYS + slice) * VECTOR_TILE_KEYS; vector && key0 < hi;

@@ -369,8 +369,9 @@ VECTOR_ROWS = [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (4, 1), (1, 5), (8, 1)]
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_rows_per_path(fa, counters, group, sq, D):
     """Every row count on the vector path (and its neighbours on the direct path), with Sq_new > 1 (causal inside the
-    new tokens), window, sinks, softcap and ALiBi at once, mixed bits and group sizes, against float64."""
-    Hkv, seqlens, bits = 2, [300, 57, 1 + sq], ((4, 8) if sq % 2 else (8, 4))
+    new tokens), window, sinks, softcap and ALiBi at once, mixed bits and group sizes, against float64. The last
+    sequence ends on an 8-key boundary: its last group is whole, and with Sq_new > 1 its mask tests must still run."""
+    Hkv, seqlens, bits = 2, [300, 57, 1 + sq, 64], ((4, 8) if sq % 2 else (8, 4))
     cache = QuantCache(seqlens, Hkv, D, 16, torch.float16, *bits, 32 if D == 64 else 64, paged=True, seed=group * 7 + sq)
     g = torch.Generator().manual_seed(sq)
     H = group * Hkv
