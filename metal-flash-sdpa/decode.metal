@@ -346,7 +346,8 @@ struct VectorLayout {
     }
 };
 
-// The weight of an odd element's code as vector_codes returns it: 1/16 for 4-bit codes (exact: a power of 2).
+// The weight of an odd element's code as vector_codes returns it: 1/16 for 4-bit codes (a power of 2: exact for
+// normal floats).
 constexpr float odd_weight(int bits) { return bits == 4 ? 1.0f / 16.0f : 1.0f; }
 
 // Per lane: Q's elements of each row and their block sums, O's partial elements and P bias sums, and the online
@@ -354,7 +355,7 @@ constexpr float odd_weight(int bits) { return bits == 4 ? 1.0f / 16.0f : 1.0f; }
 struct VectorRows {
     float q[VECTOR_MAX_ROWS][8];   // times the softmax scale (odd elements also by odd_weight(K)); slot r: row
                                    // r ^ (lane_value % R)
-    float q_sum[VECTOR_MAX_ROWS];  // the sum of slot r's row over the lane's 32-element block
+    float q_sum[VECTOR_MAX_ROWS];  // the sum of slot r's row over the lane's 32-element block (unweighed: K's bias)
     float o[VECTOR_MAX_ROWS][8];   // over the lane's keys only (odd elements / odd_weight(V))
     float v_odd_weight;            // odd_weight(V)
     float value_bias[VECTOR_MAX_ROWS];   // sum of P bias over the lane's keys, per row
@@ -516,7 +517,7 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
 }
 
 // The lane's masked base-2 score (its key of tile keys first .. first + 7, its row) on the vector path, R rows. EDGE
-// false: the 8 keys exist and every row sees them (no mask test).
+// false: the 8 keys exist and every real row sees them (no mask test; a padded row, Q = 0, scores 0 and is dropped).
 template <typename T, int D, int R, bool EDGE>
 METAL_FUNC float vector_group_score(thread const VectorRows& st, CacheTile<T> k, VectorKeys tile, DirectGroups groups,
                                     int first, int key0, int key_end, ScoreRules rules, ushort lane) {
@@ -607,6 +608,7 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
     }
 }
 
+// The vector path's tile, dispatched on the (runtime) padded row count.
 template <typename T, int D>
 METAL_FUNC void attend_vector_tile(thread VectorRows& st, CacheTile<T> k, CacheTile<T> v, VectorKeys tile,
                                    DirectGroups groups, int key0, int key_end, ScoreRules rules, ushort lane) {
@@ -617,7 +619,7 @@ METAL_FUNC void attend_vector_tile(thread VectorRows& st, CacheTile<T> k, CacheT
 
 // The slice's O and softmax state in the fragment layout the key slices merge in: the key groups' partial O (with their
 // P bias) summed (shuffles), put in head-dim order through the simdgroup's `region` of scratch (VECTOR_MAX_ROWS x D
-// floats).
+// floats). Instantiated for every head dim; runs only for D 64 and 128 (VECTOR_DIMS).
 template <int D>
 METAL_FUNC void vector_to_fragments(thread Fragments<D / 8>& o, thread OnlineSoftmax& state, thread VectorRows& st,
                                     threadgroup float* region, FragmentCoord fc, ushort lane) {
@@ -827,7 +829,7 @@ template <typename T, int DK, int DV>
     const CacheTile<T> v_tile = cache_tile<T>(v_cache, v_scales, v_biases, v_offset, v_scale_offset, v_format,
                                               p.shape.v_strides[STRIDE_HEAD], seq, kv_head, lane);
     const PagedLayout cache = paged_layout(p, block_table, seq);
-    const int block_size = cache.block_size.divisor;   // the scales' slot strides (affine caches only)
+    const int block_size = cache.block_size.divisor;   // the scales' slot strides (quantized caches only)
     const SlotStrides k_scale_strides = !kv_quantized ? SlotStrides{} : slot_strides(p.num_blocks, block_size,
         k_format.scale_strides[STRIDE_BATCH], k_format.scale_strides[STRIDE_TOKEN]);
     const SlotStrides v_scale_strides = !kv_quantized ? SlotStrides{} : slot_strides(p.num_blocks, block_size,

@@ -362,26 +362,29 @@ def test_decode_append_multi_query_and_splits(fa, Sq, new, splits):
 
 # (query heads per KV head, new tokens) -> rows per KV head 1..4 (vector path, R = 1, 2, 4 with padded rows), 5 and 8
 # (direct path).
-VECTOR_ROWS = [(1, 1), (1, 2), (2, 1), (1, 3), (2, 2), (4, 1), (1, 5), (8, 1)]
+VECTOR_ROWS = [(1, 1), (1, 2), (2, 1), (1, 3), (3, 1), (2, 2), (4, 1), (1, 5), (8, 1)]
 
 
 @pytest.mark.parametrize("group, sq", VECTOR_ROWS, ids=lambda x: str(x))
 @pytest.mark.parametrize("D", [64, 128])
 def test_decode_rows_per_path(fa, counters, group, sq, D):
     """Every row count on the vector path (and its neighbours on the direct path), with Sq_new > 1 (causal inside the
-    new tokens), window, sinks, softcap and ALiBi at once, mixed bits and group sizes, against float64. The last
-    sequence ends on an 8-key boundary: its last group is whole, and with Sq_new > 1 its mask tests must still run."""
+    new tokens), window, sinks, softcap and ALiBi at once, mixed bits and group sizes, against float64; then without
+    causal or window masks (every row sees every key: the vector path's whole 8-key groups skip the mask tests, also
+    with padded rows, 3 -> 4). The last sequence ends on an 8-key boundary: its last group is whole, and with Sq_new > 1
+    and a causal mask its mask tests must still run."""
     Hkv, seqlens, bits = 2, [300, 57, 1 + sq, 64], ((4, 8) if sq % 2 else (8, 4))
     cache = QuantCache(seqlens, Hkv, D, 16, torch.float16, *bits, 32 if D == 64 else 64, paged=True, seed=group * 7 + sq)
     g = torch.Generator().manual_seed(sq)
     H = group * Hkv
     q = torch.randn(len(seqlens), sq, H, D, generator=g).to(torch.float16)
-    counters(reset=True)
-    decode_on_quantized(fa, cache, q, window=(60, 0), softcap=8.0, sinks=torch.randn(H, generator=g),
-                        alibi=torch.rand(H, generator=g) * 0.1)
-    c = counters()
-    vector = group * sq <= 4
-    assert (c.get("vector_tiles", 0) > 0) == vector and (c.get("direct_tiles", 0) > 0) == (not vector)
+    sinks, alibi = torch.randn(H, generator=g), torch.rand(H, generator=g) * 0.1
+    for causal, window in ((True, (60, 0)), (False, (-1, -1))):
+        counters(reset=True)
+        decode_on_quantized(fa, cache, q, causal=causal, window=window, softcap=8.0, sinks=sinks, alibi=alibi)
+        c = counters()
+        vector = group * sq <= 4
+        assert (c.get("vector_tiles", 0) > 0) == vector and (c.get("direct_tiles", 0) > 0) == (not vector)
 
 
 # --------------------------------------------------------------------------------------------------- bytes read

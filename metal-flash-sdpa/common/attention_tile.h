@@ -125,7 +125,8 @@ METAL_FUNC float masked_score(float score, int key, int key0, int key_end, uint 
 // Scores of keys [key0, key0 + BK) for the lane's row at position q_pos -> masked base-2 scores, then
 // probabilities relative to the new running max; the state and O are rescaled to that max. A key exists
 // if it is below key_end and its bit in tile_valid (bit r: key key0 + r) is set. `edge` false (a tile the
-// caller proved wholly visible to every row: inside the band, the sequences and the rows) skips every mask test.
+// caller proved wholly visible to every row: inside the band, the sequences and the rows; the decode vector path also
+// to padded rows, whose scores it drops) skips every mask test.
 template <int D, int BK>
 METAL_FUNC void softmax_tile(thread Fragments<BK / 8>& s, thread OnlineSoftmax& state, thread Fragments<D / 8>& o,
                              int key0, int key_end, uint tile_valid, int q_pos, bool row_valid, bool edge,

@@ -346,8 +346,8 @@ METAL_FUNC void affine_pv_tile(thread Fragments<D / 8>& o, thread float* value_b
 // ------------------------------------------------------------------------------------- affine codes in registers
 // The decode kernel's direct path reads, per lane, runs of N = 4 or 8 consecutive codes of one affine row (the run
 // starts at a multiple of N elements, so its N * BITS / 8 bytes are aligned to their size) and multiplies the raw codes
-// (exact in every T: at most 255) in MMAs; the affine map is applied outside the inner loop (decode.metal). Every loop
-// is unrolled: the arrays stay in registers.
+// (exact in every T: at most 255) in MMAs; the affine map is applied outside the inner loop (decode.metal). Its vector
+// path reads runs of 8 as fp32 for per-lane multiply-adds. Every loop is unrolled: the arrays stay in registers.
 #define UNROLL_RUN _Pragma("clang loop unroll(full)")
 
 // A word's 4 bytes as 4 codes of type C (one vector conversion, as the GPU converts: an instruction per element).
@@ -356,7 +356,8 @@ METAL_FUNC void widen(thread float4& codes, uchar4 bytes) { codes = float4(bytes
 
 // Codes [first, first + N) of the row at `at` = the row's byte `first * BITS / 8`, as C (uint for the MMAs, float for
 // the vector path). A byte is a code as it is (uchar4); a 4-bit byte holds elements 2 i (low nibble) and 2 i + 1 (high).
-// HIGH_X16: a high nibble is left in place, 16 x its code (a shift less a word; the caller weighs odd elements 1/16).
+// HIGH_X16: a high nibble is left in place, 16 x its code (one shift fewer per word; the caller weighs odd elements
+// 1/16).
 template <int BITS, int N, typename C = uint, bool HIGH_X16 = false>
 METAL_FUNC void load_codes(thread C* codes, const device uchar* at) {
     constexpr int BYTES = N * BITS / 8;   // 2, 4 or 8
