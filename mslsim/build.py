@@ -51,10 +51,14 @@ GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSL
 TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
 OPT_FLAGS = ["-O2"]
 # Code generation of kernel code from the IR the first stage already optimised (-O2): no second run of the
-# optimisation pipeline (it changed next to nothing and cost ~30% of the build), and no tail merging, which would
-# fold two calls of one barrier from different branches into one call (the runtime tells them apart by return
-# address).
-CODEGEN_FLAGS = ["-fPIC", *OPT_FLAGS, "-Xclang", "-disable-llvm-optzns", "-mllvm", "-enable-tail-merge=false"]
+# optimisation pipeline (it changed next to nothing and cost ~30% of the build), then -O0's code generator with two of
+# -O2's parts: the optimising register allocator (plain -O0 gives every value a stack slot: 200 KB frames against
+# 256 KB fiber stacks; with it, frames stay under 16 KB) and the DAG instruction selector (-O0's fast one would not
+# fuse the GPU twin's contractable a*b+c into an FMA). Half the code-generation time of -O2 (prefill.metal's exact
+# twin: 53 -> 30 s) for a few percent of simulation speed; and -O0 runs no branch folding, so no tail merging folds
+# two calls of one barrier from different branches into one call (the runtime tells them apart by return address).
+CODEGEN_FLAGS = ["-fPIC", "-O0", "-Xclang", "-disable-llvm-optzns", "-mllvm", "-optimize-regalloc",
+                 "-mllvm", "-fast-isel=false"]
 RUNTIME_FLAGS = ["-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-omit-frame-pointer", *OPT_FLAGS]
 # Memory intrinsics (whole-struct copies, array fills) escape the load/store tracing: the kernel's LLVM IR
 # is rewritten to call the runtime's traced versions instead.
@@ -317,7 +321,7 @@ def _run(cmd, what):
 def _toolchain_key(cxx: str) -> str:
     parts = [_compiler_identity(cxx), portable_key(" ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS)),
              _TRACED_INTRINSICS]
-    for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE, PACKAGE_DIR / "ir_mix.py"]:
+    for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE, PACKAGE_DIR / "ir_mix.py", PACKAGE_DIR / "build.py"]:
         if p.is_file():
             parts.append(p.name + _sha(p.read_bytes()))
     return _sha("\n".join(parts).encode())
@@ -383,7 +387,7 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
         from .ir_mix import instrument
         ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
                         f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
-        code = trace_memory_intrinsics(ir.read_text())
+        code = untrace_private(trace_memory_intrinsics(ir.read_text()))
         if name == "gpu":
             code = instrument(code)
         ir.write_text(code if name == "exact" else internalize(code))
@@ -411,6 +415,62 @@ def internalize(ir: str) -> str:
     """Make every definition of a module internal (and drop its comdats), so the GPU-numerics twin of a
     kernel never merges with the exact one at link time (templates and static locals would otherwise)."""
     return _HIDDEN_DEFINITION.sub(r"\1 internal", _COMDAT_USE.sub("", _COMDAT.sub("", ir)))
+
+
+# A traced load or store of thread-private memory (the kernel's arrays and structs that stay in memory) or of a
+# program-scope variable (function constants, tables) checks nothing: on_access (runtime.cpp) ignores addresses outside
+# the device and threadgroup slots. Those trace calls were ~70% of a kernel's and most of the simulation's time, so
+# they are dropped from the IR: a call whose address has no SSA value in it (a global, a constant expression of one),
+# or is an alloca, or a getelementptr / phi / select of such addresses only, in the same function (a cycle through a
+# phi stays traced: a missed drop costs only time).
+_ADDRESS_DEFINITION = re.compile(r"^\s*(%[-\w.$]+) = (alloca|getelementptr|phi ptr|select)\b(.*)$")
+_TRACE_CALL = re.compile(r"^\s*call void @__sanitizer_cov_(?:load|store)\d+\(ptr (.*)\)(?:, !dbg !\d+)?$")
+
+
+def _private_addresses(body: list) -> set:
+    private, derived = set(), []
+    for line in body:
+        m = _ADDRESS_DEFINITION.match(line)
+        if not m:
+            continue
+        name, op, rest = m.groups()
+        if op == "alloca":
+            private.add(name)
+        elif op == "getelementptr":   # `getelementptr [inbounds] <type>, ptr %base, <indices>`
+            base = re.search(r", ptr (%[-\w.$]+)", rest)
+            derived.append((name, [base.group(1)] if base else []))
+        elif op == "phi ptr":         # `phi ptr [ %a, %bb1 ], [ %b, %bb2 ]`
+            derived.append((name, re.findall(r"\[ ([^,]+),", rest)))
+        else:                         # `select i1 %c, ptr %a, ptr %b` (other selects have no ptr operands)
+            derived.append((name, re.findall(r"ptr ([^,\s]+)", rest)))
+    grown = True
+    while grown:
+        grown = False
+        for name, sources in derived:
+            if name not in private and sources and all(s in private for s in sources):
+                private.add(name)
+                grown = True
+    return private
+
+
+def untrace_private(ir: str) -> str:
+    """The IR without the trace calls of accesses that cannot reach a device buffer or threadgroup memory."""
+    lines, out, i = ir.split("\n"), [], 0
+    while i < len(lines):
+        if not lines[i].startswith("define "):
+            out.append(lines[i])
+            i += 1
+            continue
+        end = lines.index("}", i)
+        body = lines[i:end + 1]
+        private = _private_addresses(body)
+        for line in body:
+            m = _TRACE_CALL.match(line)
+            if m and ("%" not in m.group(1) or m.group(1) in private):
+                continue
+            out.append(line)
+        i = end + 1
+    return "\n".join(out)
 
 
 def trace_memory_intrinsics(ir: str) -> str:

@@ -98,8 +98,8 @@ def build(quiet: bool = True) -> Path:
     python_files = sorted((REPO / "torch-ext" / PACKAGE).glob("*.py"))
     cxx = mslsim_build.compiler()
     everything = sources + python_files + sorted(mslsim_build.INCLUDE_DIR.rglob("*.h")) + [
-        mslsim_build.RUNTIME_SOURCE, Path(__file__), REPO / "scripts" / "kernel_builder" / "registration.h",
-        REPO / "build.toml"]
+        mslsim_build.RUNTIME_SOURCE, REPO / "mslsim" / "build.py", REPO / "mslsim" / "ir_mix.py", Path(__file__),
+        REPO / "scripts" / "kernel_builder" / "registration.h", REPO / "build.toml"]
     source_key = _sha("\n".join([torch.__version__, cxx] + [f"{p.relative_to(REPO)}\n{p.read_text()}" for p in everything
                                                            if p.is_file()]).encode())
     extension = f"_{PACKAGE}_{source_key[:10]}"

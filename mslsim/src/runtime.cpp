@@ -557,7 +557,8 @@ void profile_matrix_access(int kind) {
   g_worker->matrix_counted = false;
 }
 void profile_count(int counter) { g_worker->stats.profile[counter]++; }
-static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
+// (not inlined into on_access: its fast path, an access to thread-private memory, then needs no stack frame)
+__attribute__((noinline)) static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
   const ThreadgroupArray& t = w->arrays[(a - (uintptr_t)w->tg_window) >> kSlotBits];
   if (!t.name || a < t.base || a + n > t.base + t.size) threadgroup_out_of_bounds(t, a, n, store);
   if (store) w->stats.threadgroup_bytes_written += n;
@@ -567,7 +568,7 @@ static void threadgroup_access(Worker* w, uintptr_t a, size_t n, bool store) {
   check_order(w, w->shadow + t.packed, THREADGROUP_MEMORY, a - t.base, n, store,
               [&](char* out, size_t len) { snprintf(out, len, "threadgroup array '%s'", t.name); });
 }
-static void device_access(Worker* w, uintptr_t a, size_t n, bool store) {
+__attribute__((noinline)) static void device_access(Worker* w, uintptr_t a, size_t n, bool store) {
   const Region& r = g_regions[(a - g_window_lo) >> kSlotBits];
   if (a < r.lo || a + n > r.hi) device_out_of_bounds(r, a, n, store);
   const bool constant = constant_space(r);

@@ -77,6 +77,44 @@ def test_out_of_bounds_at_any_distance_names_the_buffer(bugs, elements):
         bugs.dispatch("read_far_past_end", 1, 64, {0: x, 1: out, 2: struct.pack("I", elements)})
 
 
+def test_only_private_and_global_accesses_lose_their_trace_calls():
+    """build.untrace_private drops a trace call only where the address cannot be a device buffer's or a threadgroup
+    array's: an alloca, addresses derived from allocas only (getelementptr, phi, select), a global. Every address
+    that involves an argument keeps its call (the checks above depend on it)."""
+    from mslsim.build import untrace_private
+    ir = """define void @k(ptr %buf, i1 %c) {
+  %a = alloca [4 x float], align 16
+  %g = getelementptr inbounds [4 x float], ptr %a, i64 0, i64 2
+  %gg = getelementptr inbounds i8, ptr %g, i64 4
+  %d = getelementptr inbounds float, ptr %buf, i64 3
+  %p = phi ptr [ %a, %x ], [ %gg, %y ]
+  %m = phi ptr [ %a, %x ], [ %d, %y ]
+  %n = phi ptr [ %a, %x ], [ null, %y ]
+  %s = select i1 %c, ptr %g, ptr %a
+  %t = select i1 %c, ptr %g, ptr %buf
+  call void @__sanitizer_cov_load4(ptr %a)
+  call void @__sanitizer_cov_load4(ptr %gg), !dbg !7
+  call void @__sanitizer_cov_store4(ptr %p)
+  call void @__sanitizer_cov_load4(ptr %s)
+  call void @__sanitizer_cov_load1(ptr getelementptr inbounds (i8, ptr @constant_flag, i64 1))
+  call void @__sanitizer_cov_load4(ptr %buf)
+  call void @__sanitizer_cov_store4(ptr %d)
+  call void @__sanitizer_cov_load4(ptr %m)
+  call void @__sanitizer_cov_load4(ptr %n)
+  call void @__sanitizer_cov_load4(ptr %t), !dbg !8
+  ret void
+}
+define void @other(ptr %a) {
+  call void @__sanitizer_cov_load4(ptr %a)
+  ret void
+}"""
+    kept = [line.strip() for line in untrace_private(ir).splitlines() if "__sanitizer_cov" in line]
+    assert kept == ["call void @__sanitizer_cov_load4(ptr %buf)", "call void @__sanitizer_cov_store4(ptr %d)",
+                    "call void @__sanitizer_cov_load4(ptr %m)", "call void @__sanitizer_cov_load4(ptr %n)",
+                    "call void @__sanitizer_cov_load4(ptr %t), !dbg !8",
+                    "call void @__sanitizer_cov_load4(ptr %a)"]   # @other's %a is its argument, not @k's alloca
+
+
 def test_threadgroup_arrays_have_their_own_bounds(bugs):
     out = np.zeros(64, np.float32)
     bugs.dispatch("threadgroup_overflow", 1, 64, {0: out, 1: struct.pack("I", 1)})
