@@ -546,6 +546,14 @@ METAL_FUNC void vector_group_values(thread VectorRows& st, float prob, CacheTile
 
 #define NO_UNROLL _Pragma("clang loop unroll(disable)")
 
+// How a tile's 8-key group at `first` runs: not at all (no key), without per-key checks (all 8 keys exist and every
+// row sees the whole band), or with them.
+enum VectorGroupKind { GROUP_EMPTY, GROUP_INTERIOR, GROUP_EDGE };
+METAL_FUNC VectorGroupKind vector_group_kind(VectorKeys tile, int first, bool band_seen_by_all) {
+    const uint keys = (tile.valid >> first) & 0xFFu;
+    return keys == 0u ? GROUP_EMPTY : keys == 0xFFu && band_seen_by_all ? GROUP_INTERIOR : GROUP_EDGE;
+}
+
 // A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, R rows: the scores of its 8-key groups (a group with no key is
 // skipped; one whose 8 keys exist, when every row sees the whole band, is computed without mask tests), one online-
 // softmax step for the whole tile, then O += P V group by group. The groups' loops are not unrolled (one copy of a
@@ -561,11 +569,11 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
     for (int g = 0; g < GROUPS; ++g) score[g] = MASKED;
     NO_UNROLL
     for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
-        const uint keys = (tile.valid >> first) & 0xFFu;
+        const VectorGroupKind kind = vector_group_kind(tile, first, st.band_seen_by_all);
         float group_score = MASKED;
-        if (keys == 0xFFu && st.band_seen_by_all)
+        if (kind == GROUP_INTERIOR)
             group_score = vector_group_score<T, D, R, false>(st, k, tile, groups, first, key0, key_end, rules, lane);
-        else if (keys != 0u)
+        else if (kind == GROUP_EDGE)
             group_score = vector_group_score<T, D, R, true>(st, k, tile, groups, first, key0, key_end, rules, lane);
         UNROLL_RUN
         for (int g = 0; g + 1 < GROUPS; ++g) score[g] = score[g + 1];
@@ -598,10 +606,10 @@ METAL_FUNC void attend_vector(thread VectorRows& st, CacheTile<T> k, CacheTile<T
     }
     NO_UNROLL
     for (int first = 0; first < VECTOR_TILE_KEYS; first += 8) {
-        const uint keys = (tile.valid >> first) & 0xFFu;
-        if (keys == 0xFFu && st.band_seen_by_all)
+        const VectorGroupKind kind = vector_group_kind(tile, first, st.band_seen_by_all);
+        if (kind == GROUP_INTERIOR)
             vector_group_values<T, D, R, false>(st, prob[0], v, tile, groups, first, lane);
-        else if (keys != 0u)
+        else if (kind == GROUP_EDGE)
             vector_group_values<T, D, R, true>(st, prob[0], v, tile, groups, first, lane);
         UNROLL_RUN
         for (int g = 0; g + 1 < GROUPS; ++g) prob[g] = prob[g + 1];
