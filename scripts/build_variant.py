@@ -97,11 +97,11 @@ def build(quiet: bool = True) -> Path:
     sources = cpu_sources(config)
     python_files = sorted((REPO / "torch-ext" / PACKAGE).glob("*.py"))
     cxx = mslsim_build.compiler()
-    everything = sources + python_files + sorted(mslsim_build.INCLUDE_DIR.rglob("*.h")) + [
+    everything = sources + python_files + sorted(mslsim_build.INCLUDE_DIR.rglob("*")) + [   # (metal_stdlib: no suffix)
         mslsim_build.RUNTIME_SOURCE, REPO / "mslsim" / "build.py", REPO / "mslsim" / "ir_mix.py", Path(__file__),
         REPO / "scripts" / "kernel_builder" / "registration.h", REPO / "build.toml"]
-    source_key = _sha("\n".join([torch.__version__, cxx] + [f"{p.relative_to(REPO)}\n{p.read_text()}" for p in everything
-                                                           if p.is_file()]).encode())
+    files = [f"{p.relative_to(REPO)}\n{p.read_text()}" for p in everything if p.is_file()]
+    source_key = _sha("\n".join([torch.__version__, mslsim_build._compiler_identity(cxx)] + files).encode())
     extension = f"_{PACKAGE}_{source_key[:10]}"
     out_dir = REPO / "build" / variant_name()
     stamp = out_dir / ".build-key"
