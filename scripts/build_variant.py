@@ -97,11 +97,12 @@ def build(quiet: bool = True) -> Path:
     sources = cpu_sources(config)
     python_files = sorted((REPO / "torch-ext" / PACKAGE).glob("*.py"))
     cxx = mslsim_build.compiler()
-    everything = sources + python_files + sorted(mslsim_build.INCLUDE_DIR.rglob("*")) + [   # (metal_stdlib: no suffix)
-        mslsim_build.RUNTIME_SOURCE, REPO / "mslsim" / "build.py", REPO / "mslsim" / "ir_mix.py", Path(__file__),
-        REPO / "scripts" / "kernel_builder" / "registration.h", REPO / "build.toml"]
+    # The simulator's own inputs (clang's --version, its flags, headers, runtime and IR rewriting) by mslsim's key.
+    toolchain = mslsim_build._toolchain_key(cxx)
+    everything = sources + python_files + [Path(__file__), REPO / "scripts" / "kernel_builder" / "registration.h",
+                                           REPO / "build.toml"]
     files = [f"{p.relative_to(REPO)}\n{p.read_text()}" for p in everything if p.is_file()]
-    source_key = _sha("\n".join([torch.__version__, mslsim_build._compiler_identity(cxx)] + files).encode())
+    source_key = _sha("\n".join([torch.__version__, toolchain] + files).encode())
     extension = f"_{PACKAGE}_{source_key[:10]}"
     out_dir = REPO / "build" / variant_name()
     stamp = out_dir / ".build-key"
@@ -109,7 +110,7 @@ def build(quiet: bool = True) -> Path:
         return out_dir
 
     flags = torch_flags(extension)
-    headers_key = _sha("".join(p.read_text() for p in everything if p.suffix == ".h").encode())
+    headers_key = _sha((toolchain + "".join(p.read_text() for p in everything if p.suffix == ".h")).encode())
     cpp = [s for s in sources if s.suffix == ".cpp"]
     metal = [s for s in sources if s.suffix == ".metal"]
     if not quiet:
