@@ -56,19 +56,23 @@ def cpu_sources(config: dict) -> list[Path]:
     return [REPO / s for s in dict.fromkeys(sources)]
 
 
-def torch_flags(extension: str) -> list[str]:
+def torch_flags() -> list[str]:
     from torch.utils import cpp_extension
     import torch
     return ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-DCPU_KERNEL",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             # Sources include each other by relative paths, as kernel-builder builds them; only the generated
             # registration.h and the simulator's C ABI come from include paths.
-            f"-DTORCH_EXTENSION_NAME={extension}", f"-I{REPO / 'scripts' / 'kernel_builder'}",
+            f"-I{REPO / 'scripts' / 'kernel_builder'}",
             f"-I{mslsim_build.INCLUDE_DIR}", f"-I{sysconfig.get_paths()['include']}",
             *[f"-isystem{p}" for p in cpp_extension.include_paths()]]
 
 
-def compile_cpp(cxx: str, source: Path, flags: list[str], headers_key: str) -> Path:
+def compile_cpp(cxx: str, source: Path, flags: list[str], headers_key: str, extension: str) -> Path:
+    # Only the sources that register ops name the extension (the name changes with every source: the other objects
+    # stay cached). A header using it outside their macros would fail to compile, not build a stale object.
+    if "TORCH_EXTENSION_NAME" in source.read_text():
+        flags = [*flags, f"-DTORCH_EXTENSION_NAME={extension}"]
     key = _sha(mslsim_build.portable_key("\n".join([cxx, " ".join(flags), headers_key, source.read_text()])).encode())[:20]
     return mslsim_build.cached_build(source.stem, key, ".o", lambda tmp: mslsim_build.compile_to(
         tmp / f"{source.stem}.o", [cxx, *flags, "-c", str(source)], f"compiling {source.relative_to(REPO)}"),
@@ -109,8 +113,10 @@ def build(quiet: bool = True) -> Path:
     if stamp.exists() and stamp.read_text() == source_key:
         return out_dir
 
-    flags = torch_flags(extension)
-    headers_key = _sha((toolchain + "".join(p.read_text() for p in everything if p.suffix == ".h")).encode())
+    flags = torch_flags()
+    # What a C++ object depends on besides its source and flags: torch's headers (by version), mslsim's, ours.
+    headers = "".join(p.read_text() for p in everything if p.suffix == ".h")
+    headers_key = _sha((torch.__version__ + toolchain + headers).encode())
     cpp = [s for s in sources if s.suffix == ".cpp"]
     metal = [s for s in sources if s.suffix == ".metal"]
     if not quiet:
@@ -120,7 +126,7 @@ def build(quiet: bool = True) -> Path:
         # long pole starts at once and the C++ fills the gaps.
         metal_jobs = {s: pool.submit(mslsim_build.metal_object, s, (), [REPO / "metal-flash-sdpa"])
                       for s in sorted(metal, key=lambda s: -s.stat().st_size)}
-        cpp_jobs = [pool.submit(compile_cpp, cxx, s, flags, headers_key) for s in cpp]
+        cpp_jobs = [pool.submit(compile_cpp, cxx, s, flags, headers_key, extension) for s in cpp]
         objects = [j.result() for j in cpp_jobs] + [metal_jobs[s].result() for s in metal]
     objects.append(mslsim_build.runtime_object(cxx))
 
