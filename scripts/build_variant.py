@@ -71,9 +71,10 @@ def torch_flags() -> list[str]:
 def compile_cpp(cxx: str, source: Path, flags: list[str], headers_key: str, extension: str) -> Path:
     # Only the sources that register ops name the extension (the name changes with every source: the other objects
     # stay cached). A header using it outside their macros would fail to compile, not build a stale object.
-    if "TORCH_EXTENSION_NAME" in source.read_text():
+    text = source.read_text()
+    if "TORCH_EXTENSION_NAME" in text:
         flags = [*flags, f"-DTORCH_EXTENSION_NAME={extension}"]
-    key = _sha(mslsim_build.portable_key("\n".join([cxx, " ".join(flags), headers_key, source.read_text()])).encode())[:20]
+    key = _sha(mslsim_build.portable_key("\n".join([cxx, " ".join(flags), headers_key, text])).encode())[:20]
     return mslsim_build.cached_build(source.stem, key, ".o", lambda tmp: mslsim_build.compile_to(
         tmp / f"{source.stem}.o", [cxx, *flags, "-c", str(source)], f"compiling {source.relative_to(REPO)}"),
         cache_dir=OBJECT_CACHE)
