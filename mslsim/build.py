@@ -9,6 +9,7 @@ expanded source (so any included header counts), the shim, the runtime, the flag
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import os
 import re
@@ -323,7 +324,10 @@ def _run(cmd, what):
     return r
 
 
-def _toolchain_key(cxx: str) -> str:
+@functools.lru_cache(maxsize=None)
+def toolchain_key(cxx: str) -> str:
+    """The simulator's own inputs as one key (clang's identity, mslsim's flags, headers, runtime and IR rewriting):
+    part of every object's key here and of the variant's in scripts/build_variant.py."""
     parts = [_compiler_identity(cxx), portable_key(" ".join(SHIM_FLAGS + TRACE_FLAGS + CODEGEN_FLAGS + RUNTIME_FLAGS)),
              _TRACED_INTRINSICS]
     for p in sorted((INCLUDE_DIR).rglob("*")) + [RUNTIME_SOURCE, PACKAGE_DIR / "ir_mix.py", PACKAGE_DIR / "build.py"]:
@@ -331,8 +335,6 @@ def _toolchain_key(cxx: str) -> str:
             parts.append(p.name + _sha(p.read_bytes()))
     return _sha("\n".join(parts).encode())
 
-
-_toolchain_cache: dict = {}
 
 
 def cached_build(stem: str, key: str, suffix: str, produce, cache_dir: Path = CACHE_DIR) -> Path:
@@ -355,7 +357,7 @@ def compile_to(out: Path, cmd: list, what: str) -> Path:
 
 
 def runtime_object(cxx: str) -> Path:
-    key = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
+    key = toolchain_key(cxx)
     return cached_build("runtime", key[:16], ".o", lambda tmp: compile_to(
         tmp / "runtime.o", [cxx, *RUNTIME_FLAGS, f"-I{INCLUDE_DIR}", "-c", str(RUNTIME_SOURCE)],
         "compiling the mslsim runtime"))
@@ -384,7 +386,7 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     source = Path(source).resolve()
     text = translation_unit(preprocess(source, cxx, include_dirs, defines))
     flags = [*SHIM_FLAGS, *TRACE_FLAGS, *OPT_FLAGS, *[f"-D{d}" for d in defines]]
-    toolchain = _toolchain_cache.get(cxx) or _toolchain_cache.setdefault(cxx, _toolchain_key(cxx))
+    toolchain = toolchain_key(cxx)
     key = _sha(portable_key("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
                                        text])).encode())[:20]
 

@@ -102,8 +102,7 @@ def build(quiet: bool = True) -> Path:
     sources = cpu_sources(config)
     python_files = sorted((REPO / "torch-ext" / PACKAGE).glob("*.py"))
     cxx = mslsim_build.compiler()
-    # The simulator's own inputs (clang's --version, its flags, headers, runtime and IR rewriting) by mslsim's key.
-    toolchain = mslsim_build._toolchain_key(cxx)
+    toolchain = mslsim_build.toolchain_key(cxx)
     everything = sources + python_files + [Path(__file__), REPO / "scripts" / "kernel_builder" / "registration.h",
                                            REPO / "build.toml"]
     files = [f"{p.relative_to(REPO)}\n{p.read_text()}" for p in everything if p.is_file()]
