@@ -8,6 +8,11 @@ an approximation of what Apple's compiler emits, not Apple's ISA. Rules:
   - only instructions whose debug location is kernel code count: the shim's implementation of Metal
     functions (mslsim/include) does not; the runtime counts those operations itself (matrix loads/stores and
     multiply-accumulates, SIMD-group functions, barriers);
+  - an instruction without a debug location (the optimiser made or moved it and dropped its line: a hoisted
+    sign extension, a merged address offset) counts as kernel code unless it is the shim's: every use of its value
+    is shim code and every operand a constant or a value of shim code, directly or through other such instructions
+    (e.g. the sign extension of the lane's element index a simdgroup matrix load or multiply-accumulate computes its
+    element addresses with). Kernel values passed through it (an offset the kernel computed) keep it counted;
   - exception: calls to transcendental functions count wherever they were inlined from (the shim implements
     metal::exp with libm, and that call is the transcendental the kernel asked for);
   - exception: the element conversions of Metal's vector constructors (float2(h2), half4(f4), float4(i), written
@@ -183,6 +188,7 @@ def _counted_class(name: str, body: str, file_name: str, caller):
 
 
 _LABEL = re.compile(r"^([\w.$-]+|\d+):")
+_SHIM_ONLY_EXCEPTIONS = (MATH_FUNCTIONS, VECTOR_CONSTRUCTORS)   # shim files whose instructions may count
 _DEFINITION = re.compile(r"^\s*(%[\w.$-]+) = ", re.M)
 _VALUE = re.compile(r"%[\w.$-]+")
 # `fmul`/`fadd`/`fsub` that may contract (flag contract, or fast: all flags); group 2 holds its operands
@@ -211,6 +217,49 @@ def _fused_with(body: str, block_products: set, uses: dict) -> bool:
         value in block_products and uses.get(value) == 1 for value in _operands(m.group(2)))
 
 
+def _shim_only(lines: list, meta: dict, cache: dict) -> set:
+    """The values of one function's instructions without a debug location that belong to shim code: every use is
+    shim code (an instruction located in mslsim/include, outside the files whose instructions may count) and every
+    operand a constant, a block label or a value of shim code, directly or through other such values (the
+    docstring's rule for instructions without a location)."""
+    shim_values, unlocated, labels, uses, operands = set(), set(), set(), {}, {}
+    for line in lines:
+        inst = line.strip()
+        label = _LABEL.match(line)
+        if label:
+            labels.add("%" + label.group(1))
+            continue
+        if not inst or inst.startswith(";"):
+            continue
+        definition = _DEFINITION.match(line)
+        name = definition.group(1) if definition else None
+        m = _DBG.search(inst)
+        if m:
+            file_name = _location_file(meta, int(m.group(1)), cache)
+            shim = file_name.startswith(str(INCLUDE_DIR)) and not file_name.endswith(_SHIM_ONLY_EXCEPTIONS)
+            user = "shim" if shim else "kernel"
+            if shim and name:
+                shim_values.add(name)
+        else:
+            user = name or "kernel"   # an unlocated store, branch or call: kernel code
+        values = _operands(inst.split(" = ", 1)[1] if name else inst)
+        if name and not m:
+            unlocated.add(name)
+            operands[name] = values
+        for value in values:
+            uses.setdefault(value, []).append(user)
+    # The largest such set (values of a chain or a loop of them vouch for each other): drop violators until none is.
+    shim_only, changed = set(unlocated), True
+    while changed:
+        changed = False
+        for name in list(shim_only):
+            if name not in uses or any(u != "shim" and u not in shim_only for u in uses[name]) or \
+                    any(v not in shim_values and v not in shim_only and v not in labels for v in operands[name]):
+                shim_only.discard(name)
+                changed = True
+    return shim_only
+
+
 def instrument(ir: str) -> str:
     """The IR with a mslsim_profile_block call at the top of every block that holds counted instructions."""
     meta, cache = _files(ir), {}
@@ -218,6 +267,7 @@ def instrument(ir: str) -> str:
     out, globals_ = [], []
     in_function, function_file, block, insert_at = False, "", None, None
     uses, products = {}, set()   # the function's use counts; the block's counted contractable fmuls
+    shim_only = set()            # the function's unlocated values that only shim code uses
 
     def close_block():
         if block is not None and any(block):
@@ -233,6 +283,7 @@ def instrument(ir: str) -> str:
             function_file = _location_file(meta, int(m.group(1)), cache) if m else ""
             end = lines.index("}", index)
             uses, products = _use_counts(lines[index + 1:end]), set()
+            shim_only = _shim_only(lines[index + 1:end], meta, cache)
             out.append(line)
             block, insert_at = [0] * len(CLASSES), len(out)
             continue
@@ -261,6 +312,8 @@ def instrument(ir: str) -> str:
         if not name:
             continue
         m = _DBG.search(inst)
+        if not m and inst.split(" = ", 1)[0] in shim_only:
+            continue
         file_name = _location_file(meta, int(m.group(1)), cache) if m else function_file
         counted = _counted_class(name, body, file_name, lambda: _caller_file(meta, int(m.group(1)), cache) if m else file_name)
         if counted and _fused_with(body, products, uses):

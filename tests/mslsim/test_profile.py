@@ -1,4 +1,5 @@
 """Profile counters (dispatch(..., profile=True)) on kernels whose counts are known by hand."""
+import re
 import struct
 from pathlib import Path
 
@@ -257,3 +258,40 @@ def test_a_product_hoisted_out_of_its_loop_is_not_fused(lib):
         acc = unfused(v[0], v[1], acc)
     assert gpu[1][0] == acc and exact[1][0] == acc
     assert counts["fp32"] == 1 + n
+
+
+def test_unlocated_instructions_of_the_shim_are_free():
+    """An instruction without a debug location (hoisted or merged by the optimiser) counts as kernel code unless it is
+    the shim's: every use shim code and every operand a value of shim code, directly or through other unlocated
+    instructions (ir_mix's docstring)."""
+    shim = ir_mix.INCLUDE_DIR / "mslsim"
+    ir = "\n".join([
+        "define void @k(ptr %p, i32 %i) !dbg !10 {",
+        "entry:",
+        "  %s = add i32 %i, 1, !dbg !20",                             # shim code (a lane's element index): free
+        "  %a = sext i32 %s to i64",                                  # from and for the shim (through %b): free
+        "  %b = or disjoint i64 %a, 8",                               # free
+        "  %g = getelementptr float, ptr %p, i64 %b, !dbg !20",       # shim code: free
+        "  %k = add i32 %i, 2, !dbg !21",                             # kernel code: int32_add 1
+        "  %f = sext i32 %k to i64",                                  # a kernel value for the shim: int64_add 1
+        "  %w = getelementptr float, ptr %p, i64 %f, !dbg !20",
+        "  %c = sext i32 %s to i64",                                  # kernel code uses it: 1
+        "  %h = getelementptr float, ptr %p, i64 %c, !dbg !21",       # kernel code: 1
+        "  %d = sext i32 %s to i64",                                  # shim and kernel code use it: 1
+        "  %u = getelementptr float, ptr %p, i64 %d, !dbg !20",
+        "  %v = getelementptr float, ptr %p, i64 %d, !dbg !21",       # 1
+        "  %e = sext i32 %s to i64",                                  # unused: kernel code, 1
+        "  store float 0.0, ptr %g, !dbg !20",
+        "  store float 0.0, ptr %w, !dbg !20",
+        "  ret void",
+        "}",
+        '!1 = !DIFile(filename: "kernel.metal", directory: "/k")',
+        f'!2 = !DIFile(filename: "shim.h", directory: "{shim}")',
+        '!10 = distinct !DISubprogram(name: "k", scope: !1, file: !1, line: 1)',
+        '!11 = distinct !DISubprogram(name: "s", scope: !2, file: !2, line: 1)',
+        "!20 = !DILocation(line: 5, column: 1, scope: !11)",
+        "!21 = !DILocation(line: 7, column: 1, scope: !10)",
+    ])
+    mixes = re.findall(r"@mslsim_mix\.\d+ = private unnamed_addr constant \[\d+ x i32\] \[(.*)\]", ir_mix.instrument(ir))
+    counts = [int(value.split()[1]) for value in mixes[0].split(", ")]
+    assert len(mixes) == 1 and {c: n for c, n in zip(ir_mix.CLASSES, counts) if n} == {"int32_add": 1, "int64_add": 6}
