@@ -46,10 +46,11 @@ SHIM_FLAGS = [
 # third compile of every kernel cost a third of the build for a few percent of GPU-numerics simulation speed.)
 EXACT_NUMERICS_FLAGS = ["-ffp-contract=off"]
 GPU_NUMERICS_FLAGS = ["-ffp-contract=fast", "-mfma", "-freciprocal-math", "-DMSLSIM_GPU_NUMERICS=1",   # -mfma: contraction needs the instruction
-                      "-gline-tables-only", "-fno-vectorize"]
+                      "-gline-tables-only"]
 # Every load/store of kernel code calls the runtime (bounds checks, byte counters, race checks);
-# -fno-builtin keeps loops from becoming untraced memcpy calls.
-TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin"]
+# -fno-builtin keeps loops from becoming untraced memcpy calls, and -fno-vectorize keeps them from becoming vector
+# accesses wider than the 16 bytes the tracing sees (the exact twin's loops are rolled; GPU lanes are scalar anyway).
+TRACE_FLAGS = ["-fsanitize-coverage=func,trace-loads,trace-stores", "-fno-builtin", "-fno-vectorize"]
 OPT_FLAGS = ["-O2"]
 # Code generation of kernel code from the IR the first stage already optimised (-O2): no second run of the
 # optimisation pipeline (it changed next to nothing and cost ~30% of the build), then -O0's code generator with two of

@@ -267,7 +267,7 @@ def instrument(ir: str) -> str:
     out, globals_ = [], []
     in_function, function_file, block, insert_at = False, "", None, None
     uses, products = {}, set()   # the function's use counts; the block's counted contractable fmuls
-    shim_only = set()            # the function's unlocated values that only shim code uses
+    shim_only = set()            # the function's unlocated values that are the shim's (_shim_only)
 
     def close_block():
         if block is not None and any(block):

@@ -293,5 +293,6 @@ def test_unlocated_instructions_of_the_shim_are_free():
         "!21 = !DILocation(line: 7, column: 1, scope: !10)",
     ])
     mixes = re.findall(r"@mslsim_mix\.\d+ = private unnamed_addr constant \[\d+ x i32\] \[(.*)\]", ir_mix.instrument(ir))
+    assert len(mixes) == 1
     counts = [int(value.split()[1]) for value in mixes[0].split(", ")]
-    assert len(mixes) == 1 and {c: n for c, n in zip(ir_mix.CLASSES, counts) if n} == {"int32_add": 1, "int64_add": 6}
+    assert {c: n for c, n in zip(ir_mix.CLASSES, counts) if n} == {"int32_add": 1, "int64_add": 6}
