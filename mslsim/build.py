@@ -391,11 +391,10 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
     key = _sha(portable_key("\n".join([toolchain, " ".join(flags + EXACT_NUMERICS_FLAGS + GPU_NUMERICS_FLAGS), str(source),
                                        text])).encode())[:20]
 
-    def twin(tmp: Path, cpp: Path, name: str, numerics: list) -> str:
+    def twin(tmp: Path, name: str, cpp_text: str, numerics: list) -> str:
         from .ir_mix import instrument
-        if name == "exact":
-            cpp = tmp / f"{source.stem}.exact.cpp"
-            cpp.write_text(_FULL_UNROLL.sub("", text))
+        cpp = tmp / f"{source.stem}.{name}.cpp"
+        cpp.write_text(cpp_text)
         ir = compile_to(tmp / f"{name}.ll", [cxx, *flags, *numerics, "-S", "-emit-llvm", "-x", "c++", str(cpp)],
                         f"compiling {source}" + ("" if name == "exact" else f" ({name} twin)"))
         code = untrace_private(trace_memory_intrinsics(ir.read_text()))
@@ -406,12 +405,11 @@ def metal_object(source, defines=(), include_dirs=()) -> Path:
                               f"compiling {source} ({name} IR)"))
 
     def produce(tmp: Path) -> Path:
-        cpp = tmp / f"{source.stem}.cpp"
-        cpp.write_text(text)
-        # The twins compile in parallel (independent clang processes): a big shader is not one serial chain.
+        # The twins compile in parallel (independent clang processes): a big shader is not one serial chain. The
+        # exact twin's loops stay rolled (_FULL_UNROLL).
         with ThreadPoolExecutor(max_workers=2) as pool:
-            twins = list(pool.map(lambda t: twin(tmp, cpp, *t), (("exact", EXACT_NUMERICS_FLAGS),
-                                                                ("gpu", GPU_NUMERICS_FLAGS))))
+            twins = list(pool.map(lambda t: twin(tmp, *t), (("exact", _FULL_UNROLL.sub("", text), EXACT_NUMERICS_FLAGS),
+                                                            ("gpu", text, GPU_NUMERICS_FLAGS))))
         return compile_to(tmp / "both.o", [cxx, "-r", "-nostdlib", *twins], f"combining {source}")
 
     return cached_build(source.stem, key, ".o", produce)
