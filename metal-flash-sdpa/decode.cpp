@@ -118,6 +118,7 @@ DecodePlan plan_decode(const DecodeProblem& pb, DecodeParams* params) {
   params->num_partitions = int32_t(partitions);
   params->has_kv_start = pb.has_kv_start;
   params->new_keys = int32_t(pb.new_keys);
+  params->query_group = int32_t(t.num_heads / t.num_kv_heads);
 
   DecodePlan plan;
   plan.num_partitions = partitions;

@@ -161,7 +161,8 @@ struct DirectGroups {
 
 template <int D>
 METAL_FUNC DirectGroups direct_groups(CacheFormat k, CacheFormat v, ushort lane) {
-    return {k.group_size / KV_AFFINE_BLOCK, lane / 8 < D / k.group_size, lane / 8 < D / v.group_size};
+    return {k.group_size / KV_AFFINE_BLOCK, lane / 8 < (D >> group_size_log2(k.group_size)),
+            lane / 8 < (D >> group_size_log2(v.group_size))};
 }
 
 // The (scale, bias) of group g of the slice's key `key`: lane g * 8 + key holds it (kv_quant.h: fold_scores).
@@ -364,6 +365,9 @@ struct VectorRows {
     int lane_value;                // VectorLayout::lane_value
     ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for an 8-key group's
                                          // first key
+    // Run addressing (VectorKeys::runs): the byte distance from an 8-key group's first key to the lane's first K key
+    // (key-in-lane order, i ^ key permutation) and, per bit b of i, the step to the others; V's keys are in order.
+    int64_t k_run_first, k_run_step[2], v_run_first, v_run_step;
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
     bool row_valid;
     bool band_seen_by_all;         // every row sees every key of the band (one new token, or no causal / window mask)
@@ -379,9 +383,9 @@ METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant
     st.log_rows = vector_log_rows(rows.count);
     st.lane_value = Layout::lane_value(lane, st.log_rows);
     const int row_mask = (1 << st.log_rows) - 1, permutation = st.lane_value & row_mask;
-    // Group indices once (runtime group sizes: divisions stay out of the tile loop).
-    st.k_group_lane = ushort(8 * (8 * c / k_format.group_size));
-    st.v_group_lane = ushort(8 * (8 * c / v_format.group_size));
+    // Group indices once (runtime group sizes, shifted: no division, none in the tile loop).
+    st.k_group_lane = ushort(8 * ((8 * c) >> group_size_log2(k_format.group_size)));
+    st.v_group_lane = ushort(8 * ((8 * c) >> group_size_log2(v_format.group_size)));
     const float k_odd_weight = odd_weight(k_format.bits);
     st.v_odd_weight = odd_weight(v_format.bits);
     float slot_sum[VECTOR_MAX_ROWS];   // the lane's part of each slot's row sum
@@ -418,26 +422,45 @@ METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant
 }
 
 // A simdgroup's tile of VECTOR_TILE_KEYS keys from key0: lane j holds key j's byte offsets in the caches and its
-// element offsets in their scales / biases (negative: no key); `valid` (uniform) has bit j set when key j exists.
+// element offsets in their scales / biases (negative: no key); `valid` (uniform) has bit j set when key j exists,
+// `runs` when it does and sits m slots after key 8 (j / 8) in the same block, m = j % 8. An 8-key group whose 8 bits
+// are set is one run of slots: its keys are found from the first one's offset, without a shuffle each (run addressing).
 struct VectorKeys {
     int64_t k_bytes, v_bytes, k_scale, v_scale;
-    uint valid;
+    uint valid, runs;
 };
+
+constant constexpr int64_t PACKED_WORD_BYTES = 4;   // an affine cache's element: a uint32 of packed codes
 
 METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0, int lo, int hi,
                                   SlotStrides k_scales, SlotStrides v_scales, ushort lane) {
     const PagedKey key = paged_key<VECTOR_TILE_KEYS>(cache, keys.kv_start, key0, lo, hi, keys.count, lane);
-    return {key.offset(cache.k) * 4, key.offset(cache.v) * 4, key.offset(k_scales), key.offset(v_scales),
-            simd_or(key.exists ? 1u << lane : 0u)};
+    const int run_start = simd_shuffle(key.slot, ushort(lane & ~7u));   // (a different block restarts the slots)
+    const bool in_run = key.exists && key.slot == run_start + int(lane & 7u);
+    return {key.offset(cache.k) * PACKED_WORD_BYTES, key.offset(cache.v) * PACKED_WORD_BYTES, key.offset(k_scales),
+            key.offset(v_scales), simd_or(key.exists ? 1u << lane : 0u), simd_or(in_run ? 1u << lane : 0u)};
+}
+
+// The lane's run distances (VectorRows::k_run_first ..) from the caches' slot strides.
+template <int D>
+METAL_FUNC void vector_run_distances(thread VectorRows& st, SlotStrides k, SlotStrides v, ushort lane) {
+    using Layout = VectorLayout<D>;
+    const int first_key = Layout::KPL * (lane / Layout::LR), key_permutation = st.lane_value >> st.log_rows;
+    const int64_t k_slot = k.slot * PACKED_WORD_BYTES, v_slot = v.slot * PACKED_WORD_BYTES;
+    st.k_run_first = (first_key + key_permutation) * k_slot;
+    UNROLL_RUN
+    for (int b = 0; b < 2; ++b) st.k_run_step[b] = ((key_permutation >> b) & 1) != 0 ? -(k_slot << b) : k_slot << b;
+    st.v_run_first = first_key * v_slot;
+    st.v_run_step = v_slot;
 }
 
 // The lane's 8 raw codes of the row `bytes` after `lane_codes` (the cache's codes [8 c, 8 c + 8) of its first row: 8
 // codes are BITS bytes; negative: no key, zeros), as fp32 (exact); 4-bit odd elements are 16 x their code, so Q's odd
-// elements are weighed 1/16 (load_q_vector) and O's unweighed once, at the end (vector_to_fragments). EDGE false:
-// every key exists (no check).
-template <int BITS, bool EDGE>
+// elements are weighed 1/16 (load_q_vector) and O's unweighed once, at the end (vector_to_fragments). (A run's keys,
+// which all exist, are read by load_codes itself.)
+template <int BITS>
 METAL_FUNC void vector_codes(thread float* x, const device uchar* lane_codes, int64_t bytes) {
-    if (!EDGE || bytes >= 0) {
+    if (bytes >= 0) {
         load_codes<BITS, 8, float, true>(x, lane_codes + bytes);   // 4-bit odd elements: 16 x the code
     } else {
         UNROLL_RUN
@@ -470,12 +493,18 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
     constexpr int LOG_R = vector_log_rows(R), N = Layout::KPL * R, FOLDED = N >= 4 ? N / 4 : 1;
     const int h = lane / Layout::LR, c = lane % Layout::LR, key_permutation = st.lane_value >> LOG_R;
     const device uchar* lane_codes = k.head + c * BITS;
+    const device uchar* run = EDGE ? lane_codes : lane_codes + st.k_run_first + shuffle_offset(tile.k_bytes, first);
     float part[N];   // slot i R + r: key-in-lane i ^ key_permutation, row r ^ (lane_value % R)
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
         float x[8];
         const int key = Layout::KPL * h + (i ^ key_permutation);
-        vector_codes<BITS, EDGE>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
+        if (EDGE) {
+            vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
+        } else {   // key i ^ key_permutation = the lane's first + the steps of i's bits
+            const int64_t distance = (i & 1 ? st.k_run_step[0] : 0) + (i & 2 ? st.k_run_step[1] : 0);
+            load_codes<BITS, 8, float, true>(x, run + distance);
+        }
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
             part[i * R + r] = 0.0f;
@@ -498,11 +527,13 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     using Layout = VectorLayout<D>;
     const int h = lane / Layout::LR, c = lane % Layout::LR, group_lane = Layout::LR * h;
     const device uchar* lane_codes = v.head + c * BITS;
+    const device uchar* run = EDGE ? lane_codes : lane_codes + st.v_run_first + shuffle_offset(tile.v_bytes, first);
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
         const int key = Layout::KPL * h + i;
         float x[8];
-        vector_codes<BITS, EDGE>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
+        if (EDGE) vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
+        else load_codes<BITS, 8, float, true>(x, run + i * st.v_run_step);
         const float2 scale_bias = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0): no key
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
@@ -546,12 +577,20 @@ METAL_FUNC void vector_group_values(thread VectorRows& st, float prob, CacheTile
 
 #define NO_UNROLL _Pragma("clang loop unroll(disable)")
 
-// How a tile's 8-key group at `first` runs: not at all (no key), without per-key checks (all 8 keys exist and every
-// row sees the whole band), or with them.
+// How a tile's 8-key group at `first` runs: not at all (no key), without per-key checks and by run addressing (its 8
+// keys are one run of slots and every row sees the whole band), or with them.
 enum VectorGroupKind { GROUP_EMPTY, GROUP_INTERIOR, GROUP_EDGE };
 METAL_FUNC VectorGroupKind vector_group_kind(VectorKeys tile, int first, bool band_seen_by_all) {
-    const uint keys = (tile.valid >> first) & 0xFFu;
-    return keys == 0u ? GROUP_EMPTY : keys == 0xFFu && band_seen_by_all ? GROUP_INTERIOR : GROUP_EDGE;
+    const uint keys = (tile.valid >> first) & 0xFFu, run = (tile.runs >> first) & 0xFFu;
+    return keys == 0u ? GROUP_EMPTY : run == 0xFFu && band_seen_by_all ? GROUP_INTERIOR : GROUP_EDGE;
+}
+
+// The tile's 8-key groups read by run addressing, without per-key checks (the work counter's).
+METAL_FUNC int vector_run_groups(VectorKeys tile, bool band_seen_by_all) {
+    int groups = 0;
+    for (int first = 0; first < VECTOR_TILE_KEYS; first += 8)
+        groups += vector_group_kind(tile, first, band_seen_by_all) == GROUP_INTERIOR ? 1 : 0;
+    return groups;
 }
 
 // A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, R rows: the scores of its 8-key groups (a group with no key is
@@ -754,8 +793,12 @@ template <typename T, int DK, int DV>
                   "the host's residency estimate");
 
     const int seq = int(tgid.z), partition = int(tgid.x);
-    const int kv_head = int(tgid.y) % p.shape.num_kv_heads, row_chunk = int(tgid.y) / p.shape.num_kv_heads;
-    const int group = p.shape.num_heads / p.shape.num_kv_heads;
+    const int group = p.query_group;
+    int kv_head = int(tgid.y), row_chunk = 0;   // (one chunk of rows, the usual case, needs no division)
+    if (group * p.seqlen_q > DECODE_MAX_ROWS) {
+        kv_head = int(tgid.y) % p.shape.num_kv_heads;
+        row_chunk = int(tgid.y) / p.shape.num_kv_heads;
+    }
     const QueryRows query_rows{group * p.seqlen_q, group, p.seqlen_q, kv_head};
     const int rows = query_rows.count;
     const SequenceKeys keys = sequence_keys(seqlens_k, kv_start, seq, p, lane);
@@ -844,11 +887,13 @@ template <typename T, int DK, int DV>
         v_format.scale_strides[STRIDE_BATCH], v_format.scale_strides[STRIDE_TOKEN]);
 
     // The vector path: each simdgroup (key slice) its own tiles, every slices-th from the band's first.
+    if (vector) vector_run_distances<VD>(vrows, cache.k, cache.v, lane);
     for (int key0 = (lo / VECTOR_TILE_KEYS + slice) * VECTOR_TILE_KEYS; vector && key0 < hi;
          key0 += slices * VECTOR_TILE_KEYS) {
         const VectorKeys vector_tile = vector_keys(cache, keys, key0, lo, hi, k_scale_strides, v_scale_strides, lane);
         attend_vector_tile<T, VD>(vrows, k_tile, v_tile, vector_tile, groups, key0, hi, rules, lane);
         if (lane == 0) WORK_COUNT("vector_tiles", 1);
+        if (lane == 0) WORK_COUNT("vector_run_groups", vector_run_groups(vector_tile, vrows.band_seen_by_all));
     }
     for (int key0 = lo / BK * BK; !vector && key0 < hi; key0 += BK) {
         threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -339,6 +339,26 @@ def test_vector_path_tiles(fa, counters, D, group, bits, group_size):
             assert counters()["vector_tiles"] == tiles, (paged, window)
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged-12", "contiguous-leftpad"])
+def test_vector_path_runs(fa, counters, paged):
+    """Run addressing: an 8-key group whose keys all exist in consecutive slots of one block is read from its first
+    key's offset (no shuffle a key), a group that crosses a block boundary key by key. 12-slot blocks (the table
+    scatters them) mix both in each tile (positions 8..15 cross, 16..23 do not); a contiguous cache with cache_leftpad
+    has no boundary, and its groups start at unaligned positions. The output matches the reference and the counter
+    counts the groups this rule gives."""
+    Hkv, D, group, seqlens, leftpad = 2, 128, 4, [441, 77, 9], [37, 0, 3]
+    block_size = 12 if paged else 480
+    q = torch.randn(len(seqlens), 1, group * Hkv, D, generator=torch.Generator().manual_seed(11)).to(torch.float16)
+    cache = QuantCache(seqlens, Hkv, D, block_size, torch.float16, 4, 8, 64, paged=paged, seed=11)
+    first = [0] * len(seqlens) if paged else leftpad
+    counters(reset=True)
+    decode_on_quantized(fa, cache, q, num_splits=1, leftpad=None if paged else leftpad)
+    runs = sum(1 for n, f in zip(seqlens, first) for key in range(0, n - f - 7, 8)   # whole groups, one block
+               if (f + key) // block_size == (f + key + 7) // block_size)
+    assert runs > 0 and (not paged or runs < sum((n - f) // 8 for n, f in zip(seqlens, first)))
+    assert counters()["vector_run_groups"] == runs * Hkv
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_decode_unaligned_rows(fa, counters, dtype):
     """Packed rows that do not start on 16-byte boundaries (a cache sliced from wider rows) take the tile path."""

@@ -27,6 +27,9 @@ METAL_FUNC int64_t cache_element_bytes(int kind) {
     return kind == KV_AFFINE ? 4 : kind == KV_FP8_E4M3 ? 1 : int64_t(sizeof(T));
 }
 
+// log2 of an affine group size (32, 64 or 128: the host checks), so that the decode prologue shifts instead of dividing.
+METAL_FUNC int group_size_log2(int group_size) { return group_size == 32 ? 5 : group_size == 64 ? 6 : 7; }
+
 // ---------------------------------------------------------------------------------------------------- affine
 struct AffineGroup {
     float scale, bias;

@@ -170,6 +170,7 @@ struct DecodeParams {
   int32_t num_partitions;
   int32_t has_kv_start;     // 1: DECODE_BUFFER_KV_START holds each sequence's first key
   int32_t new_keys;         // tokens appended by this call: sequence b has DECODE_BUFFER_SEQLENS_K[b] + new_keys keys
+  int32_t query_group;      // query heads per KV head, num_heads / num_kv_heads (divided once, by the host)
 };
 static_assert(sizeof(DecodeParams) == 208, "DecodeParams layout is shared by host and shader");
 
