@@ -301,8 +301,8 @@ METAL_FUNC void unpermute_o(thread Fragments<D / 8>& o, threadgroup float* scrat
 // and no barrier until the slices merge: lane j maps the tile's key j to its cache offsets (vector_keys), and the keys
 // are taken 8 at a time in one lane layout for K and V (VectorLayout):
 // - lane LR h + c (LR = D / 8 lanes per key) takes keys KPL h .. KPL h + KPL - 1 of the 8 (KPL = D / 32) and head-dim
-//   elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (vector_codes); Q's 8 elements of each row live in fp32
-//   registers;
+//   elements [8 c, 8 c + 8): 8 codes, 4 or 8 bytes, one load (an 8-key group in consecutive slots of one block is
+//   addressed from its first key: VectorKeys::in_run); Q's 8 elements of each row live in fp32 registers;
 // - S: the lane's KPL x R dot products of Q with the raw codes are summed over the lanes of a key by a reduce-scatter,
 //   first over the 4 lanes of a 32-element block (inside one quantization group), where the affine map is applied
 //   once per value: S = scale (Q . codes) + bias sum(Q) (the direct path's fold), then over the blocks;
@@ -423,14 +423,13 @@ METAL_FUNC void load_q_vector(thread VectorRows& st, const device T* q, constant
 
 // A simdgroup's tile of VECTOR_TILE_KEYS keys from key0: lane j holds key j's byte offsets in the caches and its
 // element offsets in their scales / biases (negative: no key); `valid` (uniform) has bit j set when key j exists,
-// `runs` when it does and sits m slots after key 8 (j / 8) in the same block, m = j % 8. An 8-key group whose 8 bits
-// are set is one run of slots: its keys are found from the first one's offset, without a shuffle each (run addressing).
+// `in_run` when it does and sits m slots after key 8 * (j / 8) in the same block, m = j % 8. An 8-key group whose 8
+// in_run bits are set is one run of slots: its keys are found from the first one's offset, without a shuffle each
+// (run addressing).
 struct VectorKeys {
     int64_t k_bytes, v_bytes, k_scale, v_scale;
-    uint valid, runs;
+    uint valid, in_run;
 };
-
-constant constexpr int64_t PACKED_WORD_BYTES = 4;   // an affine cache's element: a uint32 of packed codes
 
 METAL_FUNC VectorKeys vector_keys(PagedLayout cache, SequenceKeys keys, int key0, int lo, int hi,
                                   SlotStrides k_scales, SlotStrides v_scales, ushort lane) {
@@ -493,7 +492,8 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
     constexpr int LOG_R = vector_log_rows(R), N = Layout::KPL * R, FOLDED = N >= 4 ? N / 4 : 1;
     const int h = lane / Layout::LR, c = lane % Layout::LR, key_permutation = st.lane_value >> LOG_R;
     const device uchar* lane_codes = k.head + c * BITS;
-    const device uchar* run = EDGE ? lane_codes : lane_codes + st.k_run_first + shuffle_offset(tile.k_bytes, first);
+    const device uchar* run_codes =   // the lane's first key's codes (EDGE false)
+        EDGE ? lane_codes : lane_codes + st.k_run_first + shuffle_offset(tile.k_bytes, first);
     float part[N];   // slot i R + r: key-in-lane i ^ key_permutation, row r ^ (lane_value % R)
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
@@ -503,7 +503,7 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
             vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
         } else {   // key i ^ key_permutation = the lane's first + the steps of i's bits
             const int64_t distance = (i & 1 ? st.k_run_step[0] : 0) + (i & 2 ? st.k_run_step[1] : 0);
-            load_codes<BITS, 8, float, true>(x, run + distance);
+            load_codes<BITS, 8, float, true>(x, run_codes + distance);
         }
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
@@ -527,13 +527,14 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
     using Layout = VectorLayout<D>;
     const int h = lane / Layout::LR, c = lane % Layout::LR, group_lane = Layout::LR * h;
     const device uchar* lane_codes = v.head + c * BITS;
-    const device uchar* run = EDGE ? lane_codes : lane_codes + st.v_run_first + shuffle_offset(tile.v_bytes, first);
+    const device uchar* run_codes =
+        EDGE ? lane_codes : lane_codes + st.v_run_first + shuffle_offset(tile.v_bytes, first);
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
         const int key = Layout::KPL * h + i;
         float x[8];
         if (EDGE) vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.v_bytes, first + key));
-        else load_codes<BITS, 8, float, true>(x, run + i * st.v_run_step);
+        else load_codes<BITS, 8, float, true>(x, run_codes + i * st.v_run_step);
         const float2 scale_bias = simd_shuffle(v_mine, ushort(st.v_group_lane + key));   // (0, 0): no key
         UNROLL_RUN
         for (int r = 0; r < R; ++r) {
@@ -548,7 +549,8 @@ METAL_FUNC void vector_accumulate(thread VectorRows& st, float prob, CacheTile<T
 }
 
 // The lane's masked base-2 score (its key of tile keys first .. first + 7, its row) on the vector path, R rows. EDGE
-// false: the 8 keys exist and every real row sees them (no mask test; a padded row, Q = 0, scores 0 and is dropped).
+// false: the 8 keys are one run of slots (read by run addressing) and every real row sees them (no mask test; a
+// padded row, Q = 0, scores 0 and is dropped).
 template <typename T, int D, int R, bool EDGE>
 METAL_FUNC float vector_group_score(thread const VectorRows& st, CacheTile<T> k, VectorKeys tile, DirectGroups groups,
                                     int first, int key0, int key_end, ScoreRules rules, ushort lane) {
@@ -581,8 +583,8 @@ METAL_FUNC void vector_group_values(thread VectorRows& st, float prob, CacheTile
 // keys are one run of slots and every row sees the whole band), or with them.
 enum VectorGroupKind { GROUP_EMPTY, GROUP_INTERIOR, GROUP_EDGE };
 METAL_FUNC VectorGroupKind vector_group_kind(VectorKeys tile, int first, bool band_seen_by_all) {
-    const uint keys = (tile.valid >> first) & 0xFFu, run = (tile.runs >> first) & 0xFFu;
-    return keys == 0u ? GROUP_EMPTY : run == 0xFFu && band_seen_by_all ? GROUP_INTERIOR : GROUP_EDGE;
+    const uint keys = (tile.valid >> first) & 0xFFu, run_keys = (tile.in_run >> first) & 0xFFu;
+    return keys == 0u ? GROUP_EMPTY : run_keys == 0xFFu && band_seen_by_all ? GROUP_INTERIOR : GROUP_EDGE;
 }
 
 // The tile's 8-key groups read by run addressing, without per-key checks (the work counter's).
@@ -594,7 +596,7 @@ METAL_FUNC int vector_run_groups(VectorKeys tile, bool band_seen_by_all) {
 }
 
 // A simdgroup's tile of VECTOR_TILE_KEYS keys at key0, R rows: the scores of its 8-key groups (a group with no key is
-// skipped; one whose 8 keys exist, when every row sees the whole band, is computed without mask tests), one online-
+// skipped; one whose 8 keys are one run of slots, when every row sees the whole band, without checks), one online-
 // softmax step for the whole tile, then O += P V group by group. The groups' loops are not unrolled (one copy of a
 // group's code): their scores and probabilities shift through registers. The lane's denominator is its part of its
 // row's (the lanes of a row differ in the key bits), summed once, in vector_to_fragments.

@@ -21,10 +21,12 @@ METAL_FUNC CacheFormat cache_format(constant const CacheFormat& format) {
     return thread_copy;
 }
 
+constant constexpr int64_t PACKED_WORD_BYTES = 4;   // an affine cache's element: a uint32 of packed codes
+
 // Bytes of one cache element (the unit of the cache's strides): T, a uint32 word of packed groups, an fp8 byte.
 template <typename T>
 METAL_FUNC int64_t cache_element_bytes(int kind) {
-    return kind == KV_AFFINE ? 4 : kind == KV_FP8_E4M3 ? 1 : int64_t(sizeof(T));
+    return kind == KV_AFFINE ? PACKED_WORD_BYTES : kind == KV_FP8_E4M3 ? 1 : int64_t(sizeof(T));
 }
 
 // log2 of an affine group size (32, 64 or 128: the host checks), so that the decode prologue shifts instead of dividing.
@@ -296,7 +298,7 @@ struct TileAffine {
 
 template <typename T, int D, int BK, int LD>
 METAL_FUNC TileAffine<T, D, BK, LD> tile_affine(threadgroup T* tile, int first_row, CacheTile<T> src) {
-    return {tile, first_row, (src.group_size / KV_AFFINE_BLOCK) >> 1};   // 1, 2, 4 blocks: log2 0, 1, 2
+    return {tile, first_row, group_size_log2(src.group_size) - group_size_log2(KV_AFFINE_BLOCK)};
 }
 
 // The sums of each block of Q's row (the lane's row; Q as the tile path holds it, in head-dim order).
@@ -407,7 +409,7 @@ METAL_FUNC void row_codes(thread uint (*codes)[N], CacheTile<T> src, int64_t off
         }
         return;
     }
-    const device uchar* row = src.head + offset * 4;
+    const device uchar* row = src.head + offset * PACKED_WORD_BYTES;
     if (src.bits == 4) load_runs<4, N, RUNS, STRIDE>(codes, row, first);
     else load_runs<8, N, RUNS, STRIDE>(codes, row, first);
 }
