@@ -11,7 +11,8 @@ Three parts, each printed as a table and saved to benchmarks/results/ (results.j
           tokens: our wrappers (outputs only, O(n)) vs eager attention with an explicit mask (O(n^2)).
   timing  (MPS; on other devices only with --smoke, labelled simulated) median ms over warm runs, TFLOPS or
           GB/s achieved, driver memory, and the ratio to torch SDPA with an explicit mask (and MLX's
-          mx.fast.scaled_dot_product_attention when installed), next to a roofline estimate.
+          mx.fast.scaled_dot_product_attention when installed), next to a roofline estimate; our decode on 8- and
+          4-bit caches against our fp16 decode of the same shape (issue 16's goals, which --profile only predicts).
 No Apple GPU number is produced unless this runs on one.
 """
 from __future__ import annotations
@@ -286,6 +287,46 @@ def timing_decode(fa, device, batches, contexts, windows, warmup, reps, peak, he
     return rows
 
 
+# The profile's quantized cases (benchmarks/instrument.py): 32k keys, 4 and 8 query heads per KV head (vector and MMA paths).
+QUANTIZED_DECODE_SHAPES = [(8, 32768, 32, 8, 128), (8, 32768, 32, 4, 128)]   # (batch, keys, heads, kv_heads, head dim)
+QUANTIZED_DECODE_GOALS = {8: 0.6, 4: 0.35}   # issue 16: quantized step time / fp16 step time at 32k keys
+
+
+def timing_quantized_decode(fa, device, shapes, warmup, reps, group_size=64, block_size=16):
+    """Our decode step on K and V quantized by quantize_kv (each bit width of QUANTIZED_DECODE_GOALS, groups of
+    group_size), paged (block_size-slot blocks in shuffled order) and contiguous, against our fp16 decode of the
+    same paged cache: the ratio the profile predicts (benchmarks/README.md, quantized sections)."""
+    rows = []
+    for batch, n, heads, kv_heads, head_dim in progress(shapes, "timing: quantized decode"):
+        blocks = math.ceil(n / block_size)
+        g = torch.Generator().manual_seed(n + kv_heads)
+        k_cache, v_cache = (torch.randn(batch * blocks, block_size, kv_heads, head_dim, generator=g).half().to(device)
+                            for _ in range(2))
+        table = torch.randperm(batch * blocks, generator=g).int().view(batch, blocks).to(device)
+        q = torch.randn(batch, 1, heads, head_dim, generator=g).half().to(device)
+        lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+        fp16 = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,  # noqa: E731
+                                                  block_table=table, causal=True)
+        fp16_ms = try_run(lambda: median_ms(fp16, device, warmup, reps))
+        for bits, goal in QUANTIZED_DECODE_GOALS.items():
+            for layout in ("paged", "contiguous"):
+                k, v = k_cache, v_cache
+                if layout == "contiguous":   # the same keys in order, [B, S, Hkv, D]
+                    k, v = (c[table.long()].view(batch, blocks * block_size, kv_heads, head_dim) for c in (k, v))
+                (k_codes, k_scales, k_biases), (v_codes, v_scales, v_biases) = (
+                    fa.quantize_kv(c, bits, group_size) for c in (k, v))
+                paging = dict(block_table=table) if layout == "paged" else {}
+                quantized = lambda: fa.flash_attn_with_kvcache(  # noqa: E731
+                    q, k_codes, v_codes, cache_seqlens=lens, causal=True, k_scales=k_scales, k_biases=k_biases,
+                    v_scales=v_scales, v_biases=v_biases, kv_bits=bits, kv_group_size=group_size, **paging)
+                ms = try_run(lambda: median_ms(quantized, device, warmup, reps))
+                ratio = ms / fp16_ms if isinstance(ms, float) and isinstance(fp16_ms, float) else None
+                rows.append(dict(kind="quantized_decode", layout=layout, batch=batch, context=n,
+                                 heads=f"{heads}/{kv_heads}", bits=bits, group=group_size, ms=ms, fp16_ms=fp16_ms,
+                                 ratio_to_fp16=ratio, goal=goal))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- output
 def table(rows, columns, title):
     def fmt(v):
@@ -339,15 +380,15 @@ def plot(results, out_dir):
 
 
 def profile_main(args):
-    """--profile: ours vs MLX per case, counters and MODEL predictions (benchmarks/profile.py)."""
-    from benchmarks import cost_model, profile
+    """--profile: ours vs MLX per case, counters and MODEL predictions (benchmarks/instrument.py)."""
+    from benchmarks import cost_model, instrument
     from tests.mslsim.anchors import mlx
     fa, lib = load_kernel(), mlx.library()
-    cases = profile.SMOKE_CASES if args.smoke else profile.CASES
+    cases = instrument.SMOKE_CASES if args.smoke else instrument.CASES
     cases = [c for c in cases if not args.cases or args.cases in c["case"]]
     records = []
     for c in progress(cases, "profile"):
-        records += profile.profile_case(fa, lib, c)
+        records += instrument.profile_case(fa, lib, c)
     if records:   # --cases may select training cases only
         rows = []
         for ours, theirs in zip(records[::2], records[1::2]):   # ref: MLX, or our fp16 decode for quantized caches
@@ -375,11 +416,11 @@ def profile_main(args):
         counter_rows = [dict(counter=n, **{o["case"][:34]: ratio(o, t, n) for o, t in zip(records[::2], records[1::2])})
                         for n in names]
         table(counter_rows, list(counter_rows[0]), "ours / MLX per counter (executed lane-instructions; inf: MLX has none)")
-    training = [c for c in (profile.SMOKE_TRAINING_CASES if args.smoke else profile.TRAINING_CASES)
+    training = [c for c in (instrument.SMOKE_TRAINING_CASES if args.smoke else instrument.TRAINING_CASES)
                 if not args.cases or args.cases in c["case"]]
     backward_records, backward_rows = [], []
     for c in progress(training, "profile backward"):
-        forward, backward = profile.profile_backward(fa, c)
+        forward, backward = instrument.profile_backward(fa, c)
         backward_records += [forward, backward]
         row = dict(case=c["case"])
         for gpu in cost_model.PREDICTED_GPUS:
@@ -392,7 +433,7 @@ def profile_main(args):
     if backward_rows:
         table(backward_rows, list(backward_rows[0]), "PROFILE MODEL, training: our backward vs our forward "
               "(predicted from simulator instruction counts, NOT a timing; issue 18 goal: backward/forward <= 2.5)")
-    calibration = None if args.smoke or not records else profile.calibrate(fa, lib)
+    calibration = None if args.smoke or not records else instrument.calibrate(fa, lib)
     if calibration:
         print(f"calibration (MODEL vs published MLX): {calibration}\n")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -486,6 +527,8 @@ def main(argv=None):
                                            [256] if args.smoke else [512, 2048, 8192, 32768],
                                            [None, 128] if args.smoke else [None, 1024], warmup, reps, peak,
                                            **(dict(heads=4, kv_heads=1, head_dim=64) if args.smoke else {}))
+        results["timing"] += timing_quantized_decode(
+            fa, device, [(1, 256, 8, 2, 128)] if args.smoke else QUANTIZED_DECODE_SHAPES, warmup, reps)
         label = "SIMULATED on the CPU (not Apple GPU numbers)" if simulated else f"on {device}"
         table([r for r in results["timing"] if r["kind"] == "prefill"],
               ["config", "tokens", "ms", "sdpa_ms", "mlx_ms", "speedup_vs_sdpa", "tflops", "roofline_ms", "mib",
@@ -493,6 +536,9 @@ def main(argv=None):
         table([r for r in results["timing"] if r["kind"] == "decode"],
               ["batch", "context", "window", "ms", "sdpa_ms", "speedup_vs_sdpa", "gbps", "roofline_ms"],
               f"Decode timing, median ms {label}")
+        table([r for r in results["timing"] if r["kind"] == "quantized_decode"],
+              ["layout", "batch", "context", "heads", "bits", "group", "ms", "fp16_ms", "ratio_to_fp16", "goal"],
+              f"Quantized decode (issue 16) vs our fp16 decode of the same paged cache, median ms {label}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))

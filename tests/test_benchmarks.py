@@ -42,5 +42,9 @@ def test_outputs_written(results):
     out = results["out"]
     saved = json.loads((out / "results.json").read_text())
     assert saved["simulated"] is True and saved["timing"]   # smoke timing ran, labelled simulated
+    quantized = [r for r in saved["timing"] if r["kind"] == "quantized_decode"]
+    assert {(r["bits"], r["layout"]) for r in quantized} == {(8, "paged"), (8, "contiguous"), (4, "paged"),
+                                                             (4, "contiguous")}
+    assert all(isinstance(r["ms"], float) and r["ratio_to_fp16"] > 0 for r in quantized)   # ran, no failure string
     for name in ["work.png", "memory.png"]:
         assert (out / name).stat().st_size > 10_000

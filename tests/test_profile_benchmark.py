@@ -31,7 +31,7 @@ def records(fa, mlx_lib, tmp_path_factory):
 
 
 def test_json_shape(records):
-    from benchmarks.profile import SMOKE_CASES
+    from benchmarks.instrument import SMOKE_CASES
     assert [(r["kernel"], r["case"]) for r in records] == [(k, c["case"]) for c in SMOKE_CASES for k in ("ours", "mlx")]
     for r in records:
         assert set(r) >= {"kernel", "case", "shape", "counters", "predicted_ms", "max_abs_err", "device_bytes",
@@ -54,18 +54,18 @@ def test_outputs_match_the_reference(records):
 @pytest.mark.parametrize("kind, seqlen, head_dim, window", [("decode", 1100, 128, None), ("prefill", 100, 64, 32),
                                                             ("prefill", 256, 128, None), ("prefill", 320, 64, 64)])
 def test_extrapolation_is_exact(fa, mlx_lib, kind, seqlen, head_dim, window):
-    from benchmarks import profile
-    c = profile.case("extrapolation", kind, 2, 4, 2, head_dim, seqlen, window=window, sinks=window is not None)
-    for kernel, (whole, extrapolated) in profile.extrapolate_check(fa, mlx_lib, c).items():
+    from benchmarks import instrument
+    c = instrument.case("extrapolation", kind, 2, 4, 2, head_dim, seqlen, window=window, sinks=window is not None)
+    for kernel, (whole, extrapolated) in instrument.extrapolate_check(fa, mlx_lib, c).items():
         assert [l["kernel"] for l in whole] == [l["kernel"] for l in extrapolated]
         for w, e in zip(whole, extrapolated):
             assert w["counters"].keys() == e["counters"].keys()
             for name, value in w["counters"].items():
-                assert profile.agrees(name, e["counters"][name], value), (kernel, name)
+                assert instrument.agrees(name, e["counters"][name], value), (kernel, name)
 
 
 def test_column_plan_simulates_few_blocks():
-    from benchmarks.profile import column_plan
+    from benchmarks.instrument import column_plan
     plan, simulated = column_plan(8192, None, 32, 16)   # block 0 alone (first tile = diagonal), then one class
     assert simulated == [0, 1, 2, 255] and plan[100] == (1, 2)
     plan, simulated = column_plan(8192, 128, 32, 32)
@@ -74,35 +74,36 @@ def test_column_plan_simulates_few_blocks():
 
 def test_mlx_decode_pass1_routing():
     """MLX's gqa pass 1 is what the G = 8, 32k-key decode case compares against; G = 4 cases keep the generic one."""
-    from benchmarks import profile
-    by_name = {c["case"]: c for c in profile.CASES}
-    assert profile.mlx_pass1(by_name["decode B8 ctx32k Hq32/Hkv4 D128"]) == "sdpa_vector_2pass_1_gqa"
-    assert profile.mlx_pass1(by_name["decode B8 ctx8k Hq32/Hkv8 D128"]) == "sdpa_vector_2pass_1"
+    from benchmarks import instrument
+    by_name = {c["case"]: c for c in instrument.CASES}
+    assert instrument.mlx_pass1(by_name["decode B8 ctx32k Hq32/Hkv4 D128"]) == "sdpa_vector_2pass_1_gqa"
+    assert instrument.mlx_pass1(by_name["decode B8 ctx8k Hq32/Hkv8 D128"]) == "sdpa_vector_2pass_1"
 
 
 def test_registers_limit_residency(fa):
     """The cost model's register term: with an estimate, resident threadgroups are bounded by the register file;
     without one (decode), by threads alone. Our prefill's estimate stays within a thread's registers at every head
     dim (16-bit Q: at D = 256 fp32 Q and O alone would take 128; at 512 one simdgroup holds a quarter of them)."""
-    from benchmarks import cost_model, profile
+    from benchmarks import cost_model, instrument
     registers = 150
     assert cost_model.residency(128, 1024, registers) == cost_model.REGISTER_FILE_PER_CORE[0] // (4 * registers * 128) == 2
     assert cost_model.residency(128, 1024) == cost_model.MAX_THREADS_PER_CORE[0] // 128
     for D, DV in fa.FORWARD_HEAD_DIMS:   # wide heads: a quarter of Q and O per simdgroup (HEAD_PARTS)
-        assert profile.prefill_registers(fa, "ours", D, 2, DV) <= cost_model.MAX_REGISTERS_PER_THREAD[0], (D, DV)
+        assert instrument.prefill_registers(fa, "ours", D, 2, DV) <= cost_model.MAX_REGISTERS_PER_THREAD[0], (D, DV)
 
 
 def test_length_law_is_exact_and_checked():
     """Training cases past TRAINING_WHOLE: a quadratic counter is extrapolated exactly from the first three lengths;
     one off the law at the last length is refused."""
-    from benchmarks import profile
+    from benchmarks import instrument
     law = lambda n: 3 * n * n + 2 * n + 7   # noqa: E731
-    runs = {m: [dict(kernel="k", counters={"x": law(m), "threads_per_threadgroup": 128})] for m in profile.LAW_LENGTHS}
-    (launch,) = profile.extrapolate_length(runs, 8192)
+    runs = {m: [dict(kernel="k", counters={"x": law(m), "threads_per_threadgroup": 128})]
+            for m in instrument.LAW_LENGTHS}
+    (launch,) = instrument.extrapolate_length(runs, 8192)
     assert launch["counters"] == {"x": law(8192), "threads_per_threadgroup": 128}
     runs[max(runs)][0]["counters"]["x"] += 1
     with pytest.raises(RuntimeError, match="off the quadratic law"):
-        profile.extrapolate_length(runs, 8192)
+        instrument.extrapolate_length(runs, 8192)
 
 
 def test_saturation_is_the_hosts(fa):

@@ -32,3 +32,13 @@ def test_shellcheck_catches_a_seeded_mistake(tmp_path):
     broken.write_text((REPO / "scripts" / "mac_check.sh").read_text().replace('"$OUT/air/', "$OUT/air/", 1)
                       .replace('rm -rf "$OUT"', "rm -rf $OUT"))
     assert subprocess.run(["shellcheck", str(broken)], capture_output=True).returncode != 0
+
+
+def test_no_script_directory_module_shadows_the_standard_library():
+    """`python3 benchmarks/run.py` puts benchmarks/ first on sys.path, so a module there named like a standard one
+    (benchmarks/profile.py once) is what torch's own `import profile` gets: the CLI died in its memory step while
+    the in-process tests passed. Every directory whose scripts run as files is checked."""
+    import sys
+    for directory in ["benchmarks", "scripts", "tests", "."]:
+        shadows = [f.name for f in (REPO / directory).glob("*.py") if f.stem in sys.stdlib_module_names]
+        assert not shadows, (directory, shadows)
