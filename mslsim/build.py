@@ -9,6 +9,7 @@ expanded source (so any included header counts), the shim, the runtime, the flag
 from __future__ import annotations
 
 import bisect
+import fcntl
 import functools
 import hashlib
 import os
@@ -341,13 +342,17 @@ def toolchain_key(cxx: str) -> str:
 def cached_build(stem: str, key: str, suffix: str, produce, cache_dir: Path = CACHE_DIR) -> Path:
     """The one cached-compile step (mslsim and scripts/build_variant.py): <cache_dir>/<stem>-<key><suffix>, made by
     produce(tmp_dir) -> a file in tmp_dir only when missing, and moved into place atomically, so a concurrent
-    build never sees a partial file."""
+    build never sees a partial file. A process that wants an object another one is making waits for it (a lock
+    file per object) instead of compiling it again: pytest's workers ask for the same test kernels at once."""
     out = cache_dir / f"{stem}-{key}{suffix}"
     if out.exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        os.replace(produce(Path(tmp)), out)
+    with open(cache_dir / f"{stem}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if produce raises
+        if not out.exists():
+            with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+                os.replace(produce(Path(tmp)), out)
     return out
 
 
