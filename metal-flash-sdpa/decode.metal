@@ -365,7 +365,7 @@ struct VectorRows {
     int lane_value;                // VectorLayout::lane_value
     ushort k_group_lane, v_group_lane;   // lane holding the (scale, bias) of this lane's group for an 8-key group's
                                          // first key
-    // Run addressing (VectorKeys::runs): the byte distance from an 8-key group's first key to the lane's first K key
+    // Run addressing (VectorKeys::in_run): the byte distance from an 8-key group's first key to the lane's first K key
     // (key-in-lane order, i ^ key permutation) and, per bit b of i, the step to the others; V's keys are in order.
     int64_t k_run_first, k_run_step[2], v_run_first, v_run_step;
     int q_pos;                     // the score row's position, validity and ALiBi slope (base 2)
