@@ -310,16 +310,18 @@ def timing_quantized_decode(fa, device, shapes, warmup, reps, group_size=64, blo
         fp16_ms = try_run(lambda: median_ms(fp16, device, warmup, reps))
         for bits, goal in QUANTIZED_DECODE_GOALS.items():
             for layout in ("paged", "contiguous"):
-                k, v = k_cache, v_cache
-                if layout == "contiguous":   # the same keys in order, [B, S, Hkv, D]
-                    k, v = (c[table.long()].view(batch, blocks * block_size, kv_heads, head_dim) for c in (k, v))
-                (k_codes, k_scales, k_biases), (v_codes, v_scales, v_biases) = (
-                    fa.quantize_kv(c, bits, group_size) for c in (k, v))
-                paging = dict(block_table=table) if layout == "paged" else {}
-                quantized = lambda: fa.flash_attn_with_kvcache(  # noqa: E731
-                    q, k_codes, v_codes, cache_seqlens=lens, causal=True, k_scales=k_scales, k_biases=k_biases,
-                    v_scales=v_scales, v_biases=v_biases, kv_bits=bits, kv_group_size=group_size, **paging)
-                ms = try_run(lambda: median_ms(quantized, device, warmup, reps))
+                def quantized_ms():   # (the caches inside: running out of memory is recorded like the rest)
+                    k, v = k_cache, v_cache
+                    if layout == "contiguous":   # the same keys in order, [B, S, Hkv, D]
+                        k, v = (c[table.long()].view(batch, blocks * block_size, kv_heads, head_dim) for c in (k, v))
+                    (k_codes, k_scales, k_biases), (v_codes, v_scales, v_biases) = (
+                        fa.quantize_kv(c, bits, group_size) for c in (k, v))
+                    paging = dict(block_table=table) if layout == "paged" else {}
+                    return median_ms(lambda: fa.flash_attn_with_kvcache(
+                        q, k_codes, v_codes, cache_seqlens=lens, causal=True, k_scales=k_scales, k_biases=k_biases,
+                        v_scales=v_scales, v_biases=v_biases, kv_bits=bits, kv_group_size=group_size, **paging),
+                        device, warmup, reps)
+                ms = try_run(quantized_ms)
                 ratio = ms / fp16_ms if isinstance(ms, float) and isinstance(fp16_ms, float) else None
                 rows.append(dict(kind="quantized_decode", layout=layout, batch=batch, context=n,
                                  heads=f"{heads}/{kv_heads}", bits=bits, group=group_size, ms=ms, fp16_ms=fp16_ms,

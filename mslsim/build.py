@@ -348,11 +348,17 @@ def cached_build(stem: str, key: str, suffix: str, produce, cache_dir: Path = CA
     if out.exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{stem}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if produce raises
+    lock = os.open(cache_dir / f"{stem}-{key}.lock", os.O_RDONLY | os.O_CREAT, 0o666)   # (read-only: a shared cache)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the descriptor closes, also if produce raises
+        except OSError:   # a filesystem without flock (some network mounts): build unlocked, as before the lock
+            pass
         if not out.exists():
             with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
                 os.replace(produce(Path(tmp)), out)
+    finally:
+        os.close(lock)
     return out
 
 

@@ -14,7 +14,7 @@ using namespace metal;
 instantiate_attention(float, 32, 64, float)
 instantiate_attention(half, 16, 128, half)
 instantiate_attention(bfloat16_t, 32, 64, bfloat16_t)
-// the profile cases (benchmarks/profile.py): fp16 at D = 64 (with MLX's boolean mask for windows) and D = 256
+// the profile cases (benchmarks/instrument.py): fp16 at D = 64 (with MLX's boolean mask for windows) and D = 256
 instantiate_attention(half, 32, 64, half)
 instantiate_attention(half, 32, 64, bool)
 instantiate_attention(half, 16, 256, half)
