@@ -257,17 +257,27 @@ def timing_prefill(fa, device, lengths, configs, warmup, reps, peak):
     return rows
 
 
+def paged_decode_inputs(batch, n, heads, kv_heads, head_dim, block_size, device, generator=None):
+    """A decode step's fp16 inputs: K and V caches of ceil(n / block_size) blocks per sequence, the block table
+    (blocks in order; shuffled when a generator is given), q [batch, 1, heads, head_dim] and the lengths (n each)."""
+    blocks = math.ceil(n / block_size)
+    k_cache, v_cache = (torch.randn(batch * blocks, block_size, kv_heads, head_dim, generator=generator).half()
+                        .to(device) for _ in range(2))
+    order = (torch.randperm(batch * blocks, generator=generator) if generator is not None
+             else torch.arange(batch * blocks))
+    table = order.int().view(batch, blocks).to(device)
+    q = torch.randn(batch, 1, heads, head_dim, generator=generator).half().to(device)
+    return k_cache, v_cache, table, q, torch.full((batch,), n, dtype=torch.int32, device=device)
+
+
 def timing_decode(fa, device, batches, contexts, windows, warmup, reps, peak, heads=32, kv_heads=8, head_dim=128):
     rows = []
     for batch in progress(batches, "timing: decode"):
         for n in contexts:
             block_size = 32
             blocks = math.ceil(n / block_size)
-            k_cache, v_cache = (torch.randn(batch * blocks, block_size, kv_heads, head_dim).half().to(device)
-                                for _ in range(2))
-            table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks)
-            q = torch.randn(batch, 1, heads, head_dim).half().to(device)
-            lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+            k_cache, v_cache, table, q, lens = paged_decode_inputs(batch, n, heads, kv_heads, head_dim, block_size,
+                                                                   device)
             contiguous = k_cache.view(batch, blocks * block_size, kv_heads, head_dim)[:, :n].transpose(1, 2)
             for w in windows:
                 ours = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,  # noqa: E731
@@ -299,12 +309,8 @@ def timing_quantized_decode(fa, device, shapes, warmup, reps, group_size=64, blo
     rows = []
     for batch, n, heads, kv_heads, head_dim in progress(shapes, "timing: quantized decode"):
         blocks = math.ceil(n / block_size)
-        g = torch.Generator().manual_seed(n + kv_heads)
-        k_cache, v_cache = (torch.randn(batch * blocks, block_size, kv_heads, head_dim, generator=g).half().to(device)
-                            for _ in range(2))
-        table = torch.randperm(batch * blocks, generator=g).int().view(batch, blocks).to(device)
-        q = torch.randn(batch, 1, heads, head_dim, generator=g).half().to(device)
-        lens = torch.full((batch,), n, dtype=torch.int32, device=device)
+        k_cache, v_cache, table, q, lens = paged_decode_inputs(batch, n, heads, kv_heads, head_dim, block_size, device,
+                                                               torch.Generator().manual_seed(n + kv_heads))
         fp16 = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,  # noqa: E731
                                                   block_table=table, causal=True)
         fp16_ms = try_run(lambda: median_ms(fp16, device, warmup, reps))

@@ -498,8 +498,8 @@ METAL_FUNC float vector_score(thread const VectorRows& st, CacheTile<T> k, float
     UNROLL_RUN
     for (int i = 0; i < Layout::KPL; ++i) {
         float x[8];
-        const int key = Layout::KPL * h + (i ^ key_permutation);
         if (EDGE) {
+            const int key = Layout::KPL * h + (i ^ key_permutation);
             vector_codes<BITS>(x, lane_codes, shuffle_offset(tile.k_bytes, first + key));
         } else {   // key i ^ key_permutation = the lane's first + the steps of i's bits
             const int64_t distance = (i & 1 ? st.k_run_step[0] : 0) + (i & 2 ? st.k_run_step[1] : 0);
